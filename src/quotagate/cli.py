@@ -1,0 +1,223 @@
+"""`quotagate serve | keys | usage | demo`.
+
+Every setting of `config.Settings` that has a flag becomes an option of `serve` here, read from
+the command line, else `QUOTAGATE_<NAME>`, else the `--config` TOML file, else its default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+import typing
+from collections.abc import Callable, Coroutine
+from dataclasses import MISSING, Field
+from typing import Any, TypeVar
+
+import click
+
+from .config import ConfigError, Settings, env_name, flag_settings, load_file
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """Eager: read the config file first, so that its values become the options' defaults."""
+    if value:
+        try:
+            values = load_file(value)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc)) from None
+        ctx.meta["file_extras"] = {k: values.pop(k) for k in ("upstreams", "prices") if k in values}
+        ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+config_option = click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar=env_name("config"),
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config,
+    help="TOML config file (flags and QUOTAGATE_* variables win over it).",
+)
+
+
+def _option_for(field: Field[Any]) -> Callable[[F], F]:
+    hint = typing.get_type_hints(Settings)[field.name]
+    kind = next((t for t in (bool, int, float, str) if t == hint or t in typing.get_args(hint)), str)
+    default = field.default_factory() if field.default is MISSING else field.default  # type: ignore[operator]
+    names = "--" + field.name.replace("_", "-")
+    if kind is bool:
+        names = f"{names}/--no-{field.name.replace('_', '-')}"
+    return click.option(
+        names,
+        field.name,
+        type=kind,
+        default=default,
+        show_default=default is not None,
+        envvar=env_name(field.name),
+        help=field.metadata["help"],
+    )
+
+
+def settings_options(fn: F) -> F:
+    for field in reversed(flag_settings()):
+        fn = _option_for(field)(fn)
+    return config_option(fn)
+
+
+def store_options(fn: F) -> F:
+    """--store (and --config) for the commands that only need the store."""
+    store = next(f for f in flag_settings() if f.name == "store")
+    return config_option(_option_for(store)(fn))
+
+
+def _settings(ctx: click.Context, values: dict[str, Any]) -> Settings:
+    try:
+        return Settings(**values, **ctx.meta.get("file_extras", {}))
+    except (ConfigError, TypeError) as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.group()
+@click.version_option(package_name="quotagate")
+def main() -> None:
+    """quotagate: an LLM API gateway with rate limits and spend quotas."""
+
+
+@main.command()
+@settings_options
+@click.pass_context
+def serve(ctx: click.Context, **values: Any) -> None:
+    """Start the gateway."""
+    settings = _settings(ctx, values)
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="quotagate-metrics-")
+    from .server import serve as run
+
+    run(settings)
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke gateway keys."""
+
+
+def _open(store_url: str) -> Any:
+    from .stores import open_store
+
+    try:
+        return open_store(store_url)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+async def _with_store(store_url: str, fn: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    from .stores import StoreError
+
+    store = _open(store_url)
+    try:
+        return await fn(store)
+    except StoreError as exc:
+        raise click.ClickException(f"store unreachable: {exc}") from None
+    finally:
+        await store.close()
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="A name for the key (shown in logs and the dashboard).")
+@click.option(
+    "--policy",
+    "policies",
+    multiple=True,
+    help="A policy bound to the key, applied to every request made with it (repeatable).",
+)
+@store_options
+def keys_create(name: str, policies: tuple[str, ...], store: str) -> None:
+    """Create a gateway key; it is printed once, on the last line."""
+    from . import keys as keymod
+    from .policy import PolicyError
+
+    async def create(s: Any) -> tuple[str, Any]:
+        return await keymod.create_key(s, name, list(policies))
+
+    try:
+        raw, record = _run(_with_store(store, create))
+    except (keymod.KeyError_, PolicyError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"created key {record.name!r} (id {record.id})"
+        + (f" with policies: {record.policies}" if record.policies else ""),
+        err=True,
+    )
+    click.echo("store it now: it is not shown again", err=True)
+    click.echo(raw)
+
+
+@keys.command("list")
+@store_options
+def keys_list(store: str) -> None:
+    """List gateway keys (never their secrets)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    records = _run(_with_store(store, lambda s: s.list_keys()))
+    table = Table("id", "name", "policies", "created", "status")
+    for record in records:
+        status = "active" if record.active else f"revoked {_when(record.revoked_at)}"
+        table.add_row(record.id, record.name, record.policies or "-", _when(record.created_at), status)
+    Console().print(table)
+
+
+@keys.command("revoke")
+@click.argument("name_or_id")
+@store_options
+def keys_revoke(name_or_id: str, store: str) -> None:
+    """Revoke a key by id or name: its requests get 401 from then on."""
+    from . import keys as keymod
+
+    async def revoke(s: Any) -> Any:
+        return await keymod.revoke_key(s, name_or_id)
+
+    try:
+        record = _run(_with_store(store, revoke))
+    except keymod.KeyError_ as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"revoked key {record.name!r} (id {record.id})")
+
+
+def _when(ts: float | None) -> str:
+    import datetime
+
+    if ts is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@main.command()
+@click.option("--key", "key_name", help="Only this key (name or id).")
+@click.option("--watch", is_flag=True, help="Refresh every 2 seconds until interrupted.")
+@click.option("--limit", default=50, show_default=True, help="Rows to show.")
+@store_options
+def usage(key_name: str | None, watch: bool, limit: int, store: str) -> None:
+    """Every budget in use with its usage against its quota, closest to its limit first."""
+    from .usage_view import show_usage
+
+    show_usage(store, key_name, watch, limit)
+
+
+@main.command()
+@click.option("--calls", default=6, show_default=True, help="Calls in the burst.")
+def demo(calls: int) -> None:
+    """See it work without a provider account: a burst through the OpenAI SDK to a fake provider."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(calls))

@@ -1,0 +1,517 @@
+"""A fake OpenAI and Anthropic provider, for the test suite, the benchmark and `quotagate demo`.
+
+It answers the routes the gateway forwards with realistic bodies: JSON with usage blocks and SSE
+streams shaped like the real ones (OpenAI chat and completions chunks with the optional usage
+chunk, the responses API's typed events, Anthropic's message events). It records every request it
+receives so that tests can count exactly what reached the upstream.
+
+Usage is deterministic: the prompt costs one token per word of its text (at least 1), the reply
+has `max_tokens` words (at most 12 by default). Request headers steer it (they pass through the
+gateway like any header):
+
+    X-Fake-Prompt-Tokens / X-Fake-Completion-Tokens / X-Fake-Cached-Tokens / X-Fake-Cache-Write-Tokens
+    X-Fake-Status: 500       answer with this status and an error body
+    X-Fake-Delay: 0.2        seconds to wait before answering
+    X-Fake-Chunk-Delay: 0.05 seconds between stream events
+    X-Fake-Cut-After: 3      send that many stream events, then drop the connection
+    X-Fake-Hold: name        after the first stream event, wait until `release(name)` is called
+    X-Fake-Model: name       report this model in the response
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+DEFAULT_REPLY_TOKENS = 12
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class Received:
+    method: str
+    path: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body) if self.body else None
+
+
+@dataclass(slots=True)
+class Plan:
+    """What one request asked the fake to do."""
+
+    model: str
+    prompt: int
+    completion: int
+    cached: int = 0
+    cache_write: int = 0
+    status: int = 200
+    delay: float = 0.0
+    chunk_delay: float = 0.0
+    cut_after: int | None = None
+    hold: str | None = None
+
+    @property
+    def words(self) -> list[str]:
+        return [f" word{i}" for i in range(self.completion)]
+
+
+def _text_of(value: Any) -> str:
+    """All the text in a messages / input / prompt structure."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return " ".join(_text_of(v) for v in value)
+    if isinstance(value, dict):
+        return " ".join(_text_of(value[k]) for k in ("content", "text", "input") if k in value)
+    return ""
+
+
+def _plan(request: web.Request, body: dict[str, Any]) -> Plan:
+    h = request.headers
+    prompt_text = " ".join(_text_of(body.get(k)) for k in ("messages", "input", "prompt", "system"))
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
+    completion = min(int(max_tokens), DEFAULT_REPLY_TOKENS) if max_tokens else DEFAULT_REPLY_TOKENS
+    cut = h.get("X-Fake-Cut-After")
+    return Plan(
+        model=h.get("X-Fake-Model") or str(body.get("model") or "gpt-4o-mini"),
+        prompt=int(h.get("X-Fake-Prompt-Tokens", max(1, len(prompt_text.split())))),
+        completion=int(h.get("X-Fake-Completion-Tokens", completion)),
+        cached=int(h.get("X-Fake-Cached-Tokens", 0)),
+        cache_write=int(h.get("X-Fake-Cache-Write-Tokens", 0)),
+        status=int(h.get("X-Fake-Status", 200)),
+        delay=float(h.get("X-Fake-Delay", 0)),
+        chunk_delay=float(h.get("X-Fake-Chunk-Delay", 0)),
+        cut_after=int(cut) if cut else None,
+        hold=h.get("X-Fake-Hold"),
+    )
+
+
+def _sse(data: Any, event: str | None = None) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + (data if isinstance(data, bytes) else orjson.dumps(data)) + b"\n\n"
+
+
+# --- OpenAI ----------------------------------------------------------------------------------
+
+
+def _openai_usage(plan: Plan) -> dict[str, Any]:
+    return {
+        "prompt_tokens": plan.prompt,
+        "completion_tokens": plan.completion,
+        "total_tokens": plan.prompt + plan.completion,
+        "prompt_tokens_details": {"cached_tokens": plan.cached, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def chat_completion(plan: Plan) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-fake{next(_ids)}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": plan.model,
+        "system_fingerprint": "fp_fake",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(plan.words).strip(), "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": _openai_usage(plan),
+        "service_tier": "default",
+    }
+
+
+def chat_chunks(plan: Plan, include_usage: bool) -> list[bytes]:
+    base = {
+        "id": f"chatcmpl-fake{next(_ids)}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": plan.model,
+        "system_fingerprint": "fp_fake",
+    }
+    tail = {"usage": None} if include_usage else {}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return _sse({**base, "choices": [choice], **tail})
+
+    events = [chunk({"role": "assistant", "content": "", "refusal": None})]
+    events += [chunk({"content": word}) for word in plan.words]
+    events.append(chunk({}, "stop"))
+    if include_usage:
+        events.append(_sse({**base, "choices": [], "usage": _openai_usage(plan)}))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def completion(plan: Plan) -> dict[str, Any]:
+    return {
+        "id": f"cmpl-fake{next(_ids)}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": plan.model,
+        "choices": [{"index": 0, "text": "".join(plan.words), "logprobs": None, "finish_reason": "length"}],
+        "usage": {
+            "prompt_tokens": plan.prompt,
+            "completion_tokens": plan.completion,
+            "total_tokens": plan.prompt + plan.completion,
+        },
+    }
+
+
+def completion_chunks(plan: Plan, include_usage: bool) -> list[bytes]:
+    base = {
+        "id": f"cmpl-fake{next(_ids)}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": plan.model,
+    }
+    tail = {"usage": None} if include_usage else {}
+    events = [
+        _sse({**base, "choices": [{"index": 0, "text": w, "logprobs": None, "finish_reason": None}], **tail})
+        for w in plan.words
+    ]
+    if include_usage:
+        events.append(
+            _sse(
+                {
+                    **base,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": plan.prompt,
+                        "completion_tokens": plan.completion,
+                        "total_tokens": plan.prompt + plan.completion,
+                    },
+                }
+            )
+        )
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def embeddings(plan: Plan, body: dict[str, Any]) -> dict[str, Any]:
+    inputs = body.get("input")
+    count = len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
+    return {
+        "object": "list",
+        "model": plan.model,
+        "data": [{"object": "embedding", "index": i, "embedding": [0.001 * (i + 1)] * 8} for i in range(count)],
+        "usage": {"prompt_tokens": plan.prompt, "total_tokens": plan.prompt},
+    }
+
+
+def models() -> dict[str, Any]:
+    names = ["gpt-4o", "gpt-4o-mini", "gpt-4.1-mini", "text-embedding-3-small"]
+    return {
+        "object": "list",
+        "data": [{"id": n, "object": "model", "created": 1715367049, "owned_by": "system"} for n in names],
+    }
+
+
+def _response_object(plan: Plan, status: str, with_output: bool) -> dict[str, Any]:
+    text = "".join(plan.words).strip()
+    output = (
+        [
+            {
+                "type": "message",
+                "id": "msg_fake",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ]
+        if with_output
+        else []
+    )
+    usage = {
+        "input_tokens": plan.prompt,
+        "input_tokens_details": {"cached_tokens": plan.cached},
+        "output_tokens": plan.completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": plan.prompt + plan.completion,
+    }
+    return {
+        "id": "resp_fake",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "model": plan.model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "text": {"format": {"type": "text"}},
+        "error": None,
+        "incomplete_details": None,
+        "instructions": None,
+        "metadata": {},
+        "usage": usage if status == "completed" else None,
+    }
+
+
+def response_events(plan: Plan) -> list[bytes]:
+    seq = itertools.count()
+    text = "".join(plan.words).strip()
+
+    def ev(kind: str, **data: Any) -> bytes:
+        return _sse({"type": kind, "sequence_number": next(seq), **data}, kind)
+
+    item = {"type": "message", "id": "msg_fake", "status": "in_progress", "role": "assistant", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    events = [
+        ev("response.created", response=_response_object(plan, "in_progress", False)),
+        ev("response.in_progress", response=_response_object(plan, "in_progress", False)),
+        ev("response.output_item.added", output_index=0, item=item),
+        ev("response.content_part.added", item_id="msg_fake", output_index=0, content_index=0, part=part),
+    ]
+    events += [
+        ev("response.output_text.delta", item_id="msg_fake", output_index=0, content_index=0, delta=w, logprobs=[])
+        for w in plan.words
+    ]
+    events += [
+        ev("response.output_text.done", item_id="msg_fake", output_index=0, content_index=0, text=text, logprobs=[]),
+        ev(
+            "response.content_part.done",
+            item_id="msg_fake",
+            output_index=0,
+            content_index=0,
+            part={**part, "text": text},
+        ),
+        ev(
+            "response.output_item.done",
+            output_index=0,
+            item={**item, "status": "completed", "content": [{**part, "text": text}]},
+        ),
+        ev("response.completed", response=_response_object(plan, "completed", True)),
+    ]
+    return events
+
+
+# --- Anthropic -------------------------------------------------------------------------------
+
+
+def _anthropic_usage(plan: Plan, output: int) -> dict[str, Any]:
+    return {
+        "input_tokens": max(0, plan.prompt - plan.cached - plan.cache_write),
+        "cache_creation_input_tokens": plan.cache_write,
+        "cache_read_input_tokens": plan.cached,
+        "output_tokens": output,
+        "service_tier": "standard",
+    }
+
+
+def message(plan: Plan) -> dict[str, Any]:
+    return {
+        "id": f"msg_fake{next(_ids)}",
+        "type": "message",
+        "role": "assistant",
+        "model": plan.model,
+        "content": [{"type": "text", "text": "".join(plan.words).strip()}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": _anthropic_usage(plan, plan.completion),
+    }
+
+
+def message_events(plan: Plan) -> list[bytes]:
+    start = {**message(plan), "content": [], "stop_reason": None, "usage": _anthropic_usage(plan, 1)}
+    events = [
+        _sse({"type": "message_start", "message": start}, "message_start"),
+        _sse(
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            "content_block_start",
+        ),
+        _sse({"type": "ping"}, "ping"),
+    ]
+    events += [
+        _sse(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}},
+            "content_block_delta",
+        )
+        for w in plan.words
+    ]
+    events += [
+        _sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+        _sse(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": plan.completion},
+            },
+            "message_delta",
+        ),
+        _sse({"type": "message_stop"}, "message_stop"),
+    ]
+    return events
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+class FakeUpstream:
+    """The fake provider as an aiohttp application, with a record of what it received."""
+
+    def __init__(self) -> None:
+        self.url = ""  # set by whoever serves it
+        self.received: list[Received] = []
+        self.gates: dict[str, asyncio.Event] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.app = web.Application(client_max_size=1024**3)
+        self.app.router.add_route("*", "/{tail:.*}", self._handle)
+
+    def count(self, suffix: str = "") -> int:
+        """Requests received whose path ends with `suffix` (all of them by default)."""
+        return sum(1 for r in self.received if r.path.endswith(suffix))
+
+    def reset(self) -> None:
+        self.received.clear()
+        self.gates.clear()
+
+    def _gate(self, name: str) -> asyncio.Event:
+        return self.gates.setdefault(name, asyncio.Event())
+
+    def release(self, name: str) -> None:
+        """Let a stream held with `X-Fake-Hold: name` go on (callable from any thread)."""
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(lambda: self._gate(name).set())
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.loop = asyncio.get_running_loop()
+        raw = await request.read()
+        self.received.append(Received(request.method, request.path, CIMultiDict(request.headers), raw))
+        try:
+            body = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            return _error(400, "invalid_request_error", "We could not parse the JSON body of your request.")
+        body = body if isinstance(body, dict) else {}
+        plan = _plan(request, body)
+        if plan.delay:
+            await asyncio.sleep(plan.delay)
+        if plan.status != 200:
+            kind = "rate_limit_error" if plan.status == 429 else "api_error"
+            return _error(plan.status, kind, f"fake upstream error {plan.status}")
+        return await self._route(request, body, plan)
+
+    async def _route(self, request: web.Request, body: dict[str, Any], plan: Plan) -> web.StreamResponse:
+        path, stream = request.path, bool(body.get("stream"))
+        include = bool((body.get("stream_options") or {}).get("include_usage"))
+        if path.endswith("/chat/completions"):
+            if stream:
+                return await self._stream(request, chat_chunks(plan, include), plan)
+            return _json(chat_completion(plan))
+        if path.endswith("/completions"):
+            if stream:
+                return await self._stream(request, completion_chunks(plan, include), plan)
+            return _json(completion(plan))
+        if path.endswith("/embeddings"):
+            return _json(embeddings(plan, body))
+        if path.endswith("/responses"):
+            if stream:
+                return await self._stream(request, response_events(plan), plan)
+            return _json(_response_object(plan, "completed", True))
+        if path.endswith("/messages"):
+            if stream:
+                return await self._stream(request, message_events(plan), plan)
+            return _json(message(plan))
+        if path.endswith("/models") and request.method == "GET":
+            return _json(models())
+        return _error(404, "invalid_request_error", f"Unknown request URL: {request.method} {path}")
+
+    async def _stream(self, request: web.Request, events: list[bytes], plan: Plan) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "X-Fake-Upstream": "1",
+            }
+        )
+        await response.prepare(request)
+        for index, event in enumerate(events):
+            if plan.cut_after is not None and index >= plan.cut_after:
+                assert request.transport is not None
+                request.transport.abort()  # a half stream: the connection drops mid-response
+                return response
+            await response.write(event)
+            if plan.hold and index == 0:
+                await self._gate(plan.hold).wait()
+            if plan.chunk_delay:
+                await asyncio.sleep(plan.chunk_delay)
+        await response.write_eof()
+        return response
+
+
+def _json(data: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(data), content_type="application/json", headers={"X-Fake-Upstream": "1"})
+
+
+def _error(status: int, kind: str, message: str) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": kind, "param": None, "code": None}},
+        status=status,
+        headers={"X-Fake-Upstream": "1"},
+    )
+
+
+class BackgroundServer:
+    """Runs an aiohttp application on a real socket in a thread of its own (tests, demo)."""
+
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app, self.host, self.port = app, host, port
+        self.loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="fake-upstream")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> BackgroundServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=10)
+        return self
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]  # the bound port when asked for port 0
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+def main() -> None:
+    """`python -m quotagate.fake_upstream [port]`: run the fake provider in the foreground."""
+    import sys
+
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else 9999
+    web.run_app(FakeUpstream().app, host="127.0.0.1", port=port, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

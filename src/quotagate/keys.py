@@ -1,0 +1,129 @@
+"""Gateway keys: generate, hash, verify, revoke; key-bound policies.
+
+A key reads `qg_<id>_<secret>`. The store keeps the id, a random salt and HMAC-SHA256(salt,
+secret), never the secret. The id finds the record; the secret is checked in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .policy import Policy, parse_policies
+from .stores import KeyRecord, Store
+
+PREFIX = "qg_"
+ID_LENGTH = 12
+
+
+class KeyError_(Exception):
+    """A key operation that cannot be done (unknown key, duplicate name)."""
+
+
+@dataclass(slots=True, frozen=True)
+class GatewayKey:
+    """A verified key as the proxy uses it: id, name and its bound policies."""
+
+    id: str
+    name: str
+    policies: tuple[Policy, ...]
+
+
+def _digest(salt: bytes, secret: str) -> bytes:
+    return hmac.new(salt, secret.encode(), hashlib.sha256).digest()
+
+
+def split_key(raw: str) -> tuple[str, str] | None:
+    """(id, secret) of a well-formed key, else None."""
+    if not raw.startswith(PREFIX) or len(raw) < len(PREFIX) + ID_LENGTH + 2:
+        return None
+    key_id, sep, secret = raw[len(PREFIX) :].partition("_")
+    if len(key_id) != ID_LENGTH or not sep or not secret:
+        return None
+    return key_id, secret
+
+
+def normal_policies(text: str) -> str:
+    """Validate key-bound policies at creation and keep them in normal form."""
+    return ", ".join(p.normal_form() for p in parse_policies(text))
+
+
+async def create_key(store: Store, name: str, policies: list[str]) -> tuple[str, KeyRecord]:
+    """Create a key; returns the raw key (shown once) and its stored record."""
+    name = name.strip()
+    if not name:
+        raise KeyError_("a key needs a non-empty --name")
+    if any(k.name == name and k.active for k in await store.list_keys()):
+        raise KeyError_(f"an active key named {name!r} already exists")
+    bound = normal_policies(",".join(policies)) if policies else ""
+    key_id, secret, salt = secrets.token_hex(ID_LENGTH // 2), secrets.token_urlsafe(32), secrets.token_bytes(16)
+    record = KeyRecord(key_id, name, salt, _digest(salt, secret), bound, time.time())
+    await store.create_key(record)
+    return f"{PREFIX}{key_id}_{secret}", record
+
+
+async def find_key(store: Store, name_or_id: str) -> KeyRecord:
+    """The key with this id, else the one active key with this name."""
+    keys = await store.list_keys()
+    by_id = [k for k in keys if k.id == name_or_id]
+    matches = by_id or [k for k in keys if k.name == name_or_id and k.active]
+    if not matches:
+        raise KeyError_(f"no key with id or name {name_or_id!r}")
+    return matches[0]
+
+
+async def revoke_key(store: Store, name_or_id: str) -> KeyRecord:
+    record = await find_key(store, name_or_id)
+    if not await store.revoke_key(record.id, time.time()):
+        raise KeyError_(f"key {record.name!r} ({record.id}) is already revoked")
+    return record
+
+
+class KeyRing:
+    """Verifies presented keys against the store, caching the immutable part of each record.
+
+    Revocation is not cached: every admission asks the store whether the key is still active, in
+    the same step that checks its budgets.
+    """
+
+    def __init__(self, store: Store, size: int = 10_000) -> None:
+        self.store = store
+        self.size = size
+        self._records: OrderedDict[str, tuple[KeyRecord, GatewayKey] | None] = OrderedDict()
+
+    async def verify(self, raw: str) -> GatewayKey | None:
+        parts = split_key(raw)
+        if parts is None:
+            return None
+        key_id, secret = parts
+        entry = await self._lookup(key_id)
+        if entry is None:
+            return None
+        record, key = entry
+        if not hmac.compare_digest(_digest(record.salt, secret), record.digest):
+            return None
+        return key if record.active else None
+
+    async def _lookup(self, key_id: str) -> tuple[KeyRecord, GatewayKey] | None:
+        if key_id in self._records:
+            self._records.move_to_end(key_id)
+            return self._records[key_id]
+        record = await self.store.get_key(key_id)
+        entry = None
+        if record is not None:
+            entry = (record, GatewayKey(record.id, record.name, parse_policies(record.policies)))
+        self._remember(key_id, entry)
+        return entry
+
+    def _remember(self, key_id: str, entry: tuple[KeyRecord, GatewayKey] | None) -> None:
+        self._records[key_id] = entry
+        if len(self._records) > self.size:
+            self._records.popitem(last=False)
+
+    def forget(self, key_id: str) -> None:
+        """Drop a cached record (after the store reported the key revoked)."""
+        self._records.pop(key_id, None)

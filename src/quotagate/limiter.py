@@ -1,0 +1,238 @@
+"""How quotagate counts: a bucketed sliding window, with holds for calls in flight.
+
+A budget (one counter) is scoped to a gateway key, a unit, a window `w` and a segment value. Its
+window is cut into buckets of `g = ceil(w / 60)` seconds aligned on the epoch; each bucket keeps
+its amount and the time of its latest unit. At time `now` the budget's usage is the sum of the
+buckets whose latest unit is younger than `w` seconds: every unit taken in the last `w` seconds is
+counted, and a partly expired bucket is counted whole until its latest unit expires. So the limiter
+never admits more than the quota in any `w`-second interval, and under-admits by at most the
+units of one bucket: a unit is released between `w` and `w + g` seconds after it was taken (and
+`Helicone-RateLimit-Reset` never exceeds `w`).
+
+`cents` and `token` budgets also hold an estimate for each call in flight; a hold is released
+(replaced by the real amount) when the call is charged, or expires after `hold_ttl` seconds if
+the gateway that placed it died.
+
+This module holds the algorithm for Python-side stores (SQLite) and the header arithmetic; the
+Redis store mirrors the same steps in Lua.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .policy import Policy, Unit, format_quota
+
+BUCKETS_PER_WINDOW = 60
+
+
+def granularity(window: int) -> int:
+    """Seconds per bucket for a window."""
+    return -(-window // BUCKETS_PER_WINDOW)
+
+
+@dataclass(slots=True)
+class Budget:
+    """One counter that a request draws on, with the strictest quota naming it."""
+
+    id: str
+    key_id: str
+    unit: Unit
+    window: int
+    segment: str | None
+    value: str | None
+    quota: int  # scaled, the smallest quota of the policies naming this counter
+    amount: int = 0  # request: 1 taken; cents/token: the estimate held while in flight
+    policies: list[Policy] = field(default_factory=list)
+
+    @property
+    def holds(self) -> bool:
+        return self.unit is not Unit.REQUEST
+
+
+@dataclass(slots=True, frozen=True)
+class CounterState:
+    """What a store reports about one counter after an admission or a charge."""
+
+    used: int  # charged in the current window (scaled units)
+    held: int  # held by calls in flight (scaled units)
+    reset: int  # seconds until the usage next shrinks; 0 when nothing is counted
+    retry_after: int = 0  # seconds until a denied request would fit
+
+
+@dataclass(slots=True)
+class Admission:
+    key_active: bool
+    allowed: bool
+    states: list[CounterState]
+
+
+def encode_value(value: str) -> str:
+    """A segment value as a key part that cannot collide or contain store metacharacters."""
+    raw = value.encode("utf-8", "surrogateescape")
+    if len(raw) > 96:
+        return "~" + hashlib.sha256(raw).hexdigest()
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def budget_id(key_id: str, unit: Unit, window: int, segment: str | None, value: str | None) -> str:
+    seg = "-" if segment is None else ("u" if segment == "user" else "p." + segment)
+    val = "" if value is None else encode_value(value)
+    return f"{key_id}:{unit.value}:{window}:{seg}:{val}"
+
+
+def budgets_for(key_id: str, policies: Iterable[Policy], values: Mapping[str | None, str | None]) -> list[Budget]:
+    """Group policies into counters: a request takes from each counter once."""
+    by_kind: dict[tuple[Unit, int, str | None], Budget] = {}
+    for policy in policies:
+        budget = by_kind.get(policy.budget_kind)
+        if budget is None:
+            value = values.get(policy.segment)
+            budget = Budget(
+                id=budget_id(key_id, policy.unit, policy.window, policy.segment, value),
+                key_id=key_id,
+                unit=policy.unit,
+                window=policy.window,
+                segment=policy.segment,
+                value=value,
+                quota=policy.scaled_quota,
+                amount=0 if policy.unit is not Unit.REQUEST else 1,
+            )
+            by_kind[policy.budget_kind] = budget
+        budget.quota = min(budget.quota, policy.scaled_quota)
+        budget.policies.append(policy)
+    return list(by_kind.values())
+
+
+# --- the window algorithm, on a plain dict so that stores can serialize it as they like ----------
+#
+# state = {"b": {bucket index: [amount, time of its latest unit]}, "t": total of the buckets,
+#          "h": {reservation: [amount, expiry]}}
+
+
+def new_state() -> dict:
+    return {"b": {}, "t": 0, "h": {}}
+
+
+def expire(state: dict, window: int, now: float) -> None:
+    """Drop buckets that left the window and holds whose call can no longer end."""
+    horizon = now - window
+    buckets: dict[int, list[float]] = state["b"]
+    for index in [i for i, (_, latest) in buckets.items() if latest <= horizon]:
+        state["t"] -= int(buckets.pop(index)[0])
+    holds: dict[str, list[float]] = state["h"]
+    for reservation in [r for r, (_, expiry) in holds.items() if expiry <= now]:
+        del holds[reservation]
+
+
+def held(state: dict) -> int:
+    return int(sum(amount for amount, _ in state["h"].values()))
+
+
+def fits(state: dict, budget: Budget) -> bool:
+    """Requests: one more fits under the quota. Cents/tokens: something is left, holds included."""
+    if budget.holds:
+        return state["t"] + held(state) < budget.quota
+    return state["t"] + budget.amount <= budget.quota
+
+
+def take(state: dict, budget: Budget, now: float, reservation: str, hold_ttl: float) -> None:
+    if budget.holds:
+        state["h"][reservation] = [budget.amount, now + hold_ttl]
+    else:
+        add(state, budget.window, now, budget.amount)
+
+
+def add(state: dict, window: int, now: float, amount: int) -> None:
+    if amount <= 0:
+        return
+    index = math.floor(now / granularity(window))
+    bucket = state["b"].get(index)
+    if bucket is None:
+        state["b"][index] = [amount, now]
+    else:
+        bucket[0] += amount
+        bucket[1] = max(bucket[1], now)
+    state["t"] += amount
+
+
+def settle(state: dict, window: int, now: float, reservation: str, amount: int) -> None:
+    """Replace a call's hold by what it really cost."""
+    state["h"].pop(reservation, None)
+    add(state, window, now, amount)
+
+
+def view(state: dict, budget: Budget, now: float, denied: bool = False) -> CounterState:
+    buckets = [(a, latest) for _, (a, latest) in sorted(state["b"].items()) if a > 0]
+    hold = held(state)
+    reset = 0
+    if buckets:
+        reset = max(1, math.ceil(buckets[0][1] + budget.window - now))
+    elif hold:
+        reset = 1
+    retry = _retry_after(buckets, state["t"], hold, budget, now) if denied else 0
+    return CounterState(used=state["t"], held=hold, reset=reset, retry_after=retry)
+
+
+def _retry_after(buckets: Sequence[tuple[int, float]], used: int, hold: int, budget: Budget, now: float) -> int:
+    """Seconds until enough buckets expire for this request to fit (1 if only holds block it)."""
+    excess = used + hold - budget.quota + 1 if budget.holds else used + budget.amount - budget.quota
+    if excess <= 0:
+        return 0
+    for amount, latest in buckets:
+        excess -= int(amount)
+        if excess <= 0:
+            return max(1, math.ceil(latest + budget.window - now))
+    return 1
+
+
+# --- response headers ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class PolicyReport:
+    name: str
+    policy: Policy
+    remaining: int  # scaled units left after this request, never negative
+    reset: int
+
+    @property
+    def fraction(self) -> float:
+        return self.remaining / self.policy.scaled_quota if self.policy.scaled_quota else 0.0
+
+
+def reports(budgets: Sequence[Budget], states: Sequence[CounterState]) -> list[PolicyReport]:
+    """One report per policy, named p1, p2, ... in the order the budgets list them."""
+    out: list[PolicyReport] = []
+    for budget, state in zip(budgets, states, strict=True):
+        for policy in budget.policies:
+            remaining = max(0, policy.scaled_quota - state.used - state.held)
+            out.append(PolicyReport(f"p{len(out) + 1}", policy, remaining, state.reset))
+    return out
+
+
+def rate_limit_headers(items: Sequence[PolicyReport]) -> dict[str, str]:
+    if not items:
+        return {}
+    worst = min(items, key=lambda r: (r.fraction, r.policy.window))
+    policy = worst.policy
+    return {
+        "Helicone-RateLimit-Limit": format_quota(policy.quota),
+        "Helicone-RateLimit-Remaining": str(worst.remaining // policy.unit.scale),
+        "Helicone-RateLimit-Policy": policy.normal_form(),
+        "Helicone-RateLimit-Reset": str(worst.reset),
+        "RateLimit-Policy": ", ".join(_ietf_policy(r) for r in items),
+        "RateLimit": ", ".join(f'"{r.name}";r={r.remaining // r.policy.unit.scale};t={r.reset}' for r in items),
+    }
+
+
+def _ietf_policy(report: PolicyReport) -> str:
+    policy = report.policy
+    text = f'"{report.name}";q={format_quota(policy.quota)};w={policy.window}'
+    if policy.unit.ietf_unit:
+        text += f';qu="{policy.unit.ietf_unit}"'
+    return text

@@ -1,0 +1,187 @@
+"""The `Helicone-RateLimit-Policy` grammar: parse, validate, normal form.
+
+    policies = policy *( "," policy )
+    policy   = quota *( ";" param )         ; w required, u and s optional, any order
+    quota    = 1*DIGIT [ "." 1*DIGIT ]      ; ASCII digits only, > 0
+    param    = ("w" / "u" / "s") "=" value  ; names and values case-insensitive
+
+Pure functions, no I/O. Every rejection raises `PolicyError` naming the offending input.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import lru_cache
+
+GRAMMAR = (
+    "[quota];w=[time_window];u=[unit];s=[segment] — quota: a number > 0 (digits, optional decimals); "
+    "w: whole seconds, 60 to 31536000; u: request (default), cents or token; "
+    "s: user, or a custom property name [A-Za-z0-9_-]+ (absent: one budget for the gateway key). "
+    "Several policies are separated by commas, e.g. '60;w=60, 1000;w=86400;s=user'."
+)
+
+MIN_WINDOW = 60
+MAX_WINDOW = 31_536_000
+MAX_POLICIES = 20
+
+_QUOTA = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+_WINDOW = re.compile(r"[0-9]+")
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+_OWS = " \t"
+
+
+class Unit(enum.Enum):
+    REQUEST = "request"
+    CENTS = "cents"
+    TOKEN = "token"
+
+    @property
+    def scale(self) -> int:
+        """Stored amounts are integers: micro-cents for cents, whole tokens and requests."""
+        return 1_000_000 if self is Unit.CENTS else 1
+
+    @property
+    def ietf_unit(self) -> str | None:
+        return {Unit.REQUEST: None, Unit.CENTS: "cents", Unit.TOKEN: "tokens"}[self]
+
+
+class PolicyError(ValueError):
+    """A policy header that does not follow the grammar."""
+
+    def __init__(self, problem: str, policy: str | None = None) -> None:
+        self.problem = problem
+        self.policy = policy
+        where = f" in policy {policy!r}" if policy is not None else ""
+        super().__init__(f"{problem}{where}")
+
+
+USER = "user"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    quota: Decimal
+    window: int
+    unit: Unit = Unit.REQUEST
+    segment: str | None = None  # None: global; "user"; else a property name, lower-case
+
+    @property
+    def scaled_quota(self) -> int:
+        """The quota in stored units, rounded down so that rounding never over-admits."""
+        return int(self.quota * self.unit.scale)
+
+    @property
+    def budget_kind(self) -> tuple[Unit, int, str | None]:
+        """Policies that differ only in quota share one counter."""
+        return (self.unit, self.window, self.segment)
+
+    def normal_form(self) -> str:
+        text = f"{format_quota(self.quota)};w={self.window}"
+        if self.unit is not Unit.REQUEST:
+            text += f";u={self.unit.value}"
+        if self.segment is not None:
+            text += f";s={self.segment}"
+        return text
+
+
+def format_quota(value: Decimal) -> str:
+    """Shortest form: 5, 0.5, 12.25 (never an exponent)."""
+    text = f"{value:f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
+
+
+def parse_policies(header: str | None) -> tuple[Policy, ...]:
+    """Parse a whole header value (several header lines already joined by commas)."""
+    if header is None or not header.strip(_OWS):
+        return ()
+    return _parse_cached(header)
+
+
+def join_header_lines(lines: list[str]) -> str:
+    """Several header lines count as one list; blank lines contribute nothing."""
+    return ",".join(line for line in lines if line.strip(_OWS))
+
+
+@lru_cache(maxsize=4096)
+def _parse_cached(header: str) -> tuple[Policy, ...]:
+    items = header.split(",")
+    if len(items) > MAX_POLICIES:
+        raise PolicyError(f"at most {MAX_POLICIES} policies per request, got {len(items)}")
+    return tuple(parse_policy(item) for item in items)
+
+
+def parse_policy(text: str) -> Policy:
+    """Parse one policy (one list item)."""
+    item = text.strip(_OWS)
+    if not item:
+        raise PolicyError("empty policy (a stray comma?)", text)
+    quota_text, *params = (part.strip(_OWS) for part in item.split(";"))
+    quota = _parse_quota(quota_text, item)
+    values = _parse_params(params, item)
+    if "w" not in values:
+        raise PolicyError("missing required parameter w (the time window in seconds)", item)
+    return Policy(
+        quota=quota,
+        window=_parse_window(values["w"], item),
+        unit=_parse_unit(values.get("u"), item),
+        segment=_parse_segment(values.get("s"), item),
+    )
+
+
+def _parse_quota(text: str, item: str) -> Decimal:
+    if not text:
+        raise PolicyError("missing quota: a policy starts with a number, e.g. 100;w=60", item)
+    if not _QUOTA.fullmatch(text):
+        raise PolicyError(f"quota {text!r} is not a plain number (digits, optional decimal part)", item)
+    quota = Decimal(text)
+    if quota <= 0:
+        raise PolicyError(f"quota {text!r} must be greater than 0", item)
+    return quota
+
+
+def _parse_params(params: list[str], item: str) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for param in params:
+        if not param:
+            raise PolicyError("empty parameter (a stray ';'?)", item)
+        name, sep, value = param.partition("=")
+        name, value = name.strip(_OWS).lower(), value.strip(_OWS)
+        if not sep or not name or not value:
+            raise PolicyError(f"parameter {param!r} is not name=value", item)
+        if name not in ("w", "u", "s"):
+            raise PolicyError(f"unknown parameter {name!r} (known: w, u, s)", item)
+        if name in values:
+            raise PolicyError(f"duplicate parameter {name!r}", item)
+        values[name] = value
+    return values
+
+
+def _parse_window(text: str, item: str) -> int:
+    if not _WINDOW.fullmatch(text):
+        raise PolicyError(f"window w={text!r} is not a whole number of seconds", item)
+    window = int(text)
+    if not MIN_WINDOW <= window <= MAX_WINDOW:
+        raise PolicyError(f"window w={window} is outside {MIN_WINDOW}..{MAX_WINDOW} seconds", item)
+    return window
+
+
+def _parse_unit(text: str | None, item: str) -> Unit:
+    if text is None:
+        return Unit.REQUEST
+    try:
+        return Unit(text.lower())
+    except ValueError:
+        raise PolicyError(f"unknown unit u={text!r} (known: request, cents, token)", item) from None
+
+
+def _parse_segment(text: str | None, item: str) -> str | None:
+    if text is None:
+        return None
+    if not _SEGMENT.fullmatch(text):
+        raise PolicyError(f"segment s={text!r} must be 'user' or a property name [A-Za-z0-9_-]+", item)
+    return text.lower()

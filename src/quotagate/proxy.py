@@ -1,0 +1,567 @@
+"""The hot path: route, authenticate, admit, forward, stream back, charge, log.
+
+    client ─► route ─► gateway key ─► policies (header + key-bound) ─► segment values
+           ─► admit: one store step for every budget (429 when one says no)
+           ─► forward to the upstream, stream the response back as it arrives
+           ─► charge the real cost (before the last byte leaves) ─► log line + metrics
+
+Errors become responses in one place (`errors.error_response`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from . import metrics
+from .config import Settings, Upstream
+from .errors import (
+    BadPolicy,
+    BodyTooLarge,
+    GatewayError,
+    MissingSegment,
+    NotFound,
+    RateLimited,
+    StoreUnavailable,
+    Unauthorized,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    error_response,
+)
+from .keys import GatewayKey, KeyRing
+from .limiter import Admission, Budget, CounterState, budgets_for, rate_limit_headers, reports
+from .policy import GRAMMAR, USER, Policy, PolicyError, Unit, join_header_lines, parse_policies
+from .pricing import Pricer
+from .stores import Store, StoreError
+from .usage import StreamUsage, Usage, count_tokens, from_body, prompt_text, requested_output
+
+log = logging.getLogger("quotagate")
+access_log = logging.getLogger("quotagate.access")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
+_DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+POLICY_HEADER = "Helicone-RateLimit-Policy"
+PROPERTY_PREFIX = "Helicone-Property-"
+
+
+@dataclass(slots=True)
+class Call:
+    """What the gateway knows about one proxied request, for its charge and its log line."""
+
+    route: str = "-"
+    provider: str = "openai"
+    key: GatewayKey | None = None
+    user: str | None = None
+    properties: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    parsed: Any = None
+    parsed_done: bool = False
+    budgets: list[Budget] = field(default_factory=list)
+    states: list[CounterState] = field(default_factory=list)
+    reservation: str = ""
+    prompt_tokens: int = 0
+    model: str | None = None
+    usage: Usage | None = None
+    cost: int | None = None
+    decision: str = "rejected"
+    upstream_status: int | None = None
+    upstream_seconds: float = 0.0
+    outcome: str = "complete"
+
+    def json(self) -> dict[str, Any] | None:
+        """The request body as a JSON object, parsed once; None if it is not one."""
+        if not self.parsed_done:
+            self.parsed_done = True
+            try:
+                data = orjson.loads(self.body) if self.body else None
+            except orjson.JSONDecodeError:
+                data = None
+            self.parsed = data if isinstance(data, dict) else None
+        return self.parsed
+
+    @property
+    def holding(self) -> list[Budget]:
+        return [b for b in self.budgets if b.holds]
+
+    def headers(self) -> dict[str, str]:
+        if not self.states:
+            return {}
+        return rate_limit_headers(reports(self.budgets, self.states))
+
+
+class StoreGuard:
+    """Calls the store; after a failure, skips it for `pause` seconds, then tries again."""
+
+    def __init__(self, store: Store, pause: float = 1.0) -> None:
+        self.store = store
+        self.pause = pause
+        self.down_until = 0.0
+        metrics.STORE_UP.set(1)
+
+    @property
+    def up(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def failed(self, operation: str, exc: Exception) -> None:
+        metrics.STORE_ERRORS.labels(operation).inc()
+        if self.up:
+            log.error("store %s failed: %s", operation, exc)
+        self.down_until = time.monotonic() + self.pause
+        metrics.STORE_UP.set(0)
+
+    def succeeded(self) -> None:
+        if self.down_until:
+            self.down_until = 0.0
+            metrics.STORE_UP.set(1)
+            log.warning("store answers again")
+
+    def check(self) -> None:
+        if not self.up:
+            raise StoreError("store unavailable (retrying shortly)")
+
+
+class Proxy:
+    def __init__(self, settings: Settings, store: Store, pricer: Pricer | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.guard = StoreGuard(store)
+        self.keys = KeyRing(store)
+        self.pricer = pricer or Pricer(settings.prices)
+        self.routes = settings.routes()
+        self.hold_ttl = settings.upstream_timeout + 60
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=settings.upstream_timeout
+        )
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self, _app: web.Application | None = None) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=self.timeout,
+            skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
+        )
+
+    async def stop(self, _app: web.Application | None = None) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    # -- the handler -------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        call = Call()
+        try:
+            response = await self._proxy(request, call)
+        except GatewayError as exc:
+            response = error_response(exc, call.headers())
+        self._record(request, call, response, time.perf_counter() - started)
+        return response
+
+    async def _proxy(self, request: web.Request, call: Call) -> web.StreamResponse:
+        upstream, path = self._route(request, call)
+        call.key = await self._authenticate(request)
+        call.body = await self._read_body(request)
+        policies = self._policies(request, call.key)
+        values = self._segment_values(request, policies, call)
+        call.budgets = budgets_for(call.key.id, policies, values)
+        if call.holding:
+            self._estimate(call, path)
+        await self._admit(call)
+        return await self._forward(request, call, upstream, path)
+
+    def _route(self, request: web.Request, call: Call) -> tuple[Upstream, str]:
+        path = request.raw_path.split("?", 1)[0]
+        first, _, rest = path[1:].partition("/")
+        upstream = self.routes.get(first)
+        if upstream is None:
+            raise NotFound(
+                f"no route for {path!r}: use /v1/... (OpenAI), /anthropic/... or a configured "
+                f"upstream ({', '.join('/' + r for r in self.routes)})"
+            )
+        call.route, call.provider = upstream.name, upstream.provider
+        return upstream, path if first == "v1" else "/" + rest
+
+    async def _authenticate(self, request: web.Request) -> GatewayKey:
+        header = request.headers.get("Helicone-Auth", "")
+        scheme, _, raw = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not raw.strip():
+            raise Unauthorized("missing gateway key: send 'Helicone-Auth: Bearer <gateway key>'")
+        try:
+            key = await self.keys.verify(raw.strip())
+        except StoreError as exc:
+            self.guard.failed("get_key", exc)
+            raise StoreUnavailable("cannot verify the gateway key: the store is unreachable") from exc
+        if key is None:
+            raise Unauthorized("unknown or revoked gateway key")
+        return key
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise BodyTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes") from None
+
+    def _policies(self, request: web.Request, key: GatewayKey) -> tuple[Policy, ...]:
+        lines = request.headers.getall(POLICY_HEADER, ())
+        try:
+            header = parse_policies(join_header_lines(lines)) if lines else ()
+        except PolicyError as exc:
+            raise BadPolicy(
+                f"invalid {POLICY_HEADER}: {exc}. Expected {GRAMMAR}",
+                param=POLICY_HEADER,
+                policy=exc.policy,
+                problem=exc.problem,
+                grammar=GRAMMAR,
+            ) from None
+        return header + key.policies
+
+    def _segment_values(
+        self, request: web.Request, policies: tuple[Policy, ...], call: Call
+    ) -> dict[str | None, str | None]:
+        call.user = self._user_id(request, call)
+        values: dict[str | None, str | None] = {None: None, USER: call.user}
+        for name, value in request.headers.items():
+            if name[:18].lower() == "helicone-property-" and value:
+                call.properties.setdefault(name[18:].lower(), value)
+        for policy in policies:
+            segment = policy.segment
+            if segment is None or (segment in values and values[segment] is not None):
+                continue
+            if segment != USER and call.properties.get(segment):
+                values[segment] = call.properties[segment]
+                continue
+            raise MissingSegment(self._missing(policy), policy=policy.normal_form(), segment=segment)
+        return values
+
+    @staticmethod
+    def _missing(policy: Policy) -> str:
+        if policy.segment == USER:
+            where = "a Helicone-User-Id header, the body's 'user' field (OpenAI) or metadata.user_id (Anthropic)"
+        else:
+            where = f"a non-empty {PROPERTY_PREFIX}{policy.segment} header"
+        return (
+            f"policy {policy.normal_form()!r} limits per {policy.segment}, but the request has no value: send {where}"
+        )
+
+    def _user_id(self, request: web.Request, call: Call) -> str | None:
+        user = request.headers.get("Helicone-User-Id")
+        if user:
+            return user
+        body = call.json()
+        if body is None:
+            return None
+        if call.provider == "anthropic":
+            meta = body.get("metadata")
+            user = meta.get("user_id") if isinstance(meta, dict) else None
+        else:
+            user = body.get("user")
+        return user if isinstance(user, str) and user else None
+
+    def _estimate(self, call: Call, path: str) -> None:
+        """What a call will cost at most, held against cents and token budgets while in flight."""
+        body = call.json() or {}
+        call.model = body.get("model") if isinstance(body.get("model"), str) else None
+        call.prompt_tokens = count_tokens(prompt_text(body))
+        output = 0 if path.endswith("/embeddings") else requested_output(body)
+        if output is None:
+            output = self.settings.default_max_tokens
+        usage = Usage(call.prompt_tokens, output)
+        for budget in call.holding:
+            if budget.unit is Unit.TOKEN:
+                budget.amount = usage.total_tokens
+            else:
+                budget.amount = self.pricer.cost(call.provider, call.model, usage) or 0
+
+    async def _admit(self, call: Call) -> None:
+        assert call.key is not None
+        call.reservation = os.urandom(8).hex()
+        try:
+            self.guard.check()
+            admission = await self.store.admit(call.key.id, call.budgets, call.reservation, self.hold_ttl)
+            self.guard.succeeded()
+        except StoreError as exc:
+            self.guard.failed("admit", exc)
+            if self.settings.on_store_error == "closed":
+                raise StoreUnavailable("rate limits cannot be checked: the store is unreachable") from exc
+            metrics.UNLIMITED.inc()
+            call.decision, call.budgets = "fail_open", []
+            return
+        self._decide(call, admission)
+
+    def _decide(self, call: Call, admission: Admission) -> None:
+        assert call.key is not None
+        if not admission.key_active:
+            self.keys.forget(call.key.id)
+            raise Unauthorized("unknown or revoked gateway key")
+        call.states = admission.states
+        if admission.allowed:
+            call.decision = "allowed" if call.budgets else "no_policy"
+            return
+        call.decision = "denied"
+        denying = [(b, s) for b, s in zip(call.budgets, admission.states, strict=True) if s.retry_after]
+        retry = max([s.retry_after for _, s in denying] + [1])
+        for budget, _ in denying:
+            metrics.DENIALS.labels(budget.unit.value, _segment_kind(budget.segment)).inc()
+        names = ", ".join(p.normal_form() for b, _ in denying for p in b.policies)
+        raise RateLimited(f"Rate limit exceeded ({names}). Retry after {retry} seconds.", retry_after=retry) from None
+
+    # -- forwarding --------------------------------------------------------------------------
+
+    def _upstream_headers(self, request: web.Request, upstream: Upstream) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        connection = request.headers.get("Connection")
+        listed = {t.strip().lower() for t in connection.split(",")} if connection else set()
+        for name, value in request.headers.items():
+            lower = name.lower()
+            if lower in _DROP_REQUEST or lower.startswith("helicone-") or lower in listed:
+                continue
+            headers.add(name, value)
+        headers["Accept-Encoding"] = "identity"
+        if upstream.api_key and "Authorization" not in headers and "x-api-key" not in headers:
+            if upstream.provider == "anthropic":
+                headers["x-api-key"] = upstream.api_key
+            else:
+                headers["Authorization"] = f"Bearer {upstream.api_key}"
+        return headers
+
+    def _upstream_body(self, call: Call, path: str) -> tuple[bytes, bool]:
+        """Ask an OpenAI stream for its usage when a budget needs it; True if the client did not."""
+        if not call.holding or call.provider != "openai" or not path.endswith("completions"):
+            return call.body, False
+        body = call.json()
+        if body is None or body.get("stream") is not True:
+            return call.body, False
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            return call.body, False
+        body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
+        return orjson.dumps(body), True
+
+    @staticmethod
+    def _url(upstream: Upstream, path: str, query: str) -> str:
+        base = upstream.base_url.rstrip("/")
+        if base.endswith("/v1") and (path == "/v1" or path.startswith("/v1/")):
+            path = path[3:]
+        return f"{base}{path}?{query}" if query else f"{base}{path}"
+
+    async def _forward(self, request: web.Request, call: Call, upstream: Upstream, path: str) -> web.StreamResponse:
+        assert self.session is not None
+        body, strip = self._upstream_body(call, path)
+        url = self._url(upstream, path, request.query_string)
+        sent = time.perf_counter()
+        try:
+            async with self.session.request(
+                request.method,
+                url,
+                headers=self._upstream_headers(request, upstream),
+                data=body,
+                allow_redirects=False,
+            ) as response:
+                call.upstream_status = response.status
+                if _is_json(response):
+                    return await self._whole(call, response)
+                return await self._stream(request, call, response, strip)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            await self._charge(call, None)
+            raise UpstreamTimeout(f"the upstream did not answer within {self.settings.upstream_timeout:g} s") from exc
+        except aiohttp.ClientError as exc:
+            await self._charge(call, None)
+            raise UpstreamUnreachable(f"cannot reach the upstream {upstream.name}: {exc.__class__.__name__}") from exc
+        finally:
+            call.upstream_seconds = time.perf_counter() - sent
+
+    async def _whole(self, call: Call, response: aiohttp.ClientResponse) -> web.Response:
+        """A complete (non-stream) response: charged before its headers leave."""
+        body = await response.read()
+        if _is_json(response):
+            call.usage, model = from_body(_decoded(body, response.headers.get("Content-Encoding")))
+            call.model = model or call.model
+        await self._charge(call, call.usage)
+        return web.Response(status=response.status, body=body, headers=self._response_headers(call, response))
+
+    async def _stream(
+        self, request: web.Request, call: Call, response: aiohttp.ClientResponse, strip: bool
+    ) -> web.StreamResponse:
+        """Chunk by chunk as the upstream sends; charged before the final byte."""
+        out = web.StreamResponse(status=response.status, headers=self._response_headers(call, response))
+        await out.prepare(request)
+        tracker = StreamUsage(track_text=bool(call.holding), strip_usage_chunk=strip) if _is_sse(response) else None
+        call.outcome = await _pump(response, out, tracker)
+        if tracker is not None:
+            call.model = tracker.model or call.model
+            whole = call.outcome == "complete" and tracker.usage is not None
+            call.usage = tracker.usage if whole else self._partial_usage(call, tracker)
+        await self._charge(call, call.usage)
+        if call.outcome == "complete":
+            await out.write_eof()
+        elif request.transport is not None:
+            request.transport.abort()  # the client must not take a cut stream for a whole one
+        return out
+
+    def _partial_usage(self, call: Call, tracker: StreamUsage) -> Usage:
+        """A stream cut short: the prompt's estimate (or the reported input) plus what was streamed."""
+        usage = tracker.usage or Usage(call.prompt_tokens, 0)
+        streamed = tracker.streamed_tokens() if call.holding else 0
+        return Usage(
+            usage.input_tokens or call.prompt_tokens,
+            max(usage.output_tokens, streamed),
+            usage.cache_read_tokens,
+            usage.cache_write_tokens,
+        )
+
+    def _response_headers(self, call: Call, response: aiohttp.ClientResponse) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in response.headers.items():
+            if name.lower() not in _DROP_RESPONSE:
+                headers.add(name, value)
+        for name, value in call.headers().items():
+            headers[name] = value
+        return headers
+
+    # -- charging ----------------------------------------------------------------------------
+
+    async def _charge(self, call: Call, usage: Usage | None) -> None:
+        """Replace the holds of this call by its real cost (0 without usage)."""
+        holding = call.holding
+        if usage is not None:
+            self._count_usage(call, usage)
+        if not holding or not call.states:
+            return
+        amounts = [self._amount(call, b, usage) for b in holding]
+        try:
+            states = await self.store.charge(holding, call.reservation, amounts)
+        except StoreError as exc:
+            self.guard.failed("charge", exc)
+            return
+        by_id = {b.id: s for b, s in zip(holding, states, strict=True)}
+        call.states = [by_id.get(b.id, s) for b, s in zip(call.budgets, call.states, strict=True)]
+
+    def _amount(self, call: Call, budget: Budget, usage: Usage | None) -> int:
+        if usage is None:
+            return 0
+        if budget.unit is Unit.TOKEN:
+            return usage.total_tokens
+        return call.cost or 0
+
+    def _count_usage(self, call: Call, usage: Usage) -> None:
+        metrics.CHARGED_TOKENS.inc(usage.total_tokens)
+        if call.model is None:
+            return
+        call.cost = self.pricer.cost(call.provider, call.model, usage)
+        if call.cost is None:
+            metrics.UNPRICED.inc()
+        else:
+            metrics.CHARGED_CENTS.inc(call.cost / 1_000_000)
+
+    # -- the log line and metrics ------------------------------------------------------------
+
+    def _record(self, request: web.Request, call: Call, response: web.StreamResponse, seconds: float) -> None:
+        metrics.REQUESTS.labels(call.route, str(response.status), call.decision).inc()
+        if call.upstream_status is not None:
+            metrics.UPSTREAM_LATENCY.labels(call.route).observe(call.upstream_seconds)
+            metrics.OVERHEAD.observe(max(0.0, seconds - call.upstream_seconds))
+        if call.decision == "fail_open":
+            log.warning("store unreachable: %s %s let through without limits", request.method, request.path)
+        if not self.settings.access_log:
+            return
+        usage = call.usage
+        access_log.info(
+            "request",
+            extra={
+                "fields": {
+                    "method": request.method,
+                    "path": request.path,
+                    "route": call.route,
+                    "key": call.key.name if call.key else None,
+                    "user": call.user,
+                    "properties": call.properties or None,
+                    "model": call.model,
+                    "input_tokens": usage.input_tokens if usage else None,
+                    "output_tokens": usage.output_tokens if usage else None,
+                    "cost_cents": call.cost / 1_000_000 if call.cost is not None else None,
+                    "decision": call.decision,
+                    "status": response.status,
+                    "upstream_status": call.upstream_status,
+                    "outcome": call.outcome if call.upstream_status else None,
+                    "latency_ms": round(seconds * 1000, 3),
+                }
+            },
+        )
+
+
+async def _pump(response: aiohttp.ClientResponse, out: web.StreamResponse, tracker: StreamUsage | None) -> str:
+    """Copy the upstream stream to the client; how it ended: complete, client_gone, upstream_broken."""
+    try:
+        async for chunk in response.content.iter_any():
+            data = tracker.feed(chunk) if tracker is not None else chunk
+            if data and not await _write(out, data):
+                return "client_gone"
+    except (aiohttp.ClientError, TimeoutError):
+        return "upstream_broken"
+    tail = tracker.finish() if tracker is not None else b""
+    if tail and not await _write(out, tail):
+        return "client_gone"
+    return "complete"
+
+
+async def _write(out: web.StreamResponse, data: bytes) -> bool:
+    try:
+        await out.write(data)
+    except (ConnectionError, RuntimeError):
+        return False
+    return True
+
+
+def _media_type(response: aiohttp.ClientResponse) -> str:
+    return response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
+
+def _is_json(response: aiohttp.ClientResponse) -> bool:
+    kind = _media_type(response)
+    return kind == "application/json" or kind.endswith("+json")
+
+
+def _is_sse(response: aiohttp.ClientResponse) -> bool:
+    return _media_type(response) == "text/event-stream"
+
+
+def _decoded(body: bytes, encoding: str | None) -> bytes:
+    """The body to read usage from, undoing gzip/deflate if an upstream compressed anyway."""
+    if not encoding or encoding.lower() == "identity":
+        return body
+    try:
+        return zlib.decompress(body, 47)  # 32 + 15: gzip or zlib header, detected
+    except zlib.error:
+        return b""
+
+
+def _segment_kind(segment: str | None) -> str:
+    return "global" if segment is None else ("user" if segment == USER else "property")

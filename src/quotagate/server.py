@@ -1,0 +1,202 @@
+"""The aiohttp application, and `serve`: N worker processes sharing one port with SO_REUSEPORT.
+
+Each worker is a whole gateway (event loop, store connection, upstream connection pool); the
+kernel spreads incoming connections over them. The parent only starts, watches and stops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from . import metrics
+from .config import Settings
+from .proxy import Proxy
+from .stores import Store, StoreError, open_store
+
+log = logging.getLogger("quotagate")
+PROXY = web.AppKey("proxy", Proxy)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; request lines carry their fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            line.update((k, v) for k, v in fields.items() if v is not None)
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("quotagate")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def build_app(settings: Settings, store: Store) -> web.Application:
+    """The whole gateway as one aiohttp application."""
+    proxy = Proxy(settings, store)
+    app = web.Application(client_max_size=settings.max_body_bytes, handler_args={"max_field_size": 65536})
+    app[PROXY] = proxy
+    app.on_startup.append(proxy.start)
+    app.on_cleanup.append(proxy.stop)
+    app.on_cleanup.append(lambda _app: store.close())
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    from .admin import add_admin_routes
+
+    add_admin_routes(app, settings, store)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    proxy: Proxy = request.app[PROXY]
+    try:
+        await asyncio.wait_for(proxy.store.ping(), timeout=2.0)
+    except (StoreError, TimeoutError) as exc:
+        proxy.guard.failed("ping", exc if isinstance(exc, StoreError) else StoreError("timed out"))
+        return web.json_response({"status": "unavailable", "store": "down", "error": str(exc)}, status=503)
+    proxy.guard.succeeded()
+    return web.json_response({"status": "ready", "store": "up"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    proxy: Proxy = request.app[PROXY]
+    token = proxy.settings.admin_token
+    if proxy.settings.metrics_require_token and not _bearer_ok(request, token):
+        return web.json_response(
+            {
+                "error": {
+                    "message": "admin token required",
+                    "type": "authentication_error",
+                    "code": "admin_token_required",
+                }
+            },
+            status=401,
+        )
+    body, content_type = metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _bearer_ok(request: web.Request, token: str | None) -> bool:
+    from .admin import token_matches
+
+    return token_matches(request, token)
+
+
+# --- running it ----------------------------------------------------------------------------------
+
+
+async def run_site(settings: Settings, store: Store, reuse_port: bool, stop: asyncio.Event) -> None:
+    runner = web.AppRunner(build_app(settings, store), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=2048)
+    await site.start()
+    log.info("worker %d listening on http://%s:%d", os.getpid(), settings.host, settings.port)
+    await stop.wait()
+    log.info("worker %d stopping: finishing requests in flight", os.getpid())
+    await runner.cleanup()
+    log.info("worker %d stopped", os.getpid())
+
+
+def run_worker(settings: Settings, reuse_port: bool) -> None:
+    """One worker process: its own event loop, store connection and upstream pool."""
+    setup_logging(settings.log_level)
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_site(settings, open_store(settings.store), reuse_port, stop)
+
+    asyncio.run(main())
+
+
+def check_store(url: str) -> None:
+    """Open the store once before the workers start: creates its schema, fails early if unreachable."""
+
+    async def ping() -> None:
+        store = open_store(url)
+        try:
+            await store.ping()
+        finally:
+            await store.close()
+
+    asyncio.run(ping())
+
+
+def serve(settings: Settings, announce: Callable[[str], None] = print) -> None:
+    setup_logging(settings.log_level)
+    try:
+        check_store(settings.store)
+    except StoreError as exc:
+        log.warning("store not reachable at start (%s); serving with --on-store-error=%s", exc, settings.on_store_error)
+    announce(
+        f"quotagate listening on http://{settings.host}:{settings.port} "
+        f"({settings.workers} worker{'s' if settings.workers > 1 else ''})"
+    )
+    announce(f"store: {settings.store}")
+    if settings.workers == 1:
+        run_worker(settings, reuse_port=False)
+        return
+    _supervise(settings)
+
+
+def _supervise(settings: Settings) -> None:
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=run_worker, args=(settings, True), daemon=False) for _ in range(settings.workers)]
+    for worker in workers:
+        worker.start()
+    stopping = False
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.is_alive() and worker.pid:
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping and all(w.is_alive() for w in workers):
+        time.sleep(0.2)
+    if not stopping:
+        log.error("a worker exited unexpectedly; stopping the others")
+        stop(signal.SIGTERM, None)
+    for worker in workers:
+        worker.join(timeout=30)

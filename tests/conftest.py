@@ -1,0 +1,287 @@
+"""Fixtures: the fake provider, gateways on real sockets, real stores, and the official SDKs.
+
+Gateways run either in-process (a thread with its own event loop, so that the store's clock can
+be injected) or as `quotagate serve` subprocesses (workers, restarts, the CLI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx2 as httpx
+import openai
+import pytest
+from anthropic import Anthropic
+from anthropic.types import MessageParam
+from openai import AsyncOpenAI, OpenAI
+from openai.types.chat import ChatCompletionMessageParam
+
+from quotagate.config import Settings
+from quotagate.fake_upstream import BackgroundServer, FakeUpstream
+from quotagate.keys import create_key
+from quotagate.server import build_app
+from quotagate.stores import Store, open_store
+
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello to the test suite"}]
+CLAUDE: list[MessageParam] = [{"role": "user", "content": "Say hello to the test suite"}]
+REDIS_URL = os.environ.get("QUOTAGATE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+class FakeClock:
+    """A store clock that tests move by hand: windows pass in microseconds, without sleeping."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = start if start is not None else float(int(time.time()))
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@dataclass
+class Gateway:
+    url: str
+    settings: Settings
+    store_url: str
+    server: Any = None
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    keys: list[str] = field(default_factory=list)
+
+    def key(self, name: str = "test", policies: list[str] | None = None) -> str:
+        """Create a gateway key in this gateway's store; returns the raw key."""
+        return new_key(self.store_url, name, policies or [])
+
+    def openai(self, key: str, **headers: str) -> OpenAI:
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1",
+            api_key="sk-client-provider-key",
+            max_retries=0,
+            default_headers={"Helicone-Auth": f"Bearer {key}", **headers},
+        )
+
+    def async_openai(self, key: str, **headers: str) -> AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=f"{self.url}/v1",
+            api_key="sk-client-provider-key",
+            max_retries=0,
+            default_headers={"Helicone-Auth": f"Bearer {key}", **headers},
+            http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=500)),
+        )
+
+    def anthropic(self, key: str, **headers: str) -> Anthropic:
+        return anthropic.Anthropic(
+            base_url=f"{self.url}/anthropic",
+            api_key="sk-ant-client-key",
+            max_retries=0,
+            default_headers={"Helicone-Auth": f"Bearer {key}", **headers},
+        )
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+    def log_lines(self) -> list[str]:
+        return self.log_path.read_text().splitlines() if self.log_path and self.log_path.exists() else []
+
+
+def new_key(store_url: str, name: str, policies: list[str]) -> str:
+    async def make() -> str:
+        store = open_store(store_url)
+        try:
+            return (await create_key(store, name, policies))[0]
+        finally:
+            await store.close()
+
+    return str(run(make()))
+
+
+@pytest.fixture(scope="session")
+def upstream_server() -> Iterator[tuple[FakeUpstream, BackgroundServer]]:
+    fake = FakeUpstream()
+    server = BackgroundServer(fake.app).start()
+    yield fake, server
+    server.stop()
+
+
+@pytest.fixture
+def upstream(upstream_server: tuple[FakeUpstream, BackgroundServer]) -> FakeUpstream:
+    fake, server = upstream_server
+    fake.reset()
+    fake.url = server.url
+    return fake
+
+
+def redis_available() -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'quotagate.db'}"
+
+
+STORES = ["sqlite"]
+
+
+@pytest.fixture(params=STORES)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every store, for the behaviour suite: a SQLite file, a Redis server, a Redis Cluster."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'quotagate.db'}"
+    if request.param == "redis":
+        if not redis_available():
+            pytest.fail(f"the behaviour suite needs Redis at {REDIS_URL}")
+        return REDIS_URL
+    cluster = request.getfixturevalue("redis_cluster")
+    return str(cluster)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real three-node Redis Cluster on free loopback ports, torn down after the session."""
+    from .cluster import RedisCluster
+
+    with RedisCluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster.url
+
+
+@pytest.fixture
+def make_gateway(upstream: FakeUpstream, tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    """In-process gateways: `make_gateway(store_url=..., clock=..., **settings)`."""
+    started: list[tuple[BackgroundServer, Store]] = []
+
+    def make(store_url: str | None = None, clock: Callable[[], float] | None = None, **overrides: Any) -> Gateway:
+        url = store_url or f"sqlite:///{tmp_path / 'gateway.db'}"
+        values: dict[str, Any] = {
+            "port": free_port(),
+            "store": url,
+            "workers": 1,
+            "access_log": False,
+            "openai_base_url": upstream.url,
+            "anthropic_base_url": upstream.url,
+        }
+        values.update(overrides)
+        settings = Settings(**values)
+        store = open_store(url, clock)
+        server = BackgroundServer(build_app(settings, store), port=settings.port).start()
+        started.append((server, store))
+        return Gateway(server.url, settings, url, server=server)
+
+    yield make
+    for server, _ in started:
+        server.stop()
+
+
+@pytest.fixture
+def gateway(make_gateway: Callable[..., Gateway]) -> Gateway:
+    return make_gateway()
+
+
+# --- `quotagate serve` as a subprocess ------------------------------------------------------------
+
+
+def quotagate_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "quotagate", *args]
+
+
+def cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        quotagate_command(*args), capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"quotagate {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"quotagate serve exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"gateway at {url} did not become healthy")
+
+
+@pytest.fixture
+def serve(upstream: FakeUpstream, tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    """`quotagate serve` subprocesses: `serve("--workers", "2", store_url=...)`."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        *args: str, store_url: str | None = None, port: int | None = None, env: dict[str, str] | None = None
+    ) -> Gateway:
+        port = port or free_port()
+        url = store_url or f"sqlite:///{tmp_path / 'served.db'}"
+        log_path = tmp_path / f"serve-{port}-{len(processes)}.log"
+        command = quotagate_command(
+            "serve",
+            "--port",
+            str(port),
+            "--store",
+            url,
+            "--openai-base-url",
+            upstream.url,
+            "--anthropic-base-url",
+            upstream.url,
+            *args,
+        )
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+            )
+        processes.append(process)
+        gateway_url = f"http://127.0.0.1:{port}"
+        wait_ready(gateway_url, process)
+        return Gateway(gateway_url, Settings(port=port, store=url), url, process=process, log_path=log_path)
+
+    yield start
+    for process in processes:
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def have(command: str) -> bool:
+    return shutil.which(command) is not None

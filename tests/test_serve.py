@@ -1,0 +1,172 @@
+"""The CLI and `quotagate serve` as a user runs them: keys, workers, restarts, configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import openai
+import orjson
+import pytest
+
+from quotagate.config import Settings
+from quotagate.fake_upstream import FakeUpstream
+
+from .conftest import CHAT, Gateway, cli, free_port, quotagate_command, stop_process, wait_ready
+
+
+def burst(gateway: Gateway, key: str, policy: str, count: int) -> list[int]:
+    client = gateway.async_openai(key, **{"Helicone-RateLimit-Policy": policy})
+
+    async def one() -> int:
+        try:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=CHAT)
+            return 200
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    async def run() -> list[int]:
+        async with client:
+            return await asyncio.gather(*(one() for _ in range(count)))
+
+    return asyncio.run(run())
+
+
+def test_keys_create_list_revoke(sqlite_url: str, tmp_path: Path) -> None:
+    created = cli("keys", "create", "--name", "team-a", "--policy", "100;W=3600 ;s=User", "--store", sqlite_url)
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("qg_")
+    assert "100;w=3600;s=user" in created.stderr  # stored in normal form
+    listed = cli("keys", "list", "--store", sqlite_url).stdout
+    assert "team-a" in listed and "100;w=3600;s=user" in listed and key not in listed
+    secret = key.split("_", 2)[2]
+    assert secret.encode() not in Path(sqlite_url[len("sqlite:///") :]).read_bytes()  # only a hash is kept
+    assert "revoked" in cli("keys", "revoke", "team-a", "--store", sqlite_url).stdout
+    assert "revoked" in cli("keys", "list", "--store", sqlite_url).stdout
+    again = cli("keys", "revoke", "team-a", "--store", sqlite_url, check=False)
+    assert again.returncode != 0 and "no key" in again.stderr
+
+
+def test_keys_create_rejects_a_bad_policy(sqlite_url: str) -> None:
+    result = cli("keys", "create", "--name", "x", "--policy", "5;w=5", "--store", sqlite_url, check=False)
+    assert result.returncode != 0 and "outside 60..31536000" in result.stderr
+    assert "x" not in cli("keys", "list", "--store", sqlite_url).stdout.split()
+
+
+def test_revoked_key_gets_401_at_once(serve: Callable[..., Gateway], upstream: FakeUpstream) -> None:
+    gateway = serve("--workers", "1")
+    key = cli("keys", "create", "--name", "soon-gone", "--store", gateway.store_url).stdout.strip().splitlines()[-1]
+    client = gateway.openai(key)
+    assert client.models.list().data
+    cli("keys", "revoke", "soon-gone", "--store", gateway.store_url)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+    assert upstream.count() == 1
+
+
+def test_two_workers_share_one_sqlite_file_exactly(serve: Callable[..., Gateway], upstream: FakeUpstream) -> None:
+    gateway = serve("--workers", "2")
+    key = gateway.key()
+    statuses = burst(gateway, key, "10;w=60", 60)
+    assert statuses.count(200) == 10 and statuses.count(429) == 50
+    assert upstream.count("/chat/completions") == 10
+    logs = [orjson.loads(line) for line in gateway.log_lines() if line.startswith("{")]
+    workers = {line["pid"] for line in logs if line["msg"].startswith("worker") and "listening" in line["msg"]}
+    assert len(workers) == 2
+    served = {line["pid"] for line in logs if line["logger"] == "quotagate.access"}
+    assert served == workers  # the kernel spread the connections over both workers
+
+
+def test_counts_survive_a_restart(serve: Callable[..., Gateway], upstream: FakeUpstream, sqlite_url: str) -> None:
+    port = free_port()
+    first = serve("--workers", "1", store_url=sqlite_url, port=port)
+    key = first.key()
+    assert burst(first, key, "3;w=3600", 2) == [200, 200]
+    assert first.process is not None
+    stop_process(first.process)
+    second = serve("--workers", "1", store_url=sqlite_url, port=port)
+    assert sorted(burst(second, key, "3;w=3600", 2)) == [200, 429]
+    assert upstream.count() == 3
+
+
+def test_default_store_is_in_the_user_data_directory(tmp_path: Path, upstream: FakeUpstream) -> None:
+    port = free_port()
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "HOME": str(tmp_path)}
+    env.pop("QUOTAGATE_STORE", None)
+    process = subprocess.Popen(
+        quotagate_command("serve", "--port", str(port), "--workers", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process)
+    finally:
+        stop_process(process)
+    output = process.stdout.read().decode() if process.stdout else ""
+    database = tmp_path / "data" / "quotagate" / "quotagate.db"
+    assert f"listening on http://127.0.0.1:{port}" in output
+    assert f"sqlite:///{database}" in output
+    assert database.exists()
+    tables = {r[0] for r in sqlite3.connect(database).execute("SELECT name FROM sqlite_master")}
+    assert {"keys", "counters"} <= tables
+
+
+def test_flags_win_over_environment_over_config_file(
+    serve: Callable[..., Gateway], upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    file_port, env_port, flag_port = free_port(), free_port(), free_port()
+    config = tmp_path / "quotagate.toml"
+    config.write_text(
+        f'port = {file_port}\nadmin_token = "from-file"\n[upstreams.local]\nbase_url = "{upstream.url}/local"\n'
+    )
+    env = {"QUOTAGATE_CONFIG": str(config), "QUOTAGATE_PORT": str(env_port)}
+    process = subprocess.Popen(
+        quotagate_command("serve", "--workers", "1", "--store", f"sqlite:///{tmp_path}/c.db"),
+        env={**os.environ, **env},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{env_port}", process)  # the environment beat the file
+        gateway = Gateway(f"http://127.0.0.1:{env_port}", Settings(), f"sqlite:///{tmp_path}/c.db")
+        with gateway.http() as http:
+            response = http.get("/local/v1/models", headers={"Helicone-Auth": f"Bearer {gateway.key()}"})
+            assert response.status_code == 200  # the file's upstream is there
+            assert http.get("/admin/keys", headers={"Authorization": "Bearer from-file"}).status_code == 200
+    finally:
+        stop_process(process)
+    gateway = serve("--workers", "1", port=flag_port, env=env)  # the fixture passes --port
+    assert gateway.url.endswith(str(flag_port))
+    assert upstream.received[0].path == "/local/v1/models"
+
+
+def test_config_errors_name_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[upstreams.v1]\nbase_url = "http://x"\n')
+    result = cli("serve", "--config", str(config), check=False)
+    assert result.returncode != 0 and str(config) in result.stderr and "upstream name 'v1'" in result.stderr
+    config.write_text("prot = 1\n")
+    result = cli("serve", "--config", str(config), check=False)
+    assert "unknown setting 'prot'" in result.stderr
+
+
+def test_bad_settings_are_refused(tmp_path: Path) -> None:
+    result = cli("serve", "--on-store-error", "maybe", "--store", f"sqlite:///{tmp_path}/x.db", check=False)
+    assert result.returncode != 0 and "on_store_error" in result.stderr
+    result = cli("serve", "--store", "mysql://x", check=False)
+    assert result.returncode != 0 and "unknown store URL" in result.stderr
+
+
+def test_demo_shows_limits_at_work() -> None:
+    result = cli("demo", "--calls", "5")
+    lines = result.stdout.splitlines()
+    statuses = [line.split()[3] for line in lines if line.startswith("call ")]
+    assert statuses == ["200", "200", "200", "429", "429"]
+    assert "Helicone-RateLimit-Remaining: 0" in result.stdout and "Retry-After:" in result.stdout
