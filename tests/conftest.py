@@ -36,7 +36,6 @@ from quotagate.stores import Store, open_store
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello to the test suite"}]
 CLAUDE: list[MessageParam] = [{"role": "user", "content": "Say hello to the test suite"}]
-REDIS_URL = os.environ.get("QUOTAGATE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
 class FakeClock:
@@ -135,13 +134,37 @@ def upstream(upstream_server: tuple[FakeUpstream, BackgroundServer]) -> FakeUpst
     return fake
 
 
-def redis_available() -> bool:
+REDIS_BASE = os.environ.get("QUOTAGATE_TEST_REDIS", "redis://127.0.0.1:6379")
+OWNER = "quotagate-test:owner"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis database of its own for this test session (claimed with SET NX, so that concurrent
+    test sessions on one server never share one), emptied before each test that uses it."""
     import redis
 
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
+    for db in range(1, 16):
+        client = redis.Redis.from_url(f"{REDIS_BASE}/{db}", socket_connect_timeout=1)
+        try:
+            claimed = client.set(OWNER, os.getpid(), nx=True, ex=6 * 3600)
+        except redis.RedisError as exc:
+            pytest.fail(f"the behaviour suite needs Redis at {REDIS_BASE}: {exc}")
+        if claimed:
+            yield f"{REDIS_BASE}/{db}"
+            client.flushdb()
+            return
+    pytest.fail(f"no free Redis database at {REDIS_BASE} (all of 1..15 are claimed by {OWNER})")
+
+
+def flush_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    owner = client.get(OWNER)
+    client.flushdb()
+    if owner is not None:
+        client.set(OWNER, owner, ex=6 * 3600)
 
 
 @pytest.fixture
@@ -149,7 +172,7 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'quotagate.db'}"
 
 
-STORES = ["sqlite"]
+STORES = ["sqlite", "redis", "cluster"]
 
 
 @pytest.fixture(params=STORES)
@@ -158,20 +181,21 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'quotagate.db'}"
     if request.param == "redis":
-        if not redis_available():
-            pytest.fail(f"the behaviour suite needs Redis at {REDIS_URL}")
-        return REDIS_URL
+        url = str(request.getfixturevalue("redis_url"))
+        flush_redis(url)
+        return url
     cluster = request.getfixturevalue("redis_cluster")
-    return str(cluster)
+    cluster.flush()
+    return str(cluster.url)
 
 
 @pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real three-node Redis Cluster on free loopback ports, torn down after the session."""
     from .cluster import RedisCluster
 
     with RedisCluster(tmp_path_factory.mktemp("cluster")) as cluster:
-        yield cluster.url
+        yield cluster
 
 
 @pytest.fixture

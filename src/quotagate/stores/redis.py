@@ -1,0 +1,449 @@
+"""Redis store (also Valkey and Redis Cluster): several gateway instances share every budget.
+
+An admission is one Lua script round trip (`lua/admit.lua`), a charge another (`lua/settle.lua`);
+the scripts mirror `quotagate.limiter` and read the time from the Redis server, so instances need
+no synchronized clocks. Each budget's keys carry its own hash tag (key id, unit, window, segment
+and segment value), so that one busy customer does not make one hot Cluster slot.
+
+On a single server every budget of a request, and the key's revocation check, go into one script
+call: one atomic step. On a Cluster, budgets in different slots cannot share a script: each slot's
+group is checked and taken atomically, all groups in parallel, and if any group (or the key check)
+says no, the groups that said yes are refunded. A budget is therefore never over-admitted; two
+requests racing for the last units of different budgets may both be refused.
+
+The dashboard's index of budgets (sorted sets by usage ratio, with expiry) and the list of recent
+denials are written in the background, batched once a second, off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.cluster import key_slot
+from redis.exceptions import RedisError
+
+from .. import limiter
+from ..limiter import Admission, Budget, CounterState
+from .base import BudgetUsage, Denial, KeyRecord, StoreError
+
+log = logging.getLogger("quotagate.store")
+
+PREFIX = "qg:"
+INDEX = PREFIX + "idx"  # budget id -> usage ratio
+INDEX_EXPIRY = PREFIX + "idx:exp"  # budget id -> when it expires
+KEYS_SET = PREFIX + "keys"
+DENIALS = PREFIX + "denials"
+DENIALS_KEPT = 1000
+FLUSH_SECONDS = 1.0
+
+
+def _script(name: str) -> str:
+    folder = resources.files("quotagate.stores").joinpath("lua")
+    return folder.joinpath("common.lua").read_text() + "\n" + folder.joinpath(name).read_text()
+
+
+def budget_keys(budget_id: str) -> tuple[str, str]:
+    return f"{PREFIX}{{{budget_id}}}", f"{PREFIX}{{{budget_id}}}:z"
+
+
+def key_record_key(key_id: str) -> str:
+    return f"{PREFIX}key:{{{key_id}}}"
+
+
+def _client_url(url: str) -> tuple[str, bool]:
+    scheme, rest = url.split("://", 1)
+    cluster = scheme.lower().endswith("+cluster")
+    return ("rediss" if scheme.lower().startswith("rediss") else "redis") + "://" + rest, cluster
+
+
+class RedisStore:
+    def __init__(self, url: str, clock: Callable[[], float] | None = None) -> None:
+        self.url = url
+        self.clock = clock
+        self._client_url, self.cluster = _client_url(url)
+        self._client: Any = None
+        self._admit: Any = None
+        self._settle: Any = None
+        self._touched: dict[str, tuple[float, float]] = {}
+        self._denials: list[bytes] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _redis(self) -> Any:
+        if self._client is None:
+            options: dict[str, Any] = {"socket_connect_timeout": 1.0, "socket_timeout": 5.0}
+            if self.cluster:
+                self._client = RedisCluster.from_url(self._client_url, **options)
+            else:
+                self._client = aioredis.Redis.from_url(self._client_url, max_connections=256, **options)
+            self._admit = self._client.register_script(_script("admit.lua"))
+            self._settle = self._client.register_script(_script("settle.lua"))
+        return self._client
+
+    def _now_arg(self) -> str:
+        return "" if self.clock is None else repr(self.clock())
+
+    async def _call(self, operation: str, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis store {self.url} ({operation}): {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._call("ping", self._redis().ping())
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        if self._client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._flush()
+            await self._client.aclose()
+            self._client = None
+
+    # -- admission and charge ----------------------------------------------------------------
+
+    async def admit(self, key_id: str, budgets: Sequence[Budget], reservation: str, hold_ttl: float) -> Admission:
+        client = self._redis()
+        if not budgets:
+            revoked = await self._call("admit", client.hget(key_record_key(key_id), "revoked_at"))
+            return Admission(revoked == b"", True, [])
+        if not self.cluster:
+            keys = [key_record_key(key_id)] + [k for b in budgets for k in budget_keys(b.id)]
+            raw = await self._call("admit", self._run_admit(keys, budgets, reservation, hold_ttl, True))
+            admission = _admission(raw, len(budgets))
+        else:
+            admission = await self._call("admit", self._admit_cluster(key_id, budgets, reservation, hold_ttl))
+        if admission.key_active:
+            self._remember(budgets, admission)
+        return admission
+
+    def _run_admit(
+        self, keys: list[str], budgets: Sequence[Budget], reservation: str, hold_ttl: float, check_key: bool
+    ) -> Any:
+        args: list[Any] = [self._now_arg(), reservation, repr(hold_ttl), "1" if check_key else "0", len(budgets)]
+        for b in budgets:
+            meta = orjson.dumps(
+                {"key_id": b.key_id, "unit": b.unit.value, "window": b.window, "segment": b.segment, "value": b.value}
+            )
+            policies = orjson.dumps([p.normal_form() for p in b.policies])
+            args += [b.window, limiter.granularity(b.window), b.quota, b.amount, int(b.holds), meta, policies]
+        return self._admit(keys=keys, args=args)
+
+    async def _admit_cluster(
+        self, key_id: str, budgets: Sequence[Budget], reservation: str, hold_ttl: float
+    ) -> Admission:
+        groups: dict[int, list[int]] = {}
+        for index, budget in enumerate(budgets):
+            groups.setdefault(key_slot(budget_keys(budget.id)[0].encode()), []).append(index)
+        members = list(groups.values())
+        calls = [
+            self._run_admit(
+                [k for i in m for k in budget_keys(budgets[i].id)],
+                [budgets[i] for i in m],
+                reservation,
+                hold_ttl,
+                False,
+            )
+            for m in members
+        ]
+        revoked, *raws = await asyncio.gather(self._redis().hget(key_record_key(key_id), "revoked_at"), *calls)
+        results = [_admission(raw, len(m)) for raw, m in zip(raws, members, strict=True)]
+        allowed = revoked == b"" and all(r.allowed for r in results)
+        states: list[CounterState] = [CounterState(0, 0, 0)] * len(budgets)
+        for m, result in zip(members, results, strict=True):
+            for i, state in zip(m, result.states, strict=True):
+                states[i] = state
+        if not allowed:
+            await self._refund(budgets, members, results, raws, reservation)
+            states = [
+                _without(states[i], b) if _took(results, members, i) else states[i] for i, b in enumerate(budgets)
+            ]
+        return Admission(revoked == b"", allowed, states)
+
+    async def _refund(
+        self,
+        budgets: Sequence[Budget],
+        members: list[list[int]],
+        results: list[Admission],
+        raws: list[Any],
+        reservation: str,
+    ) -> None:
+        undo = [(m, raw) for m, result, raw in zip(members, results, raws, strict=True) if result.allowed]
+        await asyncio.gather(
+            *(
+                self._run_settle(
+                    [budgets[i] for i in m], reservation, [budgets[i].amount for i in m], "refund", _text(raw[2])
+                )
+                for m, raw in undo
+            )
+        )
+
+    async def charge(self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]) -> list[CounterState]:
+        if not self.cluster:
+            raw = await self._call("charge", self._run_settle(budgets, reservation, amounts, "charge", ""))
+            states = _states(raw[1:], len(budgets))
+        else:
+            states = await self._call("charge", self._charge_cluster(budgets, reservation, amounts))
+        self._remember(budgets, Admission(True, True, states))
+        return states
+
+    async def _charge_cluster(
+        self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]
+    ) -> list[CounterState]:
+        raws = await asyncio.gather(
+            *(self._run_settle([b], reservation, [a], "charge", "") for b, a in zip(budgets, amounts, strict=True))
+        )
+        return [_states(raw[1:], 1)[0] for raw in raws]
+
+    def _run_settle(
+        self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int], mode: str, taken_at: str
+    ) -> Any:
+        keys = [k for b in budgets for k in budget_keys(b.id)]
+        args: list[Any] = [self._now_arg(), reservation, len(budgets)]
+        for budget, amount in zip(budgets, amounts, strict=True):
+            args += [
+                budget.window,
+                limiter.granularity(budget.window),
+                budget.quota,
+                amount,
+                int(budget.holds),
+                mode,
+                taken_at or "0",
+            ]
+        return self._settle(keys=keys, args=args)
+
+    # -- the dashboard's index, written off the request path -------------------------------------
+
+    def _remember(self, budgets: Sequence[Budget], admission: Admission) -> None:
+        now = self.clock() if self.clock else time.time()
+        for budget, state in zip(budgets, admission.states, strict=True):
+            ratio = (state.used + state.held) / budget.quota if budget.quota else 1.0
+            self._touched[budget.id] = (ratio, now + budget.window)
+        if not admission.allowed:
+            for budget, state in zip(budgets, admission.states, strict=True):
+                if state.retry_after:
+                    policy = min(budget.policies, key=lambda p: p.scaled_quota).normal_form()
+                    self._denials.append(
+                        orjson.dumps(
+                            {
+                                "at": now,
+                                "key_id": budget.key_id,
+                                "policy": policy,
+                                "segment": budget.segment,
+                                "value": budget.value,
+                            }
+                        )
+                    )
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(FLUSH_SECONDS)
+        try:
+            await self._flush()
+        except (RedisError, OSError) as exc:
+            log.warning("could not update the budget index: %s", exc)
+
+    async def _flush(self) -> None:
+        touched, self._touched = self._touched, {}
+        denials, self._denials = self._denials, []
+        if not touched and not denials:
+            return
+        pipe = self._redis().pipeline(transaction=False)
+        if touched:
+            pipe.zadd(INDEX, {k: v[0] for k, v in touched.items()})
+            pipe.zadd(INDEX_EXPIRY, {k: v[1] for k, v in touched.items()})
+        if denials:
+            pipe.lpush(DENIALS, *denials)
+            pipe.ltrim(DENIALS, 0, DENIALS_KEPT - 1)
+        await pipe.execute()
+
+    async def usage(
+        self,
+        key_id: str | None = None,
+        segment: str | None = None,
+        value: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[BudgetUsage]:
+        return await self._call("usage", self._usage(key_id, segment, value, limit, offset))
+
+    async def _usage(
+        self, key_id: str | None, segment: str | None, value: str | None, limit: int, offset: int
+    ) -> list[BudgetUsage]:
+        await self._flush()
+        client = self._redis()
+        now = self.clock() if self.clock else time.time()
+        expired = await client.zrangebyscore(INDEX_EXPIRY, "-inf", now)
+        if expired:
+            await client.zrem(INDEX, *expired)
+            await client.zrem(INDEX_EXPIRY, *expired)
+        names = {k.id: k.name for k in await self.list_keys()}
+        out: list[BudgetUsage] = []
+        skipped, start, chunk = 0, 0, max(100, limit)
+        while len(out) < limit:
+            ids = await client.zrevrange(INDEX, start, start + chunk - 1)
+            if not ids:
+                break
+            start += chunk
+            for item in await self._read_budgets([i.decode() for i in ids], now, names):
+                if item is None or not _matches(item, key_id, segment, value):
+                    continue
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                out.append(item)
+                if len(out) == limit:
+                    break
+        return sorted(out, key=lambda u: -u.ratio)
+
+    async def _read_budgets(self, ids: list[str], now: float, names: dict[str, str]) -> list[BudgetUsage | None]:
+        pipe = self._redis().pipeline(transaction=False)
+        for budget_id in ids:
+            pipe.hgetall(budget_keys(budget_id)[0])
+        return [_usage_from_hash(h, now, names) for h in await pipe.execute()]
+
+    async def denials(self, limit: int = 50) -> list[Denial]:
+        async def read() -> list[Denial]:
+            await self._flush()
+            names = {k.id: k.name for k in await self.list_keys()}
+            rows = [orjson.loads(r) for r in await self._redis().lrange(DENIALS, 0, limit - 1)]
+            return [
+                Denial(r["at"], r["key_id"], names.get(r["key_id"], ""), r["policy"], r["segment"], r["value"])
+                for r in rows
+            ]
+
+        return await self._call("denials", read())
+
+    # -- keys --------------------------------------------------------------------------------
+
+    async def create_key(self, record: KeyRecord) -> None:
+        mapping = {
+            "id": record.id,
+            "name": record.name,
+            "salt": record.salt.hex(),
+            "digest": record.digest.hex(),
+            "policies": record.policies,
+            "created_at": repr(record.created_at),
+            "revoked_at": "",
+        }
+        client = self._redis()
+
+        async def create() -> None:
+            await client.hset(key_record_key(record.id), mapping=mapping)
+            await client.sadd(KEYS_SET, record.id)
+
+        await self._call("create_key", create())
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        raw = await self._call("get_key", self._redis().hgetall(key_record_key(key_id)))
+        return _key_from_hash(raw)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        async def read() -> list[KeyRecord]:
+            client = self._redis()
+            ids = sorted(i.decode() for i in await client.smembers(KEYS_SET))
+            records = [_key_from_hash(await client.hgetall(key_record_key(i))) for i in ids]
+            return sorted((r for r in records if r is not None), key=lambda r: r.created_at)
+
+        return await self._call("list_keys", read())
+
+    async def revoke_key(self, key_id: str, at: float) -> bool:
+        script = (
+            "if redis.call('HGET', KEYS[1], 'revoked_at') == '' then "
+            "redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1]) return 1 end return 0"
+        )
+        done = await self._call("revoke_key", self._redis().eval(script, 1, key_record_key(key_id), repr(at)))
+        return bool(done)
+
+
+# --- decoding what the scripts and hashes return -----------------------------------------------
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _states(flat: Sequence[Any], count: int) -> list[CounterState]:
+    return [
+        CounterState(int(flat[i * 4]), int(flat[i * 4 + 1]), int(flat[i * 4 + 2]), int(flat[i * 4 + 3]))
+        for i in range(count)
+    ]
+
+
+def _admission(raw: Sequence[Any], count: int) -> Admission:
+    if not int(raw[0]):
+        return Admission(False, False, [])
+    return Admission(True, bool(int(raw[1])), _states(raw[3:], count))
+
+
+def _took(results: list[Admission], members: list[list[int]], index: int) -> bool:
+    return any(result.allowed and index in m for result, m in zip(results, members, strict=True))
+
+
+def _without(state: CounterState, budget: Budget) -> CounterState:
+    """A state as it is after its take was refunded."""
+    if budget.holds:
+        return CounterState(state.used, max(0, state.held - budget.amount), state.reset, 1)
+    return CounterState(max(0, state.used - budget.amount), state.held, state.reset, 1)
+
+
+def _key_from_hash(raw: dict[bytes, bytes]) -> KeyRecord | None:
+    if not raw or b"name" not in raw:
+        return None
+    h = {k.decode(): v.decode() for k, v in raw.items()}
+    return KeyRecord(
+        id=h["id"],
+        name=h["name"],
+        salt=bytes.fromhex(h["salt"]),
+        digest=bytes.fromhex(h["digest"]),
+        policies=h["policies"],
+        created_at=float(h["created_at"]),
+        revoked_at=float(h["revoked_at"]) if h["revoked_at"] else None,
+    )
+
+
+def _usage_from_hash(raw: dict[bytes, bytes], now: float, names: dict[str, str]) -> BudgetUsage | None:
+    if not raw or b"m" not in raw:
+        return None
+    h = {k.decode(): v.decode() for k, v in raw.items()}
+    meta = orjson.loads(h["m"])
+    window = int(meta["window"])
+    used = sum(int(h[f"a{k[1:]}"]) for k in h if k.startswith("l") and float(h[k]) > now - window)
+    held = int(h.get("hd", 0))
+    quota = int(h["q"])
+    return BudgetUsage(
+        key_id=meta["key_id"],
+        key_name=names.get(meta["key_id"], ""),
+        unit=meta["unit"],
+        window=window,
+        segment=meta["segment"],
+        value=meta["value"],
+        quota=quota,
+        used=used,
+        held=held,
+        ratio=(used + held) / quota if quota else 1.0,
+        policies=orjson.loads(h["p"]),
+        updated_at=now,
+        last_denied_at=float(h["ld"]) if "ld" in h else None,
+    )
+
+
+def _matches(item: BudgetUsage, key_id: str | None, segment: str | None, value: str | None) -> bool:
+    return (
+        (key_id is None or item.key_id == key_id)
+        and (segment is None or item.segment == segment)
+        and (value is None or item.value == value)
+    )
