@@ -14,7 +14,9 @@ gateway like any header):
     X-Fake-Delay: 0.2        seconds to wait before answering
     X-Fake-Chunk-Delay: 0.05 seconds between stream events
     X-Fake-Cut-After: 3      send that many stream events, then drop the connection
-    X-Fake-Hold: name        after the first stream event, wait until `release(name)` is called
+    X-Fake-Hold: name        wait until `release(name)` is called: streams after their first event,
+                             other answers before they are sent
+    X-Fake-Hold-After: 3     hold a stream after that many events instead of the first
     X-Fake-Model: name       report this model in the response
 """
 
@@ -60,6 +62,7 @@ class Plan:
     chunk_delay: float = 0.0
     cut_after: int | None = None
     hold: str | None = None
+    hold_after: int = 1
 
     @property
     def words(self) -> list[str]:
@@ -94,6 +97,7 @@ def _plan(request: web.Request, body: dict[str, Any]) -> Plan:
         chunk_delay=float(h.get("X-Fake-Chunk-Delay", 0)),
         cut_after=int(cut) if cut else None,
         hold=h.get("X-Fake-Hold"),
+        hold_after=int(h.get("X-Fake-Hold-After", 1)),
     )
 
 
@@ -411,6 +415,8 @@ class FakeUpstream:
         if plan.status != 200:
             kind = "rate_limit_error" if plan.status == 429 else "api_error"
             return _error(plan.status, kind, f"fake upstream error {plan.status}")
+        if plan.hold and not body.get("stream"):
+            await self._gate(plan.hold).wait()
         return await self._route(request, body, plan)
 
     async def _route(self, request: web.Request, body: dict[str, Any], plan: Plan) -> web.StreamResponse:
@@ -453,7 +459,7 @@ class FakeUpstream:
                 request.transport.abort()  # a half stream: the connection drops mid-response
                 return response
             await response.write(event)
-            if plan.hold and index == 0:
+            if plan.hold and index == plan.hold_after - 1:
                 await self._gate(plan.hold).wait()
             if plan.chunk_delay:
                 await asyncio.sleep(plan.chunk_delay)
@@ -474,10 +480,17 @@ def _error(status: int, kind: str, message: str) -> web.Response:
 
 
 class BackgroundServer:
-    """Runs an aiohttp application on a real socket in a thread of its own (tests, demo)."""
+    """Runs an aiohttp application on a real socket in a thread of its own (tests, demo).
 
-    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> None:
+    With `handler_cancellation` (the default here) aiohttp cancels a handler whose client went
+    away; `quotagate serve` runs without it, so a handler notices a gone client when it next writes.
+    """
+
+    def __init__(
+        self, app: web.Application, host: str = "127.0.0.1", port: int = 0, handler_cancellation: bool = True
+    ) -> None:
         self.app, self.host, self.port = app, host, port
+        self.handler_cancellation = handler_cancellation
         self.loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="fake-upstream")
@@ -492,7 +505,7 @@ class BackgroundServer:
         return self
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=self.handler_cancellation)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()

@@ -10,6 +10,7 @@ Errors become responses in one place (`errors.error_response`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -85,6 +86,8 @@ class Call:
     prompt_tokens: int = 0
     model: str | None = None
     usage: Usage | None = None
+    tracker: StreamUsage | None = None
+    charged: bool = False
     cost: int | None = None
     decision: str = "rejected"
     upstream_status: int | None = None
@@ -151,6 +154,7 @@ class Proxy:
         self.keys = KeyRing(store)
         self.pricer = pricer or Pricer(settings.prices)
         self.routes = settings.routes()
+        self.upstreams = {u.name: u for u in self.routes.values()}
         self.hold_ttl = settings.upstream_timeout + 60
         self.timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout, sock_read=settings.upstream_timeout
@@ -298,7 +302,7 @@ class Proxy:
             if budget.unit is Unit.TOKEN:
                 budget.amount = usage.total_tokens
             else:
-                budget.amount = self.pricer.cost(call.provider, call.model, usage) or 0
+                budget.amount = self._cost(call, usage) or 0
 
     async def _admit(self, call: Call) -> None:
         assert call.key is not None
@@ -395,6 +399,10 @@ class Proxy:
         except aiohttp.ClientError as exc:
             await self._charge(call, None)
             raise UpstreamUnreachable(f"cannot reach the upstream {upstream.name}: {exc.__class__.__name__}") from exc
+        except asyncio.CancelledError:  # the client went away (aiohttp's handler_cancellation)
+            call.outcome = "client_gone"
+            await self._charge(call, self._partial_usage(call) if call.holding else None)
+            raise
         finally:
             call.upstream_seconds = time.perf_counter() - sent
 
@@ -410,26 +418,34 @@ class Proxy:
     async def _stream(
         self, request: web.Request, call: Call, response: aiohttp.ClientResponse, strip: bool
     ) -> web.StreamResponse:
-        """Chunk by chunk as the upstream sends; charged before the final byte."""
+        """Chunk by chunk as the upstream sends; charged before the stream's terminal event."""
         out = web.StreamResponse(status=response.status, headers=self._response_headers(call, response))
         await out.prepare(request)
-        tracker = StreamUsage(track_text=bool(call.holding), strip_usage_chunk=strip) if _is_sse(response) else None
+        if _is_sse(response):
+            call.tracker = StreamUsage(track_text=bool(call.holding), strip_usage_chunk=strip)
+        tracker = call.tracker
         call.outcome = await _pump(response, out, tracker)
+        tail = b""
         if tracker is not None:
+            if call.outcome == "upstream_broken" and tracker.ended:
+                call.outcome = "complete"  # cut after its terminal event: nothing is missing
+            if call.outcome == "complete":
+                tail = tracker.finish()
             call.model = tracker.model or call.model
             whole = call.outcome == "complete" and tracker.usage is not None
-            call.usage = tracker.usage if whole else self._partial_usage(call, tracker)
+            call.usage = tracker.usage if whole else self._partial_usage(call)
         await self._charge(call, call.usage)
-        if call.outcome == "complete":
+        if call.outcome == "complete" and (not tail or await _write(out, tail)):
             await out.write_eof()
         elif request.transport is not None:
             request.transport.abort()  # the client must not take a cut stream for a whole one
         return out
 
-    def _partial_usage(self, call: Call, tracker: StreamUsage) -> Usage:
-        """A stream cut short: the prompt's estimate (or the reported input) plus what was streamed."""
-        usage = tracker.usage or Usage(call.prompt_tokens, 0)
-        streamed = tracker.streamed_tokens() if call.holding else 0
+    def _partial_usage(self, call: Call) -> Usage:
+        """A call cut short: the prompt's estimate (or the reported input) plus what was streamed."""
+        tracker = call.tracker
+        usage = (tracker.usage if tracker else None) or Usage(call.prompt_tokens, 0)
+        streamed = tracker.streamed_tokens() if tracker and call.holding else 0
         return Usage(
             usage.input_tokens or call.prompt_tokens,
             max(usage.output_tokens, streamed),
@@ -449,7 +465,14 @@ class Proxy:
     # -- charging ----------------------------------------------------------------------------
 
     async def _charge(self, call: Call, usage: Usage | None) -> None:
-        """Replace the holds of this call by its real cost (0 without usage)."""
+        """Replace the holds of this call by its real cost (0 without usage), once.
+
+        The store step is shielded: a client that goes away while it runs cannot undo it or make
+        it happen twice.
+        """
+        if call.charged:
+            return
+        call.charged = True
         holding = call.holding
         if usage is not None:
             self._count_usage(call, usage)
@@ -457,7 +480,7 @@ class Proxy:
             return
         amounts = [self._amount(call, b, usage) for b in holding]
         try:
-            states = await self.store.charge(holding, call.reservation, amounts)
+            states = await asyncio.shield(self.store.charge(holding, call.reservation, amounts))
         except StoreError as exc:
             self.guard.failed("charge", exc)
             return
@@ -471,11 +494,13 @@ class Proxy:
             return usage.total_tokens
         return call.cost or 0
 
+    def _cost(self, call: Call, usage: Usage) -> int | None:
+        upstream = self.upstreams.get(call.route)
+        return self.pricer.cost(call.provider, call.model, usage, upstream.base_url if upstream else None)
+
     def _count_usage(self, call: Call, usage: Usage) -> None:
         metrics.CHARGED_TOKENS.inc(usage.total_tokens)
-        if call.model is None:
-            return
-        call.cost = self.pricer.cost(call.provider, call.model, usage)
+        call.cost = self._cost(call, usage)
         if call.cost is None:
             metrics.UNPRICED.inc()
         else:
@@ -518,17 +543,21 @@ class Proxy:
 
 
 async def _pump(response: aiohttp.ClientResponse, out: web.StreamResponse, tracker: StreamUsage | None) -> str:
-    """Copy the upstream stream to the client; how it ended: complete, client_gone, upstream_broken."""
+    """Copy the upstream stream to the client; how it ended: complete, client_gone, upstream_broken.
+
+    The tracker's terminal event, if any, is left for the caller to send (`tracker.finish()`).
+    Text that could not be written is taken back out of the tracker: it was not streamed.
+    """
     try:
         async for chunk in response.content.iter_any():
+            sent = len(tracker.text) if tracker is not None else 0
             data = tracker.feed(chunk) if tracker is not None else chunk
             if data and not await _write(out, data):
+                if tracker is not None:
+                    del tracker.text[sent:]
                 return "client_gone"
     except (aiohttp.ClientError, TimeoutError):
         return "upstream_broken"
-    tail = tracker.finish() if tracker is not None else b""
-    if tail and not await _write(out, tail):
-        return "client_gone"
     return "complete"
 
 

@@ -7,6 +7,7 @@ them so that pricing can apply their own rates.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,13 +84,26 @@ def warm_tokenizer() -> None:
     _encoding()
 
 
+# An SSE event ends with a blank line; lines may end in LF, CRLF or CR.
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# `"usage":null` in chunks of a stream whose client did not ask for usage, with its comma.
+_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,')
+# The events after which an SDK considers a stream ended (OpenAI chat and completions, Anthropic
+# messages, OpenAI responses).
+_TERMINAL_TYPES = frozenset({"message_stop", "response.completed", "response.incomplete", "response.failed", "error"})
+_MAX_PENDING = 1 << 20
+
+
 class StreamUsage:
     """Follows an SSE stream as it passes: the usage it reports, the model, the text so far.
 
-    With `track_text` every event is decoded to collect the streamed text (so that a stream cut
-    short can be charged for what was sent); without it only events that carry usage are decoded.
-    With `strip_usage_chunk` the OpenAI usage-only chunk the gateway asked for is removed from
-    what the client sees, and the bytes passed on are whole events.
+    Bytes are passed on whole events at a time (an SSE client can do nothing with part of one).
+    With `track_text` every event is decoded, to collect the streamed text (a stream cut short is
+    charged for what was sent) and to recognise the stream's terminal event (`[DONE]`,
+    `message_stop`, `response.completed`, ...): that event and anything after it are held back
+    until `finish`, so that the caller can commit the charge before the client sees the end.
+    Without it only events that carry usage are decoded. With `strip_usage_chunk` the OpenAI
+    usage-only chunk the gateway asked for is removed, and so are the `"usage":null` fields.
     """
 
     def __init__(self, track_text: bool = False, strip_usage_chunk: bool = False) -> None:
@@ -98,53 +112,66 @@ class StreamUsage:
         self.usage: Usage | None = None
         self.model: str | None = None
         self.text: list[str] = []
+        self.ended = False  # the terminal event was seen
         self._pending = b""
+        self._held: list[bytes] = []
 
     def feed(self, chunk: bytes) -> bytes:
-        """Take a chunk from the upstream; return the bytes to pass to the client."""
+        """Take a chunk from the upstream; return the bytes to pass to the client now."""
         data = self._pending + chunk
-        end = max(data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n"))
-        if end < 0:
-            self._pending = data
-            return b"" if self.strip else chunk
-        cut = end + (4 if data.startswith(b"\r\n\r\n", end) else 2)
-        complete, self._pending = data[:cut], data[cut:]
-        out = self._events(complete)
-        return out if self.strip else chunk
+        out: list[bytes] = []
+        start = 0
+        for end in _EVENT_END.finditer(data):
+            self._pass(data[start : end.end()], out)
+            start = end.end()
+        self._pending = data[start:]
+        if len(self._pending) > _MAX_PENDING and not self.strip:  # not SSE after all: let it through
+            out.append(self._pending)
+            self._pending = b""
+        return b"".join(out)
 
     def finish(self) -> bytes:
-        """The stream ended: handle a last event without its blank line."""
+        """The upstream stream ended: read a last event without its blank line; return what was held."""
         rest, self._pending = self._pending, b""
-        if not rest.strip():
-            return rest if self.strip else b""
-        out = self._events(rest)
-        return out if self.strip else b""
+        if rest.strip():
+            self._pass(rest, self._held)
+        else:
+            self._held.append(rest)
+        held, self._held = b"".join(self._held), []
+        return held
 
-    def _events(self, block: bytes) -> bytes:
-        kept = []
-        for event in block.replace(b"\r\n", b"\n").split(b"\n\n"):
-            if event.strip() and self._event(event):
-                kept.append(event)
-        if not self.strip:
-            return b""
-        # The client did not ask for usage: its chunks carry no usage field at all.
-        return b"".join(e.replace(b',"usage":null', b"") + b"\n\n" for e in kept)
+    def _pass(self, event: bytes, out: list[bytes]) -> None:
+        if self.ended:
+            self._held.append(event)
+            return
+        keep, terminal = self._event(event)
+        if self.strip and keep:
+            event = _NULL_USAGE.sub(b"", event)
+        if terminal and self.track_text:
+            self.ended = True
+            self._held.append(event)
+        elif keep:
+            out.append(event)
 
-    def _event(self, event: bytes) -> bool:
-        """Read one event; False if it is to be dropped."""
-        payload = b"\n".join(line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
-        if not payload or payload == b"[DONE]":
-            return True
+    def _event(self, event: bytes) -> tuple[bool, bool]:
+        """Read one event: (keep it, it ends the stream)."""
+        lines = event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        payload = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
+        if not payload:
+            return True, False
+        if payload == b"[DONE]":
+            return True, True
         if not self.track_text and b'"usage"' not in payload and self.model is not None:
-            return True
+            return True, False
         try:
             data = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return True
+            return True, False
         if not isinstance(data, dict):
-            return True
+            return True, False
         self._read(data)
-        return not (self.strip and data.get("choices") == [] and data.get("usage"))
+        drop = self.strip and data.get("choices") == [] and bool(data.get("usage"))
+        return not drop, data.get("type") in _TERMINAL_TYPES
 
     def _read(self, data: dict) -> None:
         kind = data.get("type")
