@@ -76,6 +76,8 @@ class RedisStore:
         self._touched: dict[str, tuple[float, float]] = {}
         self._denials: list[bytes] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._init_lock = asyncio.Lock()
+        self._initialized = False
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -83,7 +85,7 @@ class RedisStore:
         if self._client is None:
             options: dict[str, Any] = {"socket_connect_timeout": 1.0, "socket_timeout": 5.0}
             if self.cluster:
-                self._client = RedisCluster.from_url(self._client_url, **options)
+                self._client = RedisCluster.from_url(self._client_url, max_connections=256, **options)
             else:
                 self._client = aioredis.Redis.from_url(self._client_url, max_connections=256, **options)
             self._admit = self._client.register_script(_script("admit.lua"))
@@ -95,9 +97,21 @@ class RedisStore:
 
     async def _call(self, operation: str, coro: Any) -> Any:
         try:
+            if self.cluster and not self._initialized:
+                await self._initialize()
             return await coro
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"Redis store {self.url} ({operation}): {exc}") from exc
+        except (RedisError, OSError, RuntimeError) as exc:  # RuntimeError: a transport closed under it
+            raise StoreError(f"Redis store {self.url} ({operation}): {exc!r}") from exc
+        finally:
+            if hasattr(coro, "close"):
+                coro.close()  # never awaited when initialization failed
+
+    async def _initialize(self) -> None:
+        """Learn the Cluster's slots once, before concurrent commands race to do it each."""
+        async with self._init_lock:
+            if not self._initialized:
+                await self._redis().initialize()
+                self._initialized = True
 
     async def ping(self) -> None:
         await self._call("ping", self._redis().ping())
@@ -111,6 +125,7 @@ class RedisStore:
                 await self._flush()
             await self._client.aclose()
             self._client = None
+            self._initialized = False
 
     # -- admission and charge ----------------------------------------------------------------
 

@@ -1,0 +1,217 @@
+"""Several gateway instances on one Redis (or Redis Cluster), TLS, and a Redis that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import openai
+import orjson
+import pytest
+
+from quotagate.fake_upstream import FakeUpstream
+
+from .cluster import RedisServer, make_tls_files
+from .conftest import CHAT, Gateway, cli, flush_redis, httpx
+
+POLICY = "Helicone-RateLimit-Policy"
+
+
+def spread(gateways: list[Gateway], key: str, policy: str, count: int) -> list[int]:
+    """`count` concurrent chat completions spread round-robin over the gateways; their statuses."""
+    clients = [g.async_openai(key, **{POLICY: policy}) for g in gateways]
+
+    async def one(client: openai.AsyncOpenAI) -> int:
+        try:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=CHAT)
+            return 200
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    async def run() -> list[int]:
+        try:
+            return await asyncio.gather(*(one(clients[i % len(clients)]) for i in range(count)))
+        finally:
+            for client in clients:
+                await client.close()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def shared_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "redis":
+        url = str(request.getfixturevalue("redis_url"))
+        flush_redis(url)
+        return url
+    cluster = request.getfixturevalue("redis_cluster")
+    cluster.flush()
+    return str(cluster.url)
+
+
+def test_three_instances_share_one_budget_exactly(
+    serve: Callable[..., Gateway], upstream: FakeUpstream, shared_url: str
+) -> None:
+    gateways = [serve("--workers", "1", store_url=shared_url) for _ in range(3)]
+    key = gateways[0].key("fleet")
+    statuses = spread(gateways, key, "20;w=60", 200)
+    assert statuses.count(200) == 20 and statuses.count(429) == 180
+    assert upstream.count("/chat/completions") == 20
+
+
+def test_any_instance_authenticates_any_key_and_sees_its_revocation(
+    serve: Callable[..., Gateway], upstream: FakeUpstream, shared_url: str
+) -> None:
+    first, second = serve("--workers", "1", store_url=shared_url), serve("--workers", "1", store_url=shared_url)
+    created = cli("keys", "create", "--name", "roaming", "--policy", "2;w=60", "--store", shared_url)
+    key = created.stdout.strip().splitlines()[-1]
+    assert first.openai(key).models.list().data
+    assert second.openai(key).models.list().data
+    with pytest.raises(openai.RateLimitError):  # the key-bound 2;w=60 is shared by both instances
+        first.openai(key).models.list()
+    cli("keys", "revoke", "roaming", "--store", shared_url)
+    for gateway in (first, second):
+        with pytest.raises(openai.AuthenticationError):
+            gateway.openai(key).models.list()
+    assert upstream.count() == 2
+
+
+def test_tls_redis(make_gateway: Callable[..., Gateway], upstream: FakeUpstream, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    with RedisServer(tmp_path / "data", appendonly=False, tls=make_tls_files(tmp_path / "tls")) as server:
+        gateway = make_gateway(store_url=server.url)
+        client = gateway.openai(gateway.key(), **{POLICY: "1;w=60"})
+        client.models.list()
+        with pytest.raises(openai.RateLimitError):
+            client.models.list()
+    assert server.url.startswith("rediss://")
+    assert upstream.count() == 1
+
+
+# --- the store goes away and comes back ----------------------------------------------------------
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    with RedisServer(folder) as server:
+        yield server
+
+
+class Load:
+    """Requests sent continuously from a thread while a test breaks the store: what came back."""
+
+    def __init__(self, gateway: Gateway, key: str) -> None:
+        self.gateway, self.key = gateway, key
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        headers = {"Helicone-Auth": f"Bearer {self.key}", POLICY: "1000000;w=60;s=user", "Helicone-User-Id": "u"}
+        with httpx.Client(base_url=self.gateway.url, timeout=30) as http:
+            while not self._stop.is_set():
+                self.statuses.append(http.get("/v1/models", headers=headers).status_code)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15) -> None:
+    """Poll a real-time condition (the store going or coming back) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def metric(gateway: Gateway, name: str) -> float:
+    with gateway.http() as http:
+        text = http.get("/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+def test_fail_open_keeps_serving_then_recovers(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream, private_redis: RedisServer
+) -> None:
+    gateway = make_gateway(store_url=private_redis.url, access_log=True)
+    key = gateway.key()
+    limited = gateway.openai(key, **{POLICY: "1;w=3600"})
+    limited.models.list()
+    with pytest.raises(openai.RateLimitError):
+        limited.models.list()
+    errors_before = metric(gateway, "quotagate_store_errors_total")
+    with Load(gateway, key) as load:
+        private_redis.kill()
+        wait_for(lambda: len(load.statuses) > 20 and metric(gateway, "quotagate_unlimited_requests_total") > 5)
+        with gateway.http() as http:
+            ready = http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["store"] == "down"
+        raw = limited.models.with_raw_response.list()  # the exhausted budget no longer applies
+        assert raw.http_response.status_code == 200 and "Helicone-RateLimit-Limit" not in raw.headers
+        private_redis.start()
+        wait_for(lambda: _ready(gateway))
+        count = len(load.statuses)
+        wait_for(lambda: len(load.statuses) > count + 20)
+    assert set(load.statuses) == {200}  # never a 500 or a 503 in fail-open mode
+    assert metric(gateway, "quotagate_store_errors_total") > errors_before
+    with pytest.raises(openai.RateLimitError):  # limits apply again: the AOF kept the counter
+        limited.models.list()
+
+
+def test_fail_closed_answers_503_then_recovers(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream, private_redis: RedisServer
+) -> None:
+    gateway = make_gateway(store_url=private_redis.url, on_store_error="closed")
+    key = gateway.key()
+    client = gateway.openai(key, **{POLICY: "5;w=60"})
+    client.models.list()
+    private_redis.kill()
+    upstream.reset()
+    with gateway.http() as http:
+        response = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}", POLICY: "5;w=60"})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "store_unavailable"
+    assert upstream.count() == 0
+    private_redis.start()
+    wait_for(lambda: _ready(gateway))
+    wait_for(lambda: _status(gateway, key) == 200)
+    assert upstream.count() >= 1
+
+
+def _ready(gateway: Gateway) -> bool:
+    with gateway.http() as http:
+        return http.get("/readyz").status_code == 200
+
+
+def _status(gateway: Gateway, key: str) -> int:
+    with gateway.http() as http:
+        return http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}", POLICY: "5;w=60"}).status_code
+
+
+def test_unknown_key_while_the_store_is_down_is_503(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream, private_redis: RedisServer
+) -> None:
+    """A key the gateway has not seen yet cannot be verified without the store: 503, even fail-open."""
+    gateway = make_gateway(store_url=private_redis.url)
+    key = gateway.key()
+    private_redis.kill()
+    with gateway.http() as http:
+        response = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}"})
+    assert response.status_code == 503
+    assert orjson.loads(response.content)["error"]["code"] == "store_unavailable"
+    assert upstream.count() == 0
