@@ -146,7 +146,10 @@ def metric(gateway: Gateway, name: str) -> float:
 
 
 def test_fail_open_keeps_serving_then_recovers(
-    make_gateway: Callable[..., Gateway], upstream: FakeUpstream, private_redis: RedisServer
+    make_gateway: Callable[..., Gateway],
+    upstream: FakeUpstream,
+    private_redis: RedisServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     gateway = make_gateway(store_url=private_redis.url, access_log=True)
     key = gateway.key()
@@ -155,9 +158,10 @@ def test_fail_open_keeps_serving_then_recovers(
     with pytest.raises(openai.RateLimitError):
         limited.models.list()
     errors_before = metric(gateway, "quotagate_store_errors_total")
+    unlimited_before = metric(gateway, "quotagate_unlimited_requests_total")
     with Load(gateway, key) as load:
         private_redis.kill()
-        wait_for(lambda: len(load.statuses) > 20 and metric(gateway, "quotagate_unlimited_requests_total") > 5)
+        wait_for(lambda: metric(gateway, "quotagate_unlimited_requests_total") > unlimited_before + 5)
         with gateway.http() as http:
             ready = http.get("/readyz")
         assert ready.status_code == 503 and ready.json()["store"] == "down"
@@ -169,6 +173,9 @@ def test_fail_open_keeps_serving_then_recovers(
         wait_for(lambda: len(load.statuses) > count + 20)
     assert set(load.statuses) == {200}  # never a 500 or a 503 in fail-open mode
     assert metric(gateway, "quotagate_store_errors_total") > errors_before
+    unlimited = metric(gateway, "quotagate_unlimited_requests_total") - unlimited_before
+    logged = [r for r in caplog.records if "let through without limits" in r.getMessage()]
+    assert len(logged) == unlimited > 5  # every request let through is logged and counted
     with pytest.raises(openai.RateLimitError):  # limits apply again: the AOF kept the counter
         limited.models.list()
 
