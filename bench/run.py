@@ -1,0 +1,935 @@
+"""quotagate's benchmark: the gateway beside a minimal reverse proxy, measured in one run.
+
+    .venv/bin/python bench/run.py            # the full run (about 8 minutes)
+    .venv/bin/python bench/run.py --quick    # a smoke run (about 2 minutes)
+
+It starts everything on free loopback ports: the canned-bytes upstream (bench/upstream.py), the
+reference proxy (bench/refproxy.py) with 1 and 2 workers, a private redis-server, and quotagate
+in each scenario, and drives them with wrk (bench/load.lua). For every row it measures the highest
+throughput, the latency at fixed rates of 200 and 1,000 requests/s (wrk2-style schedule, measured
+from the intended send time), the servers' CPU time per request (from /proc), and the time to the
+first byte of a streamed response. Every figure is checked while it is measured: the status of every
+response, and the number of requests that really reached the upstream. The table goes to stdout and
+to bench/results/latest.md (raw figures: latest.json). bench/README.md explains the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PYTHON = sys.executable
+TICK = os.sysconf("SC_CLK_TCK")
+USERS = 10_000
+THREE_POLICIES = "1000000;w=60;s=user, 100000000;w=60;u=cents;s=user, 1000000000;w=60;u=token;s=user"
+EXHAUSTED = "1;w=3600, 100000000;w=60;u=cents;s=user, 1000000000;w=60;u=token;s=user"
+RATES = (200, 1000)
+X = "\u00d7"  # the multiplication sign of ratios
+BODY = (
+    b'{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant."},'
+    b'{"role":"user","content":"Write a haiku about rate limits and budgets."}],"max_tokens":64,"temperature":0.7}'
+)
+STREAM_BODY = BODY[:-1] + b',"stream":true}'
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long each measurement runs, in seconds."""
+
+    warmup: float
+    max_run: float
+    rate_run: float
+    stream_samples: int
+
+
+FULL = Timing(warmup=2, max_run=10, rate_run=8, stream_samples=25)
+QUICK = Timing(warmup=1, max_run=3, rate_run=3, stream_samples=8)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row of the table."""
+
+    key: str
+    label: str
+    kind: str  # direct | refproxy | quotagate
+    workers: int = 1
+    store: str | None = None  # sqlite | redis
+    policy: str | None = None
+    expect: int = 200
+
+    @property
+    def gateway(self) -> bool:
+        return self.kind == "quotagate"
+
+
+SCENARIOS = (
+    Scenario("direct", "upstream, called directly", "direct"),
+    Scenario("ref1", "reference proxy, 1 worker", "refproxy", 1),
+    Scenario("ref2", "reference proxy, 2 workers", "refproxy", 2),
+    Scenario("none-sqlite-1", "quotagate, no policy, SQLite, 1 worker", "quotagate", 1, "sqlite"),
+    Scenario("none-redis-2", "quotagate, no policy, Redis, 2 workers", "quotagate", 2, "redis"),
+    Scenario("three-sqlite-1", "quotagate, 3 policies, SQLite, 1 worker", "quotagate", 1, "sqlite", THREE_POLICIES),
+    Scenario("three-sqlite-2", "quotagate, 3 policies, SQLite, 2 workers", "quotagate", 2, "sqlite", THREE_POLICIES),
+    Scenario("three-redis-1", "quotagate, 3 policies, Redis, 1 worker", "quotagate", 1, "redis", THREE_POLICIES),
+    Scenario("three-redis-2", "quotagate, 3 policies, Redis, 2 workers", "quotagate", 2, "redis", THREE_POLICIES),
+    Scenario("deny-sqlite-1", "quotagate, 429 path, SQLite, 1 worker", "quotagate", 1, "sqlite", EXHAUSTED, 429),
+    Scenario("deny-redis-2", "quotagate, 429 path, Redis, 2 workers", "quotagate", 2, "redis", EXHAUSTED, 429),
+)
+
+
+@dataclass(frozen=True)
+class LoadShape:
+    """wrk's threads and connections for each kind of run."""
+
+    max_threads: int = 2
+    max_connections: int = 64
+    rate_connections: int = 16
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Service:
+    """A server process this run started (in its own session), its log, and how to stop it."""
+
+    def __init__(self, name: str, argv: Sequence[str], logdir: Path, cpus: str | None = None) -> None:
+        self.name = name
+        self.log_path = logdir / f"{name}.log"
+        command = ["taskset", "-c", cpus, *argv] if cpus else list(argv)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM to this service's own process group, SIGKILL if it does not go within 10 s."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+
+
+def wait_listening(service: Service, port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not service.alive():
+            raise RuntimeError(f"{service.name} exited at start:\n{service.log_tail()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{service.name} did not listen on port {port} within {timeout:g} s:\n{service.log_tail()}")
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of these processes so far."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent busy (all cores), from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / TICK
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# --- HTTP probes ---------------------------------------------------------------------------------
+
+
+def request_headers(auth: str | None, policy: str | None, user: str) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench-not-a-real-key"}
+    if auth:
+        headers["Helicone-Auth"] = f"Bearer {auth}"
+    if policy:
+        headers["Helicone-RateLimit-Policy"] = policy
+    headers["Helicone-User-Id"] = user
+    return headers
+
+
+def post(port: int, headers: dict[str, str], body: bytes = BODY) -> tuple[int, dict[str, str], bytes]:
+    """One POST /v1/chat/completions; (status, headers, body) whatever the status."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers.items()), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers.items()), exc.read()
+
+
+def upstream_served(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/__bench/stats", timeout=5) as resp:
+        return int(json.loads(resp.read())["served"])
+
+
+def check_response(scenario: Scenario, status: int, headers: dict[str, str], body: bytes) -> str | None:
+    """What is wrong with a probe's response, or None."""
+    if status != scenario.expect:
+        return f"expected status {scenario.expect}, got {status}: {body[:200]!r}"
+    lower = {k.lower(): v for k, v in headers.items()}
+    if scenario.expect == 200 and b"chatcmpl-" not in body:
+        return f"the body is not the upstream's completion: {body[:200]!r}"
+    if scenario.policy:
+        policies = lower.get("ratelimit-policy", "")
+        if policies.count('"p') != 3 or "helicone-ratelimit-remaining" not in lower:
+            return f"rate-limit headers missing or incomplete: RateLimit-Policy={policies!r}"
+    if scenario.expect == 429 and (lower.get("x-helicone-error") != "rate_limited" or b'"rate_limited"' not in body):
+        return f"a 429 without the rate_limited error: {body[:200]!r}"
+    return None
+
+
+@dataclass
+class Stream:
+    """Time to the first SSE event and to the end of one streamed response, in seconds."""
+
+    first: float
+    total: float
+
+
+def stream_once(sock: socket.socket, request: bytes) -> Stream:
+    """Send one streaming request on a keep-alive connection and read the chunked SSE response."""
+    sent = time.perf_counter()
+    sock.sendall(request)
+    data, first = b"", 0.0
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError(f"connection closed mid-stream after {data[:300]!r}")
+        data += chunk
+        head_end = data.find(b"\r\n\r\n")
+        if not first and head_end >= 0 and b"data:" in data[head_end:]:
+            first = time.perf_counter() - sent
+        if head_end >= 0 and data.endswith(b"0\r\n\r\n") and b"[DONE]" in data:
+            break
+    if not data.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"stream answered {data[:200]!r}")
+    return Stream(first, time.perf_counter() - sent)
+
+
+def measure_stream(port: int, auth: str | None, policy: str | None, samples: int) -> list[Stream]:
+    """`samples` streamed responses one after another on one keep-alive connection (first one discarded)."""
+    results = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(samples + 1):
+            headers = request_headers(auth, policy, f"stream-user-{i}")
+            lines = [
+                "POST /v1/chat/completions HTTP/1.1",
+                f"Host: 127.0.0.1:{port}",
+                f"Content-Length: {len(STREAM_BODY)}",
+            ]
+            lines += [f"{k}: {v}" for k, v in headers.items()]
+            request = ("\r\n".join(lines) + "\r\n\r\n").encode() + STREAM_BODY
+            result = stream_once(sock, request)
+            if i:
+                results.append(result)
+    return results
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """One wrk run and what the processes spent during it."""
+
+    name: str
+    target_rate: int
+    requests: int = 0
+    seconds: float = 0.0
+    statuses: dict[str, int] = field(default_factory=dict)
+    status_errors: int = 0
+    socket_errors: int = 0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    server_cpu: float = 0.0
+    upstream_cpu: float = 0.0
+    store_cpu: float = 0.0
+    loadgen_cpu: float = 0.0
+    machine_busy: float = 0.0
+    reached_upstream: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def sustained(self) -> bool:
+        """Whether a fixed-rate run kept its rate (a server that cannot is slower, not wrong)."""
+        return not self.target_rate or self.rate >= 0.97 * self.target_rate
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return 1000 * self.server_cpu / self.requests if self.requests else 0.0
+
+    @property
+    def other_load(self) -> float:
+        """Cores busy with processes that are not part of this benchmark."""
+        ours = self.server_cpu + self.upstream_cpu + self.store_cpu + self.loadgen_cpu
+        return max(0.0, self.machine_busy - ours) / self.seconds if self.seconds else 0.0
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, round(p / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[index]
+
+
+class Load:
+    """Runs wrk against one target and accounts for every process's CPU during the run."""
+
+    def __init__(self, workdir: Path, upstream: Service, upstream_port: int, shape: LoadShape, cpus: str | None):
+        self.workdir = workdir
+        self.upstream = upstream
+        self.upstream_port = upstream_port
+        self.shape = shape
+        self.cpus = cpus
+        self.store_pids: list[int] = []
+
+    def run(
+        self, name: str, port: int, server_pid: int, seconds: float, rate: int, auth: str | None, policy: str | None
+    ) -> Phase:
+        threads = self.shape.rate_connections if rate else self.shape.max_threads
+        connections = self.shape.rate_connections if rate else self.shape.max_connections
+        out = self.workdir / f"wrk-{name}.json"
+        env = {
+            **os.environ,
+            "BENCH_RATE": str(rate),
+            "BENCH_THREADS": str(threads),
+            "BENCH_USERS": str(USERS),
+            "BENCH_OUT": str(out),
+            "BENCH_AUTH": auth or "",
+            "BENCH_POLICY": policy or "",
+        }
+        argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s"]
+        argv += ["-s", str(BENCH / "load.lua"), f"http://127.0.0.1:{port}"]
+        if self.cpus:
+            argv = ["taskset", "-c", self.cpus, *argv]
+        server = process_tree(server_pid)
+        before = self._cpu(server)
+        served = upstream_served(self.upstream_port)
+        started = time.perf_counter()
+        subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, timeout=seconds + 60)
+        elapsed = time.perf_counter() - started
+        after = self._cpu(server)
+        phase = Phase(name, rate)
+        phase.reached_upstream = upstream_served(self.upstream_port) - served
+        phase.server_cpu, phase.upstream_cpu, phase.store_cpu, phase.loadgen_cpu, phase.machine_busy = (
+            a - b for a, b in zip(after, before, strict=True)
+        )
+        self._read(phase, out, elapsed)
+        return phase
+
+    def _cpu(self, server: list[int]) -> tuple[float, float, float, float, float]:
+        return (
+            cpu_seconds(server),
+            cpu_seconds([self.upstream.pid]),
+            cpu_seconds(self.store_pids),
+            children_cpu_seconds(),
+            machine_busy_seconds(),
+        )
+
+    @staticmethod
+    def _read(phase: Phase, out: Path, elapsed: float) -> None:
+        data = json.loads(out.read_text())
+        errors = data["errors"]
+        phase.requests = int(data["requests"])
+        phase.seconds = data["duration_us"] / 1e6 or elapsed
+        phase.status_errors = int(errors["status"])
+        phase.socket_errors = sum(int(errors[k]) for k in ("connect", "read", "write", "timeout"))
+        phase.statuses = {str(k): int(v) for k, v in data["statuses"].items()}
+        latencies = sorted(float(v) for v in data["latency_us"])
+        if latencies:
+            phase.p50_ms, phase.p99_ms = percentile(latencies, 50) / 1000, percentile(latencies, 99) / 1000
+        else:
+            phase.p50_ms, phase.p99_ms = data["wrk_p50_us"] / 1000, data["wrk_p99_us"] / 1000
+
+
+def verify(phase: Phase, scenario: Scenario, connections: int) -> None:
+    """Record in `phase.problems` every way this run's responses differ from what the scenario expects."""
+    if phase.requests == 0:
+        phase.problems.append("no response at all")
+        return
+    if phase.socket_errors:
+        phase.problems.append(f"{phase.socket_errors} socket errors or timeouts")
+    if phase.statuses:
+        wrong = {code: n for code, n in phase.statuses.items() if code != str(scenario.expect)}
+        if wrong:
+            phase.problems.append(f"statuses other than {scenario.expect}: {wrong}")
+    elif scenario.expect == 200 and phase.status_errors:
+        phase.problems.append(f"{phase.status_errors} error responses")
+    elif scenario.expect != 200 and phase.status_errors != phase.requests:
+        phase.problems.append(f"only {phase.status_errors} of {phase.requests} responses were errors")
+    expected_upstream = phase.requests if scenario.expect == 200 else 0
+    if not expected_upstream <= phase.reached_upstream <= expected_upstream + connections:
+        phase.problems.append(f"{phase.reached_upstream} requests reached the upstream for {phase.requests} responses")
+
+
+# --- one row -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    scenario: Scenario
+    phases: dict[str, Phase] = field(default_factory=dict)
+    stream: list[Stream] = field(default_factory=list)
+    skipped: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def phase(self, name: str) -> Phase | None:
+        return self.phases.get(name)
+
+    @property
+    def ok(self) -> bool:
+        return not self.skipped and not self.problems and not any(p.problems for p in self.phases.values())
+
+
+class Bench:
+    """Everything one run starts, and the rows it measures."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.timing = QUICK if args.quick else FULL
+        self.workdir = workdir
+        self.shape = LoadShape()
+        self.services: list[Service] = []
+        self.upstream_port = free_port()
+        try:
+            self.upstream = self.start(
+                "upstream",
+                [PYTHON, str(BENCH / "upstream.py"), "--port", str(self.upstream_port)],
+                self.upstream_port,
+                args.upstream_cpus,
+            )
+            self.load = Load(workdir, self.upstream, self.upstream_port, self.shape, args.load_cpus)
+            self.redis_url, self.redis_problem = self.start_redis()
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, name: str, argv: Sequence[str], port: int, cpus: str | None = None) -> Service:
+        service = Service(name, argv, self.workdir, cpus)
+        self.services.append(service)
+        wait_listening(service, port)
+        return service
+
+    def stop(self, service: Service) -> None:
+        service.stop()
+        if service in self.services:
+            self.services.remove(service)
+
+    def close(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+    def start_redis(self) -> tuple[str | None, str | None]:
+        """A private redis-server on a free port, or the --redis-url given; (url, why not)."""
+        if self.args.redis_url:
+            return self.args.redis_url, None
+        binary = shutil.which("redis-server")
+        if binary is None:
+            return None, "redis-server is not installed (apt-get install redis-server), or pass --redis-url"
+        port = free_port()
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        service = self.start("redis", argv, port, self.args.server_cpus)
+        self.load.store_pids = [service.pid]
+        return f"redis://127.0.0.1:{port}/0", None
+
+    # -- stores and keys --
+
+    def store_url(self, scenario: Scenario) -> str:
+        if scenario.store == "sqlite":
+            return f"sqlite:///{self.workdir / (scenario.key + '.db')}"
+        assert self.redis_url is not None
+        flush_redis(self.redis_url)
+        return self.redis_url
+
+    def create_key(self, store: str, name: str) -> str:
+        result = subprocess.run(
+            [PYTHON, "-m", "quotagate", "keys", "create", "--name", name, "--store", store],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        lines = result.stdout.strip().splitlines()
+        if result.returncode != 0 or not lines:
+            raise RuntimeError(f"keys create failed ({result.returncode}): {(result.stderr or result.stdout)[-500:]}")
+        return lines[-1].strip()
+
+    # -- servers --
+
+    def start_target(self, scenario: Scenario) -> tuple[Service | None, int, str | None]:
+        """Start the server a row measures; (service, port, gateway key)."""
+        if scenario.kind == "direct":
+            return None, self.upstream_port, None
+        port = free_port()
+        upstream = f"http://127.0.0.1:{self.upstream_port}"
+        if scenario.kind == "refproxy":
+            argv = [PYTHON, str(BENCH / "refproxy.py"), "--port", str(port), "--upstream", upstream]
+            argv += ["--workers", str(scenario.workers)]
+            return self.start(scenario.key, argv, port, self.args.server_cpus), port, None
+        store = self.store_url(scenario)
+        key = self.create_key(store, "bench")
+        argv = [PYTHON, "-m", "quotagate", "serve", "--host", "127.0.0.1", "--port", str(port), "--store", store]
+        argv += ["--workers", str(scenario.workers), "--openai-base-url", upstream, "--no-access-log"]
+        argv += ["--log-level", "warning"]
+        service = self.start(scenario.key, argv, port, self.args.server_cpus)
+        time.sleep(0.5 if scenario.workers > 1 else 0.1)  # let every worker bind
+        return service, port, key
+
+    # -- measuring --
+
+    def measure(self, scenario: Scenario) -> Row:
+        row = Row(scenario)
+        if scenario.store == "redis" and self.redis_url is None:
+            row.skipped = f"not run: {self.redis_problem}"
+            return row
+        try:
+            service, port, key = self.start_target(scenario)
+        except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+            row.skipped = f"not run: {_first_line(exc)}"
+            return row
+        try:
+            self.measure_running(row, service, port, key)
+        except (RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError) as exc:
+            row.problems.append(f"measurement failed: {_first_line(exc)}")
+            if service is not None:
+                row.problems.append(f"server log: {service.log_tail(5)}")
+        finally:
+            if service is not None:
+                self.stop(service)
+        return row
+
+    def measure_running(self, row: Row, service: Service | None, port: int, key: str | None) -> None:
+        scenario = row.scenario
+        auth = key or "qg_not_checked_by_the_reference"
+        policy = scenario.policy if scenario.gateway else THREE_POLICIES
+        if not self.probe(row, port, auth, policy):
+            return
+        pid = service.pid if service is not None else self.upstream.pid
+        t = self.timing
+        self.load.run(f"{scenario.key}-warm", port, pid, t.warmup, 0, auth, policy)
+        row.phases["max"] = self.load.run(f"{scenario.key}-max", port, pid, t.max_run, 0, auth, policy)
+        verify(row.phases["max"], scenario, self.shape.max_connections)
+        for rate in RATES:
+            self.load.run(f"{scenario.key}-{rate}-warm", port, pid, t.warmup, rate, auth, policy)
+            phase = self.load.run(f"{scenario.key}-{rate}", port, pid, t.rate_run, rate, auth, policy)
+            verify(phase, scenario, self.shape.rate_connections)
+            row.phases[str(rate)] = phase
+        if scenario.expect == 200:
+            row.stream = measure_stream(port, auth, policy, t.stream_samples)
+        if service is not None and not service.alive():
+            row.problems.append(f"the server died during the run:\n{service.log_tail()}")
+
+    def probe(self, row: Row, port: int, auth: str | None, policy: str | None) -> bool:
+        """Check the row answers as it should before measuring it; exhaust the budget of a 429 row."""
+        scenario = row.scenario
+        headers = request_headers(auth, policy, "probe-user")
+        if scenario.expect == 429:
+            status, _, body = post(port, headers)
+            if status != 200:
+                row.problems.append(f"the request that exhausts the budget got {status}: {body[:200]!r}")
+                return False
+        for _ in range(3):
+            problem = check_response(scenario, *post(port, headers))
+            if problem:
+                row.problems.append(f"probe: {problem}")
+                return False
+        return True
+
+
+def flush_redis(url: str) -> None:
+    """Empty the benchmark's own Redis database (FLUSHDB of that db only)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or exc.__class__.__name__
+    return text.splitlines()[0][:300]
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def reference_for(rows: dict[str, Row], row: Row) -> Row | None:
+    if row.scenario.kind == "direct":
+        return None
+    ref = rows.get(f"ref{row.scenario.workers}")
+    return ref if ref is not None and ref.ok and ref is not row else None
+
+
+def _f(value: float, digits: int = 2) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float, ref: float | None) -> str:
+    return f"{X}{value / ref:.2f}" if ref else "—"
+
+
+def _added(value: float, ref: float | None) -> str:
+    return f"{value - ref:+.2f}" if ref is not None else "—"
+
+
+def _mark(row: Row) -> str:
+    if row.skipped:
+        return row.skipped
+    problems = row.problems + [f"{name}: {p}" for name, phase in row.phases.items() for p in phase.problems]
+    return "ok" if not problems else "✗ " + "; ".join(problems)
+
+
+def _ref_phase(rows: dict[str, Row], row: Row, name: str) -> Phase | None:
+    ref = reference_for(rows, row)
+    return ref.phases.get(name) if ref else None
+
+
+def throughput_table(rows: dict[str, Row]) -> list[str]:
+    lines = [
+        f"| scenario | max req/s | {X} ref | CPU ms/req at max | {X} ref | CPU ms/req at 1,000/s | {X} ref "
+        "| other load (cores) | checks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows.values():
+        top, steady = row.phase("max"), row.phase("1000")
+        if top is None or steady is None:
+            lines.append(f"| {row.scenario.label} | | | | | | | | {_mark(row)} |")
+            continue
+        ref_top, ref_steady = _ref_phase(rows, row, "max"), _ref_phase(rows, row, "1000")
+        cells = [
+            row.scenario.label,
+            _f(top.rate, 0),
+            _ratio(top.rate, ref_top.rate if ref_top else None),
+            _f(top.cpu_ms_per_request, 3),
+            _ratio(top.cpu_ms_per_request, ref_top.cpu_ms_per_request if ref_top else None),
+            _f(steady.cpu_ms_per_request, 3),
+            _ratio(steady.cpu_ms_per_request, ref_steady.cpu_ms_per_request if ref_steady else None),
+            _f(top.other_load),
+            _mark(row),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def latency_table(rows: dict[str, Row], rate: int) -> list[str]:
+    lines = [
+        f"| scenario | achieved req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | p50 {X} ref | p99 {X} ref |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows.values():
+        phase = row.phase(str(rate))
+        if phase is None:
+            continue
+        ref = _ref_phase(rows, row, str(rate))
+        ref50, ref99 = (ref.p50_ms, ref.p99_ms) if ref else (None, None)
+        cells = [
+            row.scenario.label,
+            _f(phase.rate, 0) + ("" if phase.sustained else " (not sustained)"),
+            _f(phase.p50_ms),
+            _f(phase.p99_ms),
+            _added(phase.p50_ms, ref50),
+            _added(phase.p99_ms, ref99),
+            _ratio(phase.p50_ms, ref50),
+            _ratio(phase.p99_ms, ref99),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def stream_summary(streams: Sequence[Stream]) -> tuple[float, float, float]:
+    """Median and p99 time to first event, median time to the end, in ms."""
+    first = sorted(s.first * 1000 for s in streams)
+    total = sorted(s.total * 1000 for s in streams)
+    return percentile(first, 50), percentile(first, 99), percentile(total, 50)
+
+
+def stream_table(rows: dict[str, Row]) -> list[str]:
+    lines = [
+        "| scenario | first event p50 ms | first event p99 ms | added p50 vs direct ms | whole stream p50 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    direct = rows.get("direct")
+    base = stream_summary(direct.stream)[0] if direct and direct.stream else None
+    for row in rows.values():
+        if not row.stream:
+            continue
+        p50, p99, total = stream_summary(row.stream)
+        added = _added(p50, base) if row.scenario.kind != "direct" else "—"
+        lines.append(f"| {row.scenario.label} | {_f(p50)} | {_f(p99)} | {added} | {_f(total, 1)} |")
+    return lines
+
+
+SQLITE_TARGET = f"3 policies, SQLite, 1 worker: throughput ≥ 0.6 {X} reference"
+
+
+@dataclass
+class Target:
+    what: str
+    value: str
+    met: bool | None  # None: not measured
+
+
+def targets(rows: dict[str, Row]) -> list[Target]:
+    """The issue's targets, evaluated on this run's figures."""
+    main, ref2, ref1 = rows.get("three-redis-2"), rows.get("ref2"), rows.get("ref1")
+    sqlite1, deny = rows.get("three-sqlite-1"), rows.get("deny-redis-2")
+    out = []
+
+    def usable(*candidates: Row | None) -> bool:
+        return all(c is not None and c.ok for c in candidates)
+
+    if usable(main, ref2):
+        assert main is not None and ref2 is not None
+        ratio = main.phases["max"].rate / ref2.phases["max"].rate
+        out.append(
+            Target(f"3 policies, Redis, 2 workers: throughput ≥ 0.7 {X} reference", f"{X}{ratio:.2f}", ratio >= 0.7)
+        )
+        m, r = main.phases["1000"], ref2.phases["1000"]
+        add50, add99 = m.p50_ms - r.p50_ms, m.p99_ms - r.p99_ms
+        out.append(Target("… added median latency at 1,000 req/s ≤ 0.3 ms", f"{add50:+.2f} ms", add50 <= 0.3))
+        out.append(Target("… added p99 latency at 1,000 req/s ≤ 1.5 ms", f"{add99:+.2f} ms", add99 <= 1.5))
+        cpu = m.cpu_ms_per_request
+        out.append(Target("… CPU per admitted request (at 1,000 req/s) ≤ 0.3 ms", f"{cpu:.3f} ms", cpu <= 0.3))
+    else:
+        out.append(Target("3 policies, Redis, 2 workers (throughput, latency, CPU)", "not measured", None))
+    if usable(deny, ref2):
+        assert deny is not None and ref2 is not None
+        ratio = deny.phases["max"].rate / ref2.phases["max"].rate
+        out.append(
+            Target("429 path (Redis, 2 workers) ≥ the reference's forwarding path", f"{X}{ratio:.2f}", ratio >= 1)
+        )
+    else:
+        out.append(Target("429 path ≥ the reference's forwarding path", "not measured", None))
+    if usable(sqlite1, ref1):
+        assert sqlite1 is not None and ref1 is not None
+        ratio = sqlite1.phases["max"].rate / ref1.phases["max"].rate
+        out.append(Target(SQLITE_TARGET, f"{X}{ratio:.2f}", ratio >= 0.6))
+    else:
+        out.append(Target(SQLITE_TARGET, "not measured", None))
+    direct = rows.get("direct")
+    if main is not None and main.stream and direct is not None and direct.stream:
+        added = stream_summary(main.stream)[0] - stream_summary(direct.stream)[0]
+        out.append(
+            Target("streaming: first event within 1 ms of direct (Redis, 2 workers)", f"{added:+.2f} ms", added <= 1)
+        )
+    else:
+        out.append(Target("streaming: first event within 1 ms of direct", "not measured", None))
+    return out
+
+
+def target_table(found: list[Target]) -> list[str]:
+    lines = ["| target (issue 6) | this run | met |", "|---|---:|---|"]
+    for t in found:
+        met = "—" if t.met is None else ("yes" if t.met else "**no**")
+        lines.append(f"| {t.what} | {t.value} | {met} |")
+    return lines
+
+
+def environment(args: argparse.Namespace, timing: Timing, shape: LoadShape) -> list[str]:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True)
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
+    pins = (
+        f"wrk on CPUs {args.load_cpus or 'any'}, upstream on {args.upstream_cpus or 'any'}, "
+        f"servers and redis on {args.server_cpus or 'any'}"
+    )
+    return [
+        f"- when: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; commit {commit.stdout.strip()}"
+        + (" with uncommitted changes in src/" if dirty.stdout.strip() else ""),
+        f"- machine: {os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}",
+        f"- load: wrk 4.1 with bench/load.lua; flat out {shape.max_threads} threads {X} {shape.max_connections} "
+        f"connections for {timing.max_run:g} s; fixed rates {shape.rate_connections} connections for "
+        f"{timing.rate_run:g} s each, after {timing.warmup:g} s of warm-up; {USERS:,} distinct users",
+        f"- placement: {pins}; load average at the end {os.getloadavg()[0]:.2f}",
+    ]
+
+
+def report(rows: dict[str, Row], args: argparse.Namespace, timing: Timing, shape: LoadShape) -> str:
+    parts = [
+        "# quotagate benchmark" + (" (quick run)" if args.quick else ""),
+        "",
+        *environment(args, timing, shape),
+        "",
+        "## Throughput and CPU",
+        "",
+        *throughput_table(rows),
+        "",
+    ]
+    for rate in RATES:
+        parts += [f"## Latency at {rate:,} requests/s", "", *latency_table(rows, rate), ""]
+    parts += ["## Streaming: time to the first event", "", *stream_table(rows), ""]
+    parts += ["## Targets", "", *target_table(targets(rows)), ""]
+    return "\n".join(parts)
+
+
+def raw(rows: dict[str, Row]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, row in rows.items():
+        phases = {}
+        for name, phase in row.phases.items():
+            phases[name] = {
+                **asdict(phase),
+                "rate": phase.rate,
+                "cpu_ms_per_request": phase.cpu_ms_per_request,
+                "other_load": phase.other_load,
+            }
+        stream = stream_summary(row.stream) if row.stream else None
+        out[key] = {
+            "label": row.scenario.label,
+            "skipped": row.skipped,
+            "problems": row.problems,
+            "phases": phases,
+            "stream_ms": stream,
+        }
+    return out
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short runs: a smoke test of the harness")
+    parser.add_argument("--only", nargs="+", metavar="ROW", help="measure only these rows (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the rows and exit")
+    parser.add_argument("--redis-url", help="use this Redis db (FLUSHDB'd) instead of a private redis-server")
+    parser.add_argument("--load-cpus", help="taskset CPU list for wrk, e.g. 0")
+    parser.add_argument("--upstream-cpus", help="taskset CPU list for the upstream")
+    parser.add_argument("--server-cpus", help="taskset CPU list for the proxies, quotagate and redis")
+    parser.add_argument("--out", type=Path, default=BENCH / "results", help="directory for latest.md and latest.json")
+    return parser.parse_args(argv)
+
+
+def selected(args: argparse.Namespace) -> list[Scenario]:
+    if not args.only:
+        return list(SCENARIOS)
+    wanted = set(args.only)
+    unknown = wanted - {s.key for s in SCENARIOS}
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; --list shows them")
+    return [s for s in SCENARIOS if s.key in wanted]
+
+
+@contextlib.contextmanager
+def bench_session(args: argparse.Namespace) -> Iterator[Bench]:
+    with tempfile.TemporaryDirectory(prefix="quotagate-bench-") as tmp:
+        bench = Bench(args, Path(tmp))
+        try:
+            yield bench
+        finally:
+            bench.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for s in SCENARIOS:
+            print(f"{s.key:16} {s.label}")
+        return 0
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    scenarios = selected(args)
+    rows: dict[str, Row] = {}
+    started = time.monotonic()
+    with bench_session(args) as bench:
+        for scenario in scenarios:
+            print(f"[{time.monotonic() - started:5.0f} s] {scenario.label} ...", file=sys.stderr, flush=True)
+            rows[scenario.key] = row = bench.measure(scenario)
+            print(f"          {_mark(row)}", file=sys.stderr, flush=True)
+        text = report(rows, args, bench.timing, bench.shape)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.md").write_text(text + "\n")
+    (args.out / "latest.json").write_text(json.dumps(raw(rows), indent=1) + "\n")
+    print(text)
+    print(f"written to {args.out / 'latest.md'} in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return 0 if all(row.ok for row in rows.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
