@@ -14,6 +14,8 @@ gateway like any header):
     X-Fake-Delay: 0.2        seconds to wait before answering
     X-Fake-Chunk-Delay: 0.05 seconds between stream events
     X-Fake-Cut-After: 3      send that many stream events, then drop the connection
+    X-Fake-Reset: 1          drop the connection without answering
+    X-Fake-Garbage: 1        put a malformed event (not JSON) in the middle of a stream
     X-Fake-Hold: name        wait until `release(name)` is called: streams after their first event,
                              other answers before they are sent
     X-Fake-Hold-After: 3     hold a stream after that many events instead of the first
@@ -412,6 +414,9 @@ class FakeUpstream:
         plan = _plan(request, body)
         if plan.delay:
             await asyncio.sleep(plan.delay)
+        if request.headers.get("X-Fake-Reset") and request.transport is not None:
+            request.transport.abort()  # connection reset before any byte of a response
+            return web.Response()
         if plan.status != 200:
             kind = "rate_limit_error" if plan.status == 429 else "api_error"
             return _error(plan.status, kind, f"fake upstream error {plan.status}")
@@ -445,6 +450,8 @@ class FakeUpstream:
         return _error(404, "invalid_request_error", f"Unknown request URL: {request.method} {path}")
 
     async def _stream(self, request: web.Request, events: list[bytes], plan: Plan) -> web.StreamResponse:
+        if request.headers.get("X-Fake-Garbage"):
+            events = [*events[:2], b"data: {not json at all\n\n", b": a comment line\n\n", *events[2:]]
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream; charset=utf-8",
