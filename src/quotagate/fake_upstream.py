@@ -35,6 +35,8 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .usage import texts_in
+
 DEFAULT_REPLY_TOKENS = 12
 _ids = itertools.count(1)
 
@@ -71,20 +73,9 @@ class Plan:
         return [f" word{i}" for i in range(self.completion)]
 
 
-def _text_of(value: Any) -> str:
-    """All the text in a messages / input / prompt structure."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return " ".join(_text_of(v) for v in value)
-    if isinstance(value, dict):
-        return " ".join(_text_of(value[k]) for k in ("content", "text", "input") if k in value)
-    return ""
-
-
 def _plan(request: web.Request, body: dict[str, Any]) -> Plan:
     h = request.headers
-    prompt_text = " ".join(_text_of(body.get(k)) for k in ("messages", "input", "prompt", "system"))
+    prompt_text = " ".join(" ".join(texts_in(body.get(k))) for k in ("messages", "input", "prompt", "system"))
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
     completion = min(int(max_tokens), DEFAULT_REPLY_TOKENS) if max_tokens else DEFAULT_REPLY_TOKENS
     cut = h.get("X-Fake-Cut-After")

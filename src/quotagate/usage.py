@@ -222,19 +222,27 @@ def prompt_text(body: dict[str, Any]) -> str:
     """The text a request sends to the model, for a local token count."""
     parts: list[str] = []
     for field in ("system", "instructions", "messages", "input", "prompt"):
-        _collect_text(body.get(field), parts)
+        parts.extend(texts_in(body.get(field)))
     return "\n".join(parts)
 
 
-def _collect_text(value: Any, parts: list[str]) -> None:
-    if isinstance(value, str):
-        parts.append(value)
-    elif isinstance(value, list):
-        for item in value:
-            _collect_text(item, parts)
-    elif isinstance(value, dict):
-        for field in ("content", "text", "input", "arguments", "output"):
-            _collect_text(value.get(field), parts)
+_TEXT_FIELDS = ("content", "text", "input", "arguments", "output")
+
+
+def texts_in(value: Any) -> list[str]:
+    """Every string in a nested structure of lists and message-like dicts, in order; iterative, so a
+    body nested as deep as the JSON parser allows cannot exhaust the stack."""
+    found: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found.append(item)
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, dict):
+            stack.extend(item.get(f) for f in reversed(_TEXT_FIELDS))
+    return found
 
 
 def requested_output(body: dict[str, Any]) -> int | None:
