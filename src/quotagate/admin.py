@@ -1,12 +1,32 @@
 """The admin JSON API under /admin/ and the dashboard page, behind the admin token.
 
-Without an admin token the whole surface answers 404: it is off.
+Without an admin token the whole surface answers 404: it is off. With one, every /admin/ route
+wants either `Authorization: Bearer <admin token>` or the dashboard's session cookie, which
+`POST /admin/session` sets in exchange for the token: HttpOnly (page scripts never hold the token),
+SameSite=Strict (other sites cannot make the browser use it), signed with the token and expiring,
+so changing the token ends every session.
+
+    GET    /admin/session            200 while the session cookie (or bearer token) is good
+    POST   /admin/session            {"token": ...} -> sets the cookie; DELETE clears it
+    GET    /admin/budgets            budgets in use, closest to their limit first (filters, paging)
+    GET    /admin/denials            recent 429s, newest first
+    GET    /admin/stats              allowed vs denied requests over the last minutes
+    GET    /admin/keys               gateway keys (never their secrets)
+    POST   /admin/keys               {"name": ..., "policies": [...]} -> the new key, shown once
+    DELETE /admin/keys/{name or id}  revoke
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import hmac
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
+from decimal import Decimal
 from importlib import resources
 from typing import Any
 
@@ -14,36 +34,86 @@ from aiohttp import web
 
 from . import keys
 from .config import Settings
-from .policy import PolicyError, Unit, format_quota
+from .metrics import RequestHistory
+from .policy import USER, PolicyError, Unit, format_quota
 from .stores import BudgetUsage, Denial, KeyRecord, Store, StoreError
 
 COOKIE = "quotagate_admin"
+SESSION_SECONDS = 12 * 3600
+PAGE_MAX = 500
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+PROPERTY_PREFIX = "property:"
+HISTORY = web.AppKey("request_history", RequestHistory)
+_NO_STORE = {"Cache-Control": "no-store"}
+_PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+}
+ASSET_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".html": "text/html"}
 
 
-def token_matches(request: web.Request, token: str | None) -> bool:
-    """The request carries the admin token (bearer header or the dashboard's cookie)."""
-    if not token:
-        return False
-    header = request.headers.get("Authorization", "")
-    presented = header[7:].strip() if header[:7].lower() == "bearer " else request.cookies.get(COOKIE, "")
-    return hmac.compare_digest(presented.encode(), token.encode())
+class AdminError(Exception):
+    """A request the admin API answers with an error status."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
 
 
 def _error(status: int, message: str, code: str) -> web.Response:
     kind = "authentication_error" if status == 401 else "invalid_request_error"
-    return web.json_response({"error": {"message": message, "type": kind, "code": code}}, status=status)
+    body = {"error": {"message": message, "type": kind, "code": code}}
+    return web.json_response(body, status=status, headers=_NO_STORE)
 
 
-def add_admin_routes(app: web.Application, settings: Settings, store: Store) -> None:
-    api = AdminApi(settings, store)
-    app.router.add_get("/dashboard", api.dashboard)
-    app.router.add_get("/dashboard/{asset}", api.asset)
-    app.router.add_get("/admin/budgets", api.budgets)
-    app.router.add_get("/admin/denials", api.denials)
-    app.router.add_get("/admin/keys", api.list_keys)
-    app.router.add_post("/admin/keys", api.create_key)
-    app.router.add_delete("/admin/keys/{key}", api.revoke_key)
-    app.router.add_route("*", "/admin/{tail:.*}", api.not_found)
+# --- the admin token and the dashboard's session cookie -------------------------------------------
+
+
+def session_value(token: str, expires: int) -> str:
+    """`<expiry>.<HMAC(token, expiry)>`: checkable by every worker, useless once the token changes."""
+    mac = hmac.new(token.encode(), f"quotagate-session:{expires}".encode(), hashlib.sha256).hexdigest()
+    return f"{expires}.{mac}"
+
+
+def session_ok(value: str, token: str, now: float | None = None) -> bool:
+    expires, _, _ = value.partition(".")
+    if not expires.isdigit() or int(expires) <= (time.time() if now is None else now):
+        return False
+    return hmac.compare_digest(value.encode(), session_value(token, int(expires)).encode())
+
+
+def token_matches(request: web.Request, token: str | None) -> bool:
+    """The request carries the admin token as a bearer header, or a valid dashboard session cookie."""
+    if not token:
+        return False
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return hmac.compare_digest(header[7:].strip().encode(), token.encode())
+    cookie = request.cookies.get(COOKIE)
+    return cookie is not None and session_ok(cookie, token)
+
+
+# --- JSON shapes ----------------------------------------------------------------------------------
+
+
+def segment_kind(segment: str | None) -> str:
+    return "global" if segment is None else ("user" if segment == USER else "property")
+
+
+def format_scaled(value: int, unit: str) -> str:
+    return format_quota(Decimal(value) / Unit(unit).scale)
+
+
+def strictest_policy(item: BudgetUsage) -> str:
+    """The policy whose quota the budget is checked against (the smallest naming the counter)."""
+    quota = format_scaled(item.quota, item.unit)
+    return next((p for p in item.policies if p.split(";", 1)[0] == quota), item.policies[0] if item.policies else "")
 
 
 def budget_json(item: BudgetUsage) -> dict[str, Any]:
@@ -54,15 +124,15 @@ def budget_json(item: BudgetUsage) -> dict[str, Any]:
         used=item.used / scale,
         held=item.held / scale,
         ratio=round(item.ratio, 4),
-        quota_text=format_quota_scaled(item.quota, scale),
+        quota_text=format_scaled(item.quota, item.unit),
+        policy=strictest_policy(item),
+        segment_kind=segment_kind(item.segment),
     )
     return data
 
 
-def format_quota_scaled(value: int, scale: int) -> str:
-    from decimal import Decimal
-
-    return format_quota(Decimal(value) / scale)
+def denial_json(item: Denial) -> dict[str, Any]:
+    return {**asdict(item), "segment_kind": segment_kind(item.segment)}
 
 
 def key_json(record: KeyRecord) -> dict[str, Any]:
@@ -76,108 +146,268 @@ def key_json(record: KeyRecord) -> dict[str, Any]:
     }
 
 
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int | None = None) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or int(raw) < low or (high is not None and int(raw) > high):
+        bounds = f"{low}..{high}" if high is not None else f">= {low}"
+        raise AdminError(400, f"{name} must be a whole number {bounds}, not {raw!r}", "invalid_parameter")
+    return int(raw)
+
+
+# --- routes ---------------------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def add_admin_routes(app: web.Application, settings: Settings, store: Store) -> None:
+    api = AdminApi(settings, store)
+    app.router.add_get("/dashboard", api.dashboard)
+    app.router.add_get("/dashboard/", api.dashboard)
+    app.router.add_get("/dashboard/{asset}", api.asset)
+    app.router.add_get("/admin/session", api.guarded(api.session))
+    app.router.add_post("/admin/session", api.login)
+    app.router.add_delete("/admin/session", api.logout)
+    app.router.add_get("/admin/budgets", api.guarded(api.budgets))
+    app.router.add_get("/admin/denials", api.guarded(api.denials))
+    app.router.add_get("/admin/stats", api.guarded(api.stats))
+    app.router.add_get("/admin/keys", api.guarded(api.list_keys))
+    app.router.add_post("/admin/keys", api.guarded(api.create_key))
+    app.router.add_delete("/admin/keys/{key}", api.guarded(api.revoke_key))
+    app.router.add_route("*", "/admin/{tail:.*}", api.guarded(api.not_found))
+    if settings.admin_token:
+        app[HISTORY] = api.history
+        app.cleanup_ctx.append(api.sample_history)
+
+
 class AdminApi:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
+        self.history = RequestHistory()
 
-    def _guard(self, request: web.Request) -> web.Response | None:
-        if not self.settings.admin_token:
-            return _error(404, "the admin surface is off: start the gateway with --admin-token", "admin_off")
-        if not token_matches(request, self.settings.admin_token):
-            return _error(
-                401, "admin token required: send 'Authorization: Bearer <admin token>'", "admin_token_required"
-            )
-        return None
+    async def sample_history(self, _app: web.Application) -> AsyncIterator[None]:
+        """Sample the requests counter twice per chart bucket, so that no bucket goes unsampled."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(self.history.step / 2)
+                self.history.sample()
+
+        task = asyncio.create_task(loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def guarded(self, handler: Handler) -> Handler:
+        """Admin surface on, token checked; AdminError and StoreError become JSON errors here."""
+
+        async def guarded_handler(request: web.Request) -> web.StreamResponse:
+            if not self.settings.admin_token:
+                return _error(404, "the admin surface is off: start the gateway with --admin-token", "admin_off")
+            if not token_matches(request, self.settings.admin_token):
+                return _error(
+                    401,
+                    "admin token required: send 'Authorization: Bearer <admin token>' or sign in at /dashboard",
+                    "admin_token_required",
+                )
+            try:
+                return await handler(request)
+            except AdminError as exc:
+                return _error(exc.status, exc.message, exc.code)
+            except StoreError as exc:
+                return _error(503, f"store unreachable: {exc}", "store_unavailable")
+
+        return guarded_handler
 
     async def not_found(self, request: web.Request) -> web.Response:
-        return self._guard(request) or _error(404, f"no admin route {request.path}", "unknown_route")
+        raise AdminError(404, f"no admin route {request.method} {request.path}", "unknown_route")
+
+    # -- session ----------------------------------------------------------------------------
+
+    async def session(self, request: web.Request) -> web.Response:
+        cookie = request.cookies.get(COOKIE, "")
+        expires = int(cookie.partition(".")[0]) if cookie.partition(".")[0].isdigit() else None
+        return web.json_response({"authenticated": True, "expires_at": expires}, headers=_NO_STORE)
+
+    async def login(self, request: web.Request) -> web.Response:
+        token = self.settings.admin_token
+        if not token:
+            return _error(404, "the admin surface is off: start the gateway with --admin-token", "admin_off")
+        presented = await _presented_token(request)
+        if not hmac.compare_digest(presented.encode(), token.encode()):
+            return _error(401, "wrong admin token", "admin_token_invalid")
+        expires = int(time.time()) + SESSION_SECONDS
+        response = web.json_response({"authenticated": True, "expires_at": expires}, headers=_NO_STORE)
+        response.set_cookie(
+            COOKIE,
+            session_value(token, expires),
+            max_age=SESSION_SECONDS,
+            path="/",
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+        )
+        return response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        if not self.settings.admin_token:
+            return _error(404, "the admin surface is off", "admin_off")
+        response = web.json_response({"authenticated": False}, headers=_NO_STORE)
+        response.del_cookie(COOKIE, path="/", httponly=True, samesite="Strict")
+        return response
+
+    # -- budgets, denials, stats ------------------------------------------------------------
 
     async def budgets(self, request: web.Request) -> web.Response:
-        if denied := self._guard(request):
-            return denied
-        q = request.query
-        try:
-            limit = min(500, max(1, int(q.get("limit", 100))))
-            offset = max(0, int(q.get("offset", 0)))
-        except ValueError:
-            return _error(400, "limit and offset must be integers", "invalid_parameter")
-        key_id = await self._key_id(q.get("key"))
-        segment = q.get("segment")
-        segment = {"global": None, "": None}.get(segment, segment) if segment is not None else None
-        try:
-            items = await self.store.usage(
-                key_id=key_id, segment=segment, value=q.get("value"), limit=limit, offset=offset
-            )
-        except StoreError as exc:
-            return _error(503, f"store unreachable: {exc}", "store_unavailable")
-        if q.get("segment") == "global":
-            items = [i for i in items if i.segment is None]
-        return web.json_response({"budgets": [budget_json(i) for i in items], "limit": limit, "offset": offset})
+        limit = _int_param(request, "limit", 100, 1, PAGE_MAX)
+        offset = _int_param(request, "offset", 0, 0)
+        sort = request.query.get("sort", "ratio")
+        if sort != "ratio":
+            raise AdminError(400, f"sort must be 'ratio' (closest to its limit first), not {sort!r}", "invalid_sort")
+        key_id = await self._key_id(request.query.get("key"))
+        segment = _segment_param(request.query.get("segment"))
+        value = request.query.get("value") or None
+        items = await self._page(key_id, segment, value, limit + 1, offset)
+        return web.json_response(
+            {
+                "budgets": [budget_json(i) for i in items[:limit]],
+                "limit": limit,
+                "offset": offset,
+                "has_more": len(items) > limit,
+                "now": time.time(),
+            },
+            headers=_NO_STORE,
+        )
+
+    async def _page(
+        self, key_id: str | None, segment: str | None, value: str | None, limit: int, offset: int
+    ) -> list[BudgetUsage]:
+        if segment != "global":
+            segment = segment.removeprefix(PROPERTY_PREFIX) if segment else None
+            return await self.store.usage(key_id=key_id, segment=segment, value=value, limit=limit, offset=offset)
+        # The store contract has no "no segment" filter: page through the sorted list, keep the global ones.
+        found: list[BudgetUsage] = []
+        start = 0
+        while len(found) < offset + limit:
+            chunk = await self.store.usage(key_id=key_id, value=value, limit=PAGE_MAX, offset=start)
+            found.extend(i for i in chunk if i.segment is None)
+            if len(chunk) < PAGE_MAX:
+                break
+            start += PAGE_MAX
+        return found[offset : offset + limit]
 
     async def _key_id(self, name_or_id: str | None) -> str | None:
         if not name_or_id:
             return None
         try:
             return (await keys.find_key(self.store, name_or_id)).id
-        except keys.KeyError_:
-            return name_or_id
+        except keys.KeyError_ as exc:
+            raise AdminError(404, str(exc), "unknown_key") from None
 
     async def denials(self, request: web.Request) -> web.Response:
-        if denied := self._guard(request):
-            return denied
-        items: list[Denial] = await self.store.denials(limit=min(500, int(request.query.get("limit", 50))))
-        return web.json_response({"denials": [asdict(d) for d in items]})
+        limit = _int_param(request, "limit", 50, 1, PAGE_MAX)
+        items = await self.store.denials(limit=limit)
+        return web.json_response({"denials": [denial_json(d) for d in items], "now": time.time()}, headers=_NO_STORE)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        series = self.history.series()
+        window = [p for p in series if p["allowed"] is not None]
+        sums = {name: sum(float(p[name] or 0) for p in window) for name in ("allowed", "denied", "rejected")}
+        return web.json_response(
+            {"step": self.history.step, "now": time.time(), "series": series, "window_totals": sums},
+            headers=_NO_STORE,
+        )
+
+    # -- keys -------------------------------------------------------------------------------
 
     async def list_keys(self, request: web.Request) -> web.Response:
-        if denied := self._guard(request):
-            return denied
-        return web.json_response({"keys": [key_json(k) for k in await self.store.list_keys()]})
+        return web.json_response({"keys": [key_json(k) for k in await self.store.list_keys()]}, headers=_NO_STORE)
 
     async def create_key(self, request: web.Request) -> web.Response:
-        if denied := self._guard(request):
-            return denied
         try:
             data = await request.json()
         except ValueError:
-            return _error(400, 'body must be JSON: {"name": ..., "policies": [...]}', "invalid_body")
-        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-            return _error(400, "body must be JSON with a string 'name'", "invalid_body")
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"].strip():
+            raise AdminError(400, 'body must be JSON: {"name": "...", "policies": ["100;w=60", ...]}', "invalid_body")
         policies = data.get("policies") or []
         if isinstance(policies, str):
             policies = [policies]
+        if not isinstance(policies, list) or not all(isinstance(p, str) for p in policies):
+            raise AdminError(400, "policies must be a list of policy strings", "invalid_body")
         try:
-            raw, record = await keys.create_key(self.store, data["name"], list(policies))
-        except (keys.KeyError_, PolicyError) as exc:
-            return _error(400, str(exc), "invalid_key")
-        return web.json_response({"key": raw, **key_json(record)}, status=201)
+            raw, record = await keys.create_key(self.store, data["name"], policies)
+        except PolicyError as exc:
+            raise AdminError(400, f"invalid policy: {exc}", "invalid_policy") from None
+        except keys.KeyError_ as exc:
+            raise AdminError(409, str(exc), "duplicate_key") from None
+        return web.json_response({"key": raw, **key_json(record)}, status=201, headers=_NO_STORE)
 
     async def revoke_key(self, request: web.Request) -> web.Response:
-        if denied := self._guard(request):
-            return denied
         try:
-            record = await keys.revoke_key(self.store, request.match_info["key"])
+            record = await keys.find_key(self.store, request.match_info["key"])
         except keys.KeyError_ as exc:
-            return _error(404, str(exc), "unknown_key")
-        return web.json_response(key_json(record))
+            raise AdminError(404, str(exc), "unknown_key") from None
+        if not record.active:
+            raise AdminError(409, f"key {record.name!r} ({record.id}) is already revoked", "already_revoked")
+        try:
+            record = await keys.revoke_key(self.store, record.id)
+        except keys.KeyError_ as exc:
+            raise AdminError(409, str(exc), "already_revoked") from None
+        record.revoked_at = record.revoked_at or time.time()
+        return web.json_response(key_json(record), headers=_NO_STORE)
+
+    # -- the page ---------------------------------------------------------------------------
 
     async def dashboard(self, request: web.Request) -> web.StreamResponse:
+        """The page itself holds no data: it asks /admin/ (behind the token) once loaded."""
         if not self.settings.admin_token:
             return _error(404, "the admin surface is off: start the gateway with --admin-token", "admin_off")
-        return web.Response(body=_asset("dashboard.html"), content_type="text/html")
+        return web.Response(body=_asset("dashboard.html"), content_type="text/html", headers=_PAGE_HEADERS)
 
     async def asset(self, request: web.Request) -> web.StreamResponse:
         if not self.settings.admin_token:
             return _error(404, "the admin surface is off", "admin_off")
         name = request.match_info["asset"]
-        types = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
         suffix = name[name.rfind(".") :] if "." in name else ""
-        if suffix not in types or "/" in name:
+        if suffix not in ASSET_TYPES or not re.fullmatch(r"[a-z0-9-]+\.[a-z]+", name):
             return _error(404, "no such asset", "unknown_asset")
         try:
-            return web.Response(body=_asset(name), content_type=types[suffix])
+            return web.Response(body=_asset(name), content_type=ASSET_TYPES[suffix], headers=_PAGE_HEADERS)
         except FileNotFoundError:
             return _error(404, "no such asset", "unknown_asset")
+
+
+def _segment_param(raw: str | None) -> str | None:
+    """`global`, `user` or a property name (case-insensitive); None for no filter.
+
+    Returns "global" for global budgets; a property that is itself named `global` is asked for
+    as `property:global`, which the store gets as the plain name.
+    """
+    if raw is None or raw == "":
+        return None
+    name = raw[len("property:") :] if raw.lower().startswith("property:") else raw
+    if not _SEGMENT.fullmatch(name):
+        raise AdminError(400, f"segment must be 'global', 'user' or a property name, not {raw!r}", "invalid_segment")
+    if name is not raw:
+        return PROPERTY_PREFIX + name.lower()
+    return name.lower()
+
+
+async def _presented_token(request: web.Request) -> str:
+    """The token from a JSON body {"token": ...} or a form field `token`."""
+    if request.content_type == "application/json":
+        try:
+            data = await request.json()
+        except ValueError:
+            data = None
+        token = data.get("token") if isinstance(data, dict) else None
+    else:
+        token = (await request.post()).get("token")
+    return token if isinstance(token, str) else ""
 
 
 def _asset(name: str) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
 import tempfile
 import typing
@@ -99,11 +100,19 @@ def main() -> None:
 def serve(ctx: click.Context, **values: Any) -> None:
     """Start the gateway."""
     settings = _settings(ctx, values)
+    created = None
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="quotagate-metrics-")
+        # Before prometheus_client is first imported: it picks its multi-process value class then.
+        if "prometheus_client" in sys.modules:
+            raise click.ClickException("internal error: prometheus_client imported before its multi-process setup")
+        created = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="quotagate-metrics-")
     from .server import serve as run
 
-    run(settings)
+    try:
+        run(settings)
+    finally:
+        if created:  # the workers are gone (forked workers never return here)
+            shutil.rmtree(created, ignore_errors=True)
 
 
 @main.group()

@@ -200,3 +200,5 @@ def _supervise(settings: Settings) -> None:
         stop(signal.SIGTERM, None)
     for worker in workers:
         worker.join(timeout=30)
+        if worker.pid is not None and not worker.is_alive():
+            metrics.mark_dead(worker.pid)
