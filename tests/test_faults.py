@@ -1,0 +1,148 @@
+"""Faults: upstreams that reset, cut or garble a stream; a SQLite file locked by another process;
+the gateway killed with SIGKILL under load. Nothing is lost, nobody is let in."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+
+import openai
+import pytest
+
+from quotagate.fake_upstream import FakeUpstream
+
+from .conftest import CHAT, Gateway, httpx, stop_process
+
+POLICY = "Helicone-RateLimit-Policy"
+
+
+def test_upstream_connection_reset_is_502_and_still_counts(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.key()
+    with gateway.http() as http:
+        response = http.get(
+            "/v1/models", headers={"Helicone-Auth": f"Bearer {key}", POLICY: "2;w=60", "X-Fake-Reset": "1"}
+        )
+        assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_unreachable"
+        assert response.headers["Helicone-RateLimit-Remaining"] == "1"  # the request unit was taken
+        second = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}", POLICY: "2;w=60"})
+    assert second.status_code == 200 and second.headers["Helicone-RateLimit-Remaining"] == "0"
+
+
+def test_token_hold_is_released_when_the_upstream_resets(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.key()
+    body = {"model": "gpt-4o-mini", "messages": CHAT, "max_tokens": 400}
+    headers = {"Helicone-Auth": f"Bearer {key}", POLICY: "500;w=60;u=token"}
+    with gateway.http() as http:
+        assert http.post("/v1/chat/completions", json=body, headers={**headers, "X-Fake-Reset": "1"}).status_code == 502
+        after = http.post("/v1/chat/completions", json={**body, "max_tokens": 2}, headers=headers)
+    assert after.status_code == 200
+    # nothing was charged for the failed call and its hold is gone: only this call's real cost counts
+    used = after.json()["usage"]["total_tokens"]
+    assert after.headers["Helicone-RateLimit-Remaining"] == str(500 - used)
+
+
+def test_half_stream_is_not_passed_off_as_complete(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.key()
+    client = gateway.openai(key, **{POLICY: "1000;w=60;u=token", "X-Fake-Cut-After": "3"})
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        list(client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=50, stream=True))
+    # the cut call was charged what it sent (its prompt plus two streamed words), and holds nothing
+    with gateway.http() as http:
+        response = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}", POLICY: "1000;w=60;u=token"})
+    remaining = int(response.headers["Helicone-RateLimit-Remaining"])
+    assert 1000 - 20 < remaining < 1000
+
+
+def test_malformed_sse_event_passes_through_and_usage_is_still_read(gateway: Gateway, upstream: FakeUpstream) -> None:
+    key = gateway.key()
+    headers = {
+        "Helicone-Auth": f"Bearer {key}",
+        POLICY: "1000;w=60;u=token",
+        "X-Fake-Garbage": "1",
+        "X-Fake-Prompt-Tokens": "100",
+        "X-Fake-Completion-Tokens": "3",
+    }
+    body = {"model": "gpt-4o-mini", "messages": CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.Client(base_url=gateway.url) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
+            text = response.read()
+        assert response.status_code == 200 and b"data: {not json at all" in text
+        after = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}", POLICY: "1000;w=60;u=token"})
+    assert after.headers["Helicone-RateLimit-Remaining"] == "897"  # 100 + 3 charged from the usage chunk
+
+
+def test_stream_that_stalls_past_the_timeout_is_cut(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream
+) -> None:
+    gateway = make_gateway(upstream_timeout=0.3)
+    client = gateway.openai(gateway.key(), **{POLICY: "1000;w=60;u=token", "X-Fake-Chunk-Delay": "1"})
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        list(client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=5, stream=True))
+
+
+def test_sqlite_file_locked_by_another_process(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream, sqlite_url: str
+) -> None:
+    """Another process holds an exclusive lock: requests wait for it (no error), then go through."""
+    gateway = make_gateway(store_url=sqlite_url)
+    key = gateway.key()
+    path = sqlite_url[len("sqlite:///") :]
+    locker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time\n"
+            f"db = sqlite3.connect({path!r}, isolation_level=None)\n"
+            "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(1.5); db.execute('COMMIT')",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert locker.stdout is not None and locker.stdout.readline() == b"locked\n"
+    with gateway.http() as http:
+        response = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}", POLICY: "5;w=60"})
+    locker.wait(timeout=10)
+    assert response.status_code == 200 and response.headers["Helicone-RateLimit-Remaining"] == "4"
+    assert upstream.count() == 1
+
+
+def test_sigkill_under_load_loses_nothing_but_calls_in_flight(
+    serve: Callable[..., Gateway], upstream: FakeUpstream, sqlite_url: str
+) -> None:
+    """Request units are committed at admission: after a SIGKILL and a restart the counter holds
+    every call a client saw admitted, plus at most the calls that were in flight."""
+    gateway = serve("--workers", "2", store_url=sqlite_url)
+    key = gateway.key()
+    concurrency, admitted = 8, []
+    client = gateway.async_openai(key, **{POLICY: "100000;w=3600", "X-Fake-Delay": "0.01"})
+
+    async def worker(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await client.models.list()
+                admitted.append(1)
+            except (openai.APIConnectionError, openai.APIStatusError):
+                return
+
+    async def load() -> None:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(worker(stop)) for _ in range(concurrency)]
+        while len(admitted) < 150:
+            await asyncio.sleep(0.01)
+        assert gateway.process is not None
+        stop_process(gateway.process, signal.SIGKILL)
+        stop.set()
+        await asyncio.gather(*tasks)
+        await client.close()
+
+    asyncio.run(load())
+    restarted = serve("--workers", "1", store_url=sqlite_url)
+    with restarted.http() as http:
+        response = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}", POLICY: "100000;w=3600"})
+    counted = 100000 - int(response.headers["Helicone-RateLimit-Remaining"]) - 1
+    assert len(admitted) <= counted <= len(admitted) + concurrency
+    rows = sqlite3.connect(sqlite_url[len("sqlite:///") :]).execute("SELECT count(*) FROM counters").fetchone()
+    assert rows[0] == 1  # one budget, found again as it was: the restart needed no repair step
