@@ -182,6 +182,7 @@ def _supervise(settings: Settings) -> None:
     workers = [context.Process(target=run_worker, args=(settings, True), daemon=False) for _ in range(settings.workers)]
     for worker in workers:
         worker.start()
+    metrics.mark_dead(os.getpid())  # the supervisor serves nothing: its gauges must not count
     stopping = False
 
     def stop(signum: int, _frame: Any) -> None:
