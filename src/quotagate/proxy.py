@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 import orjson
@@ -65,6 +67,7 @@ HOP_BY_HOP = frozenset(
 _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 POLICY_HEADER = "Helicone-RateLimit-Policy"
+_DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")  # would climb out of an upstream's path prefix
 PROPERTY_PREFIX = "Helicone-Property-"
 
 
@@ -207,6 +210,8 @@ class Proxy:
                 f"no route for {path!r}: use /v1/... (OpenAI), /anthropic/... or a configured "
                 f"upstream ({', '.join('/' + r for r in self.routes)})"
             )
+        if _DOT_SEGMENT.search(unquote(path)):
+            raise NotFound(f"path {path!r} has '.' or '..' segments: the gateway forwards only plain paths")
         call.route, call.provider = upstream.name, upstream.provider
         return upstream, path if first == "v1" else "/" + rest
 
