@@ -32,9 +32,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from report import RATES, Phase, Row, Scenario, Stream, X, mark, markdown, percentile, raw
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -43,8 +44,6 @@ TICK = os.sysconf("SC_CLK_TCK")
 USERS = 10_000
 THREE_POLICIES = "1000000;w=60;s=user, 100000000;w=60;u=cents;s=user, 1000000000;w=60;u=token;s=user"
 EXHAUSTED = "1;w=3600, 100000000;w=60;u=cents;s=user, 1000000000;w=60;u=token;s=user"
-RATES = (200, 1000)
-X = "\u00d7"  # the multiplication sign of ratios
 BODY = (
     b'{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant."},'
     b'{"role":"user","content":"Write a haiku about rate limits and budgets."}],"max_tokens":64,"temperature":0.7}'
@@ -67,23 +66,6 @@ class Timing:
 
 FULL = Timing(warmup=2, max_run=10, rate_run=8, stream_samples=25)
 QUICK = Timing(warmup=1, max_run=3, rate_run=3, stream_samples=8)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """One row of the table."""
-
-    key: str
-    label: str
-    kind: str  # direct | refproxy | quotagate
-    workers: int = 1
-    store: str | None = None  # sqlite | redis
-    policy: str | None = None
-    expect: int = 200
-
-    @property
-    def gateway(self) -> bool:
-        return self.kind == "quotagate"
 
 
 SCENARIOS = (
@@ -188,14 +170,30 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU time of these processes so far."""
-    total = 0
+def cpu_by_pid(pids: Sequence[int]) -> dict[int, float]:
+    """User + system CPU time of each of these processes so far, in seconds."""
+    out = {}
     for pid in pids:
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / TICK
+            out[pid] = (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    return sum(cpu_by_pid(pids).values())
+
+
+def settle(pids: Sequence[int], upstream_port: int, timeout: float = 15.0) -> None:
+    """Wait until the servers have finished what the last run left in flight (no CPU, no upstream calls)."""
+    deadline = time.monotonic() + timeout
+    last = (cpu_seconds(pids), upstream_served(upstream_port))
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = (cpu_seconds(pids), upstream_served(upstream_port))
+        if now == last:
+            return
+        last = now
 
 
 def machine_busy_seconds() -> float:
@@ -256,14 +254,6 @@ def check_response(scenario: Scenario, status: int, headers: dict[str, str], bod
     return None
 
 
-@dataclass
-class Stream:
-    """Time to the first SSE event and to the end of one streamed response, in seconds."""
-
-    first: float
-    total: float
-
-
 def stream_once(sock: socket.socket, request: bytes) -> Stream:
     """Send one streaming request on a keep-alive connection and read the chunked SSE response."""
     sent = time.perf_counter()
@@ -307,54 +297,6 @@ def measure_stream(port: int, auth: str | None, policy: str | None, samples: int
 # --- load ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Phase:
-    """One wrk run and what the processes spent during it."""
-
-    name: str
-    target_rate: int
-    requests: int = 0
-    seconds: float = 0.0
-    statuses: dict[str, int] = field(default_factory=dict)
-    status_errors: int = 0
-    socket_errors: int = 0
-    p50_ms: float = 0.0
-    p99_ms: float = 0.0
-    server_cpu: float = 0.0
-    upstream_cpu: float = 0.0
-    store_cpu: float = 0.0
-    loadgen_cpu: float = 0.0
-    machine_busy: float = 0.0
-    reached_upstream: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def sustained(self) -> bool:
-        """Whether a fixed-rate run kept its rate (a server that cannot is slower, not wrong)."""
-        return not self.target_rate or self.rate >= 0.97 * self.target_rate
-
-    @property
-    def rate(self) -> float:
-        return self.requests / self.seconds if self.seconds else 0.0
-
-    @property
-    def cpu_ms_per_request(self) -> float:
-        return 1000 * self.server_cpu / self.requests if self.requests else 0.0
-
-    @property
-    def other_load(self) -> float:
-        """Cores busy with processes that are not part of this benchmark."""
-        ours = self.server_cpu + self.upstream_cpu + self.store_cpu + self.loadgen_cpu
-        return max(0.0, self.machine_busy - ours) / self.seconds if self.seconds else 0.0
-
-
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    if not sorted_values:
-        return 0.0
-    index = min(len(sorted_values) - 1, max(0, round(p / 100 * len(sorted_values) + 0.5) - 1))
-    return sorted_values[index]
-
-
 class Load:
     """Runs wrk against one target and accounts for every process's CPU during the run."""
 
@@ -386,17 +328,19 @@ class Load:
         if self.cpus:
             argv = ["taskset", "-c", self.cpus, *argv]
         server = process_tree(server_pid)
-        before = self._cpu(server)
+        settle(server + self.store_pids, self.upstream_port)
+        before, workers_before = self._cpu(server), cpu_by_pid(server)
         served = upstream_served(self.upstream_port)
         started = time.perf_counter()
         subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, timeout=seconds + 60)
         elapsed = time.perf_counter() - started
-        after = self._cpu(server)
+        after, workers_after = self._cpu(server), cpu_by_pid(server)
         phase = Phase(name, rate)
         phase.reached_upstream = upstream_served(self.upstream_port) - served
         phase.server_cpu, phase.upstream_cpu, phase.store_cpu, phase.loadgen_cpu, phase.machine_busy = (
             a - b for a, b in zip(after, before, strict=True)
         )
+        phase.worker_cpu = [workers_after[p] - workers_before[p] for p in server if p in workers_after]
         self._read(phase, out, elapsed)
         return phase
 
@@ -445,25 +389,6 @@ def verify(phase: Phase, scenario: Scenario, connections: int) -> None:
         phase.problems.append(f"{phase.reached_upstream} requests reached the upstream for {phase.requests} responses")
 
 
-# --- one row -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    scenario: Scenario
-    phases: dict[str, Phase] = field(default_factory=dict)
-    stream: list[Stream] = field(default_factory=list)
-    skipped: str | None = None
-    problems: list[str] = field(default_factory=list)
-
-    def phase(self, name: str) -> Phase | None:
-        return self.phases.get(name)
-
-    @property
-    def ok(self) -> bool:
-        return not self.skipped and not self.problems and not any(p.problems for p in self.phases.values())
-
-
 class Bench:
     """Everything one run starts, and the rows it measures."""
 
@@ -473,6 +398,7 @@ class Bench:
         self.workdir = workdir
         self.shape = LoadShape()
         self.services: list[Service] = []
+        self.refs: dict[int, tuple[Service, int]] = {}
         self.upstream_port = free_port()
         try:
             self.upstream = self.start(
@@ -539,16 +465,24 @@ class Bench:
 
     # -- servers --
 
+    def reference(self, workers: int) -> tuple[Service, int]:
+        """The reference proxy with this many workers, started once and kept (idle) for the whole run."""
+        if workers not in self.refs:
+            port = free_port()
+            argv = [PYTHON, str(BENCH / "refproxy.py"), "--port", str(port)]
+            argv += ["--upstream", f"http://127.0.0.1:{self.upstream_port}", "--workers", str(workers)]
+            self.refs[workers] = (self.start(f"ref{workers}", argv, port, self.args.server_cpus), port)
+            time.sleep(0.5 if workers > 1 else 0.1)  # let every worker bind
+        return self.refs[workers]
+
     def start_target(self, scenario: Scenario) -> tuple[Service | None, int, str | None]:
         """Start the server a row measures; (service, port, gateway key)."""
         if scenario.kind == "direct":
             return None, self.upstream_port, None
+        if scenario.kind == "refproxy":
+            return (*self.reference(scenario.workers), None)
         port = free_port()
         upstream = f"http://127.0.0.1:{self.upstream_port}"
-        if scenario.kind == "refproxy":
-            argv = [PYTHON, str(BENCH / "refproxy.py"), "--port", str(port), "--upstream", upstream]
-            argv += ["--workers", str(scenario.workers)]
-            return self.start(scenario.key, argv, port, self.args.server_cpus), port, None
         store = self.store_url(scenario)
         key = self.create_key(store, "bench")
         argv = [PYTHON, "-m", "quotagate", "serve", "--host", "127.0.0.1", "--port", str(port), "--store", store]
@@ -577,7 +511,7 @@ class Bench:
             if service is not None:
                 row.problems.append(f"server log: {service.log_tail(5)}")
         finally:
-            if service is not None:
+            if service is not None and scenario.kind == "quotagate":
                 self.stop(service)
         return row
 
@@ -590,9 +524,14 @@ class Bench:
         pid = service.pid if service is not None else self.upstream.pid
         t = self.timing
         self.load.run(f"{scenario.key}-warm", port, pid, t.warmup, 0, auth, policy)
+        if scenario.gateway and not self.args.no_pairing:
+            self.measure_paired_reference(row)
         row.phases["max"] = self.load.run(f"{scenario.key}-max", port, pid, t.max_run, 0, auth, policy)
         verify(row.phases["max"], scenario, self.shape.max_connections)
         for rate in RATES:
+            if scenario.gateway and row.phases["max"].rate < 0.9 * rate:
+                row.notes[str(rate)] = f"not run: its maximum is {row.phases['max'].rate:,.0f} req/s"
+                continue
             self.load.run(f"{scenario.key}-{rate}-warm", port, pid, t.warmup, rate, auth, policy)
             phase = self.load.run(f"{scenario.key}-{rate}", port, pid, t.rate_run, rate, auth, policy)
             verify(phase, scenario, self.shape.rate_connections)
@@ -601,6 +540,17 @@ class Bench:
             row.stream = measure_stream(port, auth, policy, t.stream_samples)
         if service is not None and not service.alive():
             row.problems.append(f"the server died during the run:\n{service.log_tail()}")
+
+    def measure_paired_reference(self, row: Row) -> None:
+        """The reference's maximum measured right before the gateway's, so that both see the same machine."""
+        workers = row.scenario.workers
+        service, port = self.reference(workers)
+        auth = "qg_not_checked_by_the_reference"
+        name = f"{row.scenario.key}-ref{workers}"
+        self.load.run(f"{name}-warm", port, service.pid, self.timing.warmup, 0, auth, THREE_POLICIES)
+        phase = self.load.run(f"{name}-max", port, service.pid, self.timing.max_run, 0, auth, THREE_POLICIES)
+        verify(phase, Scenario(f"ref{workers}", "reference", "refproxy", workers), self.shape.max_connections)
+        row.phases["ref-max"] = phase
 
     def probe(self, row: Row, port: int, auth: str | None, policy: str | None) -> bool:
         """Check the row answers as it should before measuring it; exhaust the budget of a 429 row."""
@@ -638,178 +588,6 @@ def _first_line(exc: BaseException) -> str:
 # --- the report ----------------------------------------------------------------------------------
 
 
-def reference_for(rows: dict[str, Row], row: Row) -> Row | None:
-    if row.scenario.kind == "direct":
-        return None
-    ref = rows.get(f"ref{row.scenario.workers}")
-    return ref if ref is not None and ref.ok and ref is not row else None
-
-
-def _f(value: float, digits: int = 2) -> str:
-    return f"{value:,.{digits}f}"
-
-
-def _ratio(value: float, ref: float | None) -> str:
-    return f"{X}{value / ref:.2f}" if ref else "—"
-
-
-def _added(value: float, ref: float | None) -> str:
-    return f"{value - ref:+.2f}" if ref is not None else "—"
-
-
-def _mark(row: Row) -> str:
-    if row.skipped:
-        return row.skipped
-    problems = row.problems + [f"{name}: {p}" for name, phase in row.phases.items() for p in phase.problems]
-    return "ok" if not problems else "✗ " + "; ".join(problems)
-
-
-def _ref_phase(rows: dict[str, Row], row: Row, name: str) -> Phase | None:
-    ref = reference_for(rows, row)
-    return ref.phases.get(name) if ref else None
-
-
-def throughput_table(rows: dict[str, Row]) -> list[str]:
-    lines = [
-        f"| scenario | max req/s | {X} ref | CPU ms/req at max | {X} ref | CPU ms/req at 1,000/s | {X} ref "
-        "| other load (cores) | checks |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for row in rows.values():
-        top, steady = row.phase("max"), row.phase("1000")
-        if top is None or steady is None:
-            lines.append(f"| {row.scenario.label} | | | | | | | | {_mark(row)} |")
-            continue
-        ref_top, ref_steady = _ref_phase(rows, row, "max"), _ref_phase(rows, row, "1000")
-        cells = [
-            row.scenario.label,
-            _f(top.rate, 0),
-            _ratio(top.rate, ref_top.rate if ref_top else None),
-            _f(top.cpu_ms_per_request, 3),
-            _ratio(top.cpu_ms_per_request, ref_top.cpu_ms_per_request if ref_top else None),
-            _f(steady.cpu_ms_per_request, 3),
-            _ratio(steady.cpu_ms_per_request, ref_steady.cpu_ms_per_request if ref_steady else None),
-            _f(top.other_load),
-            _mark(row),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def latency_table(rows: dict[str, Row], rate: int) -> list[str]:
-    lines = [
-        f"| scenario | achieved req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | p50 {X} ref | p99 {X} ref |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows.values():
-        phase = row.phase(str(rate))
-        if phase is None:
-            continue
-        ref = _ref_phase(rows, row, str(rate))
-        ref50, ref99 = (ref.p50_ms, ref.p99_ms) if ref else (None, None)
-        cells = [
-            row.scenario.label,
-            _f(phase.rate, 0) + ("" if phase.sustained else " (not sustained)"),
-            _f(phase.p50_ms),
-            _f(phase.p99_ms),
-            _added(phase.p50_ms, ref50),
-            _added(phase.p99_ms, ref99),
-            _ratio(phase.p50_ms, ref50),
-            _ratio(phase.p99_ms, ref99),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def stream_summary(streams: Sequence[Stream]) -> tuple[float, float, float]:
-    """Median and p99 time to first event, median time to the end, in ms."""
-    first = sorted(s.first * 1000 for s in streams)
-    total = sorted(s.total * 1000 for s in streams)
-    return percentile(first, 50), percentile(first, 99), percentile(total, 50)
-
-
-def stream_table(rows: dict[str, Row]) -> list[str]:
-    lines = [
-        "| scenario | first event p50 ms | first event p99 ms | added p50 vs direct ms | whole stream p50 ms |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    direct = rows.get("direct")
-    base = stream_summary(direct.stream)[0] if direct and direct.stream else None
-    for row in rows.values():
-        if not row.stream:
-            continue
-        p50, p99, total = stream_summary(row.stream)
-        added = _added(p50, base) if row.scenario.kind != "direct" else "—"
-        lines.append(f"| {row.scenario.label} | {_f(p50)} | {_f(p99)} | {added} | {_f(total, 1)} |")
-    return lines
-
-
-SQLITE_TARGET = f"3 policies, SQLite, 1 worker: throughput ≥ 0.6 {X} reference"
-
-
-@dataclass
-class Target:
-    what: str
-    value: str
-    met: bool | None  # None: not measured
-
-
-def targets(rows: dict[str, Row]) -> list[Target]:
-    """The issue's targets, evaluated on this run's figures."""
-    main, ref2, ref1 = rows.get("three-redis-2"), rows.get("ref2"), rows.get("ref1")
-    sqlite1, deny = rows.get("three-sqlite-1"), rows.get("deny-redis-2")
-    out = []
-
-    def usable(*candidates: Row | None) -> bool:
-        return all(c is not None and c.ok for c in candidates)
-
-    if usable(main, ref2):
-        assert main is not None and ref2 is not None
-        ratio = main.phases["max"].rate / ref2.phases["max"].rate
-        out.append(
-            Target(f"3 policies, Redis, 2 workers: throughput ≥ 0.7 {X} reference", f"{X}{ratio:.2f}", ratio >= 0.7)
-        )
-        m, r = main.phases["1000"], ref2.phases["1000"]
-        add50, add99 = m.p50_ms - r.p50_ms, m.p99_ms - r.p99_ms
-        out.append(Target("… added median latency at 1,000 req/s ≤ 0.3 ms", f"{add50:+.2f} ms", add50 <= 0.3))
-        out.append(Target("… added p99 latency at 1,000 req/s ≤ 1.5 ms", f"{add99:+.2f} ms", add99 <= 1.5))
-        cpu = m.cpu_ms_per_request
-        out.append(Target("… CPU per admitted request (at 1,000 req/s) ≤ 0.3 ms", f"{cpu:.3f} ms", cpu <= 0.3))
-    else:
-        out.append(Target("3 policies, Redis, 2 workers (throughput, latency, CPU)", "not measured", None))
-    if usable(deny, ref2):
-        assert deny is not None and ref2 is not None
-        ratio = deny.phases["max"].rate / ref2.phases["max"].rate
-        out.append(
-            Target("429 path (Redis, 2 workers) ≥ the reference's forwarding path", f"{X}{ratio:.2f}", ratio >= 1)
-        )
-    else:
-        out.append(Target("429 path ≥ the reference's forwarding path", "not measured", None))
-    if usable(sqlite1, ref1):
-        assert sqlite1 is not None and ref1 is not None
-        ratio = sqlite1.phases["max"].rate / ref1.phases["max"].rate
-        out.append(Target(SQLITE_TARGET, f"{X}{ratio:.2f}", ratio >= 0.6))
-    else:
-        out.append(Target(SQLITE_TARGET, "not measured", None))
-    direct = rows.get("direct")
-    if main is not None and main.stream and direct is not None and direct.stream:
-        added = stream_summary(main.stream)[0] - stream_summary(direct.stream)[0]
-        out.append(
-            Target("streaming: first event within 1 ms of direct (Redis, 2 workers)", f"{added:+.2f} ms", added <= 1)
-        )
-    else:
-        out.append(Target("streaming: first event within 1 ms of direct", "not measured", None))
-    return out
-
-
-def target_table(found: list[Target]) -> list[str]:
-    lines = ["| target (issue 6) | this run | met |", "|---|---:|---|"]
-    for t in found:
-        met = "—" if t.met is None else ("yes" if t.met else "**no**")
-        lines.append(f"| {t.what} | {t.value} | {met} |")
-    return lines
-
-
 def environment(args: argparse.Namespace, timing: Timing, shape: LoadShape) -> list[str]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True)
@@ -830,46 +608,6 @@ def environment(args: argparse.Namespace, timing: Timing, shape: LoadShape) -> l
     ]
 
 
-def report(rows: dict[str, Row], args: argparse.Namespace, timing: Timing, shape: LoadShape) -> str:
-    parts = [
-        "# quotagate benchmark" + (" (quick run)" if args.quick else ""),
-        "",
-        *environment(args, timing, shape),
-        "",
-        "## Throughput and CPU",
-        "",
-        *throughput_table(rows),
-        "",
-    ]
-    for rate in RATES:
-        parts += [f"## Latency at {rate:,} requests/s", "", *latency_table(rows, rate), ""]
-    parts += ["## Streaming: time to the first event", "", *stream_table(rows), ""]
-    parts += ["## Targets", "", *target_table(targets(rows)), ""]
-    return "\n".join(parts)
-
-
-def raw(rows: dict[str, Row]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, row in rows.items():
-        phases = {}
-        for name, phase in row.phases.items():
-            phases[name] = {
-                **asdict(phase),
-                "rate": phase.rate,
-                "cpu_ms_per_request": phase.cpu_ms_per_request,
-                "other_load": phase.other_load,
-            }
-        stream = stream_summary(row.stream) if row.stream else None
-        out[key] = {
-            "label": row.scenario.label,
-            "skipped": row.skipped,
-            "problems": row.problems,
-            "phases": phases,
-            "stream_ms": stream,
-        }
-    return out
-
-
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -878,6 +616,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short runs: a smoke test of the harness")
     parser.add_argument("--only", nargs="+", metavar="ROW", help="measure only these rows (see --list)")
     parser.add_argument("--list", action="store_true", help="list the rows and exit")
+    parser.add_argument(
+        "--no-pairing", action="store_true", help="do not measure the reference again right before each gateway row"
+    )
     parser.add_argument("--redis-url", help="use this Redis db (FLUSHDB'd) instead of a private redis-server")
     parser.add_argument("--load-cpus", help="taskset CPU list for wrk, e.g. 0")
     parser.add_argument("--upstream-cpus", help="taskset CPU list for the upstream")
@@ -921,8 +662,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for scenario in scenarios:
             print(f"[{time.monotonic() - started:5.0f} s] {scenario.label} ...", file=sys.stderr, flush=True)
             rows[scenario.key] = row = bench.measure(scenario)
-            print(f"          {_mark(row)}", file=sys.stderr, flush=True)
-        text = report(rows, args, bench.timing, bench.shape)
+            print(f"          {mark(row)}", file=sys.stderr, flush=True)
+        title = "quotagate benchmark" + (" (quick run)" if args.quick else "")
+        text = markdown(rows, title, environment(args, bench.timing, bench.shape))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.md").write_text(text + "\n")
     (args.out / "latest.json").write_text(json.dumps(raw(rows), indent=1) + "\n")
