@@ -213,14 +213,27 @@ def _when(ts: float | None) -> str:
 
 @main.command()
 @click.option("--key", "key_name", help="Only this key (name or id).")
-@click.option("--watch", is_flag=True, help="Refresh every 2 seconds until interrupted.")
-@click.option("--limit", default=50, show_default=True, help="Rows to show.")
+@click.option("--watch", is_flag=True, help="Refresh until interrupted (Ctrl-C).")
+@click.option(
+    "--interval",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds between refreshes with --watch.",
+)
+@click.option(
+    "--limit",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1, 500),
+    help="Budgets to show, closest to their limit first.",
+)
 @store_options
-def usage(key_name: str | None, watch: bool, limit: int, store: str) -> None:
-    """Every budget in use with its usage against its quota, closest to its limit first."""
+def usage(key_name: str | None, watch: bool, interval: float, limit: int, store: str) -> None:
+    """Every key, user and property value in use, with its usage against each policy, closest to its limit first."""
     from .usage_view import show_usage
 
-    show_usage(store, key_name, watch, limit)
+    show_usage(store, key_name, watch, limit, interval)
 
 
 @main.command()
