@@ -8,9 +8,10 @@
 -- connection sends on its own schedule (BENCH_RATE / N requests a second, phases spread evenly);
 -- delay() waits for the next slot, and a response's latency is measured from its intended send time
 -- (or from the actual send, when the millisecond timer fires a little early), so a server that
--- stalls is charged for the requests it held back (no coordinated omission). Latencies and status
--- counts go to the file BENCH_OUT as JSON. Without a rate wrk runs flat out and records its own
--- latency histogram.
+-- stalls is charged for the requests it held back (no coordinated omission). Without a rate wrk
+-- runs flat out and records its own latency histogram. Either way every response's status is
+-- counted, and so are the responses without the header BENCH_HEADER (the rate-limit header that a
+-- gateway which really checked the budgets adds); all of it goes to the file BENCH_OUT as JSON.
 
 local ffi = require("ffi")
 ffi.cdef([[
@@ -31,6 +32,8 @@ local auth = os.getenv("BENCH_AUTH") or ""
 local policy = os.getenv("BENCH_POLICY") or ""
 local path = os.getenv("BENCH_PATH") or "/v1/chat/completions"
 local out = os.getenv("BENCH_OUT") or ""
+local must_have = os.getenv("BENCH_HEADER") or ""
+local must_have_lower = string.lower(must_have)
 
 local body = '{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant."},'
   .. '{"role":"user","content":"Write a haiku about rate limits and budgets."}],"max_tokens":64,"temperature":0.7}'
@@ -70,6 +73,7 @@ function init(args)
   lat = {}
   n = 0
   statuses = {}
+  missing = 0
 end
 
 function request()
@@ -96,11 +100,18 @@ if rate > 0 then
     end
     return math.floor(wait / 1000)
   end
+end
 
-  function response(status, hdrs, resp_body)
+-- every response: its status, whether it carries the header the gateway must add (BENCH_HEADER),
+-- and at a fixed rate its latency
+function response(status, hdrs, resp_body)
+  if rate > 0 then
     n = n + 1
     lat[n] = now_us() - started
-    statuses[status] = (statuses[status] or 0) + 1
+  end
+  statuses[status] = (statuses[status] or 0) + 1
+  if must_have ~= "" and hdrs[must_have] == nil and hdrs[must_have_lower] == nil then
+    missing = missing + 1
   end
 end
 
@@ -108,16 +119,16 @@ end
 function done(summary, latency, requests)
   local parts = {}
   local codes = {}
+  local missing_total = 0
   for _, thread in ipairs(threads) do
-    if rate > 0 then
-      local tl = thread:get("lat")
-      for i = 1, #tl do
-        parts[#parts + 1] = string.format("%.1f", tl[i])
-      end
-      for code, c in pairs(thread:get("statuses")) do
-        codes[code] = (codes[code] or 0) + c
-      end
+    local tl = thread:get("lat")
+    for i = 1, #tl do
+      parts[#parts + 1] = string.format("%.1f", tl[i])
     end
+    for code, c in pairs(thread:get("statuses")) do
+      codes[code] = (codes[code] or 0) + c
+    end
+    missing_total = missing_total + thread:get("missing")
   end
   local status_parts = {}
   for code, c in pairs(codes) do
@@ -126,9 +137,10 @@ function done(summary, latency, requests)
   local e = summary.errors
   local json = string.format(
     '{"requests":%d,"duration_us":%d,"bytes":%d,"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},'
-      .. '"wrk_p50_us":%d,"wrk_p99_us":%d,"statuses":{%s},"latency_us":[%s]}',
+      .. '"wrk_p50_us":%d,"wrk_p99_us":%d,"missing_header":%d,"statuses":{%s},"latency_us":[%s]}',
     summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(99), table.concat(status_parts, ","), table.concat(parts, ",")
+    latency:percentile(50), latency:percentile(99), missing_total, table.concat(status_parts, ","),
+    table.concat(parts, ",")
   )
   if out ~= "" then
     local f = assert(io.open(out, "w"))

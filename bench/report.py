@@ -52,6 +52,7 @@ class Phase:
     statuses: dict[str, int] = field(default_factory=dict)
     status_errors: int = 0
     socket_errors: int = 0
+    missing_header: int = 0
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     server_cpu: float = 0.0

@@ -49,6 +49,7 @@ BODY = (
     b'{"role":"user","content":"Write a haiku about rate limits and budgets."}],"max_tokens":64,"temperature":0.7}'
 )
 STREAM_BODY = BODY[:-1] + b',"stream":true}'
+REF_AUTH = "qg_not_checked_by_the_reference"
 
 
 # --- settings ------------------------------------------------------------------------------------
@@ -81,6 +82,15 @@ SCENARIOS = (
     Scenario("deny-sqlite-1", "quotagate, 429 path, SQLite, 1 worker", "quotagate", 1, "sqlite", EXHAUSTED, 429),
     Scenario("deny-redis-2", "quotagate, 429 path, Redis, 2 workers", "quotagate", 2, "redis", EXHAUSTED, 429),
 )
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What every request of a run carries, and the header every response must carry."""
+
+    auth: str
+    policy: str | None
+    header: str = ""
 
 
 @dataclass(frozen=True)
@@ -211,12 +221,11 @@ def children_cpu_seconds() -> float:
 # --- HTTP probes ---------------------------------------------------------------------------------
 
 
-def request_headers(auth: str | None, policy: str | None, user: str) -> dict[str, str]:
+def request_headers(traffic: Traffic, user: str) -> dict[str, str]:
     headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench-not-a-real-key"}
-    if auth:
-        headers["Helicone-Auth"] = f"Bearer {auth}"
-    if policy:
-        headers["Helicone-RateLimit-Policy"] = policy
+    headers["Helicone-Auth"] = f"Bearer {traffic.auth}"
+    if traffic.policy:
+        headers["Helicone-RateLimit-Policy"] = traffic.policy
     headers["Helicone-User-Id"] = user
     return headers
 
@@ -254,7 +263,7 @@ def check_response(scenario: Scenario, status: int, headers: dict[str, str], bod
     return None
 
 
-def stream_once(sock: socket.socket, request: bytes) -> Stream:
+def stream_once(sock: socket.socket, request: bytes, header: str) -> Stream:
     """Send one streaming request on a keep-alive connection and read the chunked SSE response."""
     sent = time.perf_counter()
     sock.sendall(request)
@@ -271,16 +280,19 @@ def stream_once(sock: socket.socket, request: bytes) -> Stream:
             break
     if not data.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(f"stream answered {data[:200]!r}")
+    head = data[: data.find(b"\r\n\r\n")].lower()
+    if header and f"\r\n{header.lower()}:".encode() not in head:
+        raise RuntimeError(f"a stream without the {header} header: {head[:300]!r}")
     return Stream(first, time.perf_counter() - sent)
 
 
-def measure_stream(port: int, auth: str | None, policy: str | None, samples: int) -> list[Stream]:
+def measure_stream(port: int, traffic: Traffic, samples: int) -> list[Stream]:
     """`samples` streamed responses one after another on one keep-alive connection (first one discarded)."""
     results = []
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(samples + 1):
-            headers = request_headers(auth, policy, f"stream-user-{i}")
+            headers = request_headers(traffic, f"stream-user-{i}")
             lines = [
                 "POST /v1/chat/completions HTTP/1.1",
                 f"Host: 127.0.0.1:{port}",
@@ -288,7 +300,7 @@ def measure_stream(port: int, auth: str | None, policy: str | None, samples: int
             ]
             lines += [f"{k}: {v}" for k, v in headers.items()]
             request = ("\r\n".join(lines) + "\r\n\r\n").encode() + STREAM_BODY
-            result = stream_once(sock, request)
+            result = stream_once(sock, request, traffic.header)
             if i:
                 results.append(result)
     return results
@@ -308,9 +320,7 @@ class Load:
         self.cpus = cpus
         self.store_pids: list[int] = []
 
-    def run(
-        self, name: str, port: int, server_pid: int, seconds: float, rate: int, auth: str | None, policy: str | None
-    ) -> Phase:
+    def run(self, name: str, port: int, server_pid: int, seconds: float, rate: int, traffic: Traffic) -> Phase:
         threads = self.shape.rate_connections if rate else self.shape.max_threads
         connections = self.shape.rate_connections if rate else self.shape.max_connections
         out = self.workdir / f"wrk-{name}.json"
@@ -320,8 +330,9 @@ class Load:
             "BENCH_THREADS": str(threads),
             "BENCH_USERS": str(USERS),
             "BENCH_OUT": str(out),
-            "BENCH_AUTH": auth or "",
-            "BENCH_POLICY": policy or "",
+            "BENCH_AUTH": traffic.auth,
+            "BENCH_POLICY": traffic.policy or "",
+            "BENCH_HEADER": traffic.header,
         }
         argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s"]
         argv += ["-s", str(BENCH / "load.lua"), f"http://127.0.0.1:{port}"]
@@ -362,6 +373,7 @@ class Load:
         phase.status_errors = int(errors["status"])
         phase.socket_errors = sum(int(errors[k]) for k in ("connect", "read", "write", "timeout"))
         phase.statuses = {str(k): int(v) for k, v in data["statuses"].items()}
+        phase.missing_header = int(data["missing_header"])
         latencies = sorted(float(v) for v in data["latency_us"])
         if latencies:
             phase.p50_ms, phase.p99_ms = percentile(latencies, 50) / 1000, percentile(latencies, 99) / 1000
@@ -376,6 +388,8 @@ def verify(phase: Phase, scenario: Scenario, connections: int) -> None:
         return
     if phase.socket_errors:
         phase.problems.append(f"{phase.socket_errors} socket errors or timeouts")
+    if phase.missing_header:
+        phase.problems.append(f"{phase.missing_header} responses without rate-limit headers (let through unlimited?)")
     if phase.statuses:
         wrong = {code: n for code, n in phase.statuses.items() if code != str(scenario.expect)}
         if wrong:
@@ -460,7 +474,8 @@ class Bench:
         )
         lines = result.stdout.strip().splitlines()
         if result.returncode != 0 or not lines:
-            raise RuntimeError(f"keys create failed ({result.returncode}): {(result.stderr or result.stdout)[-500:]}")
+            said = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+            raise RuntimeError(f"quotagate keys create --store {store} failed: {said[-1][:300]}")
         return lines[-1].strip()
 
     # -- servers --
@@ -517,27 +532,27 @@ class Bench:
 
     def measure_running(self, row: Row, service: Service | None, port: int, key: str | None) -> None:
         scenario = row.scenario
-        auth = key or "qg_not_checked_by_the_reference"
-        policy = scenario.policy if scenario.gateway else THREE_POLICIES
-        if not self.probe(row, port, auth, policy):
+        traffic = Traffic(key or REF_AUTH, scenario.policy if scenario.gateway else THREE_POLICIES)
+        if scenario.policy:
+            traffic = Traffic(traffic.auth, traffic.policy, "RateLimit")
+        if not self.probe(row, port, traffic):
             return
         pid = service.pid if service is not None else self.upstream.pid
-        t = self.timing
-        self.load.run(f"{scenario.key}-warm", port, pid, t.warmup, 0, auth, policy)
+        t, name = self.timing, scenario.key
+        self.load.run(f"{name}-warm", port, pid, t.warmup, 0, traffic)
         if scenario.gateway and not self.args.no_pairing:
             self.measure_paired_reference(row)
-        row.phases["max"] = self.load.run(f"{scenario.key}-max", port, pid, t.max_run, 0, auth, policy)
-        verify(row.phases["max"], scenario, self.shape.max_connections)
+        row.phases["max"] = top = self.load.run(f"{name}-max", port, pid, t.max_run, 0, traffic)
+        verify(top, scenario, self.shape.max_connections)
         for rate in RATES:
-            if scenario.gateway and row.phases["max"].rate < 0.9 * rate:
-                row.notes[str(rate)] = f"not run: its maximum is {row.phases['max'].rate:,.0f} req/s"
+            if scenario.gateway and top.rate < 0.9 * rate:
+                row.notes[str(rate)] = f"not run: its maximum is {top.rate:,.0f} req/s"
                 continue
-            self.load.run(f"{scenario.key}-{rate}-warm", port, pid, t.warmup, rate, auth, policy)
-            phase = self.load.run(f"{scenario.key}-{rate}", port, pid, t.rate_run, rate, auth, policy)
+            self.load.run(f"{name}-{rate}-warm", port, pid, t.warmup, rate, traffic)
+            row.phases[str(rate)] = phase = self.load.run(f"{name}-{rate}", port, pid, t.rate_run, rate, traffic)
             verify(phase, scenario, self.shape.rate_connections)
-            row.phases[str(rate)] = phase
         if scenario.expect == 200:
-            row.stream = measure_stream(port, auth, policy, t.stream_samples)
+            row.stream = measure_stream(port, traffic, t.stream_samples)
         if service is not None and not service.alive():
             row.problems.append(f"the server died during the run:\n{service.log_tail()}")
 
@@ -545,17 +560,17 @@ class Bench:
         """The reference's maximum measured right before the gateway's, so that both see the same machine."""
         workers = row.scenario.workers
         service, port = self.reference(workers)
-        auth = "qg_not_checked_by_the_reference"
+        traffic = Traffic(REF_AUTH, THREE_POLICIES)
         name = f"{row.scenario.key}-ref{workers}"
-        self.load.run(f"{name}-warm", port, service.pid, self.timing.warmup, 0, auth, THREE_POLICIES)
-        phase = self.load.run(f"{name}-max", port, service.pid, self.timing.max_run, 0, auth, THREE_POLICIES)
+        self.load.run(f"{name}-warm", port, service.pid, self.timing.warmup, 0, traffic)
+        phase = self.load.run(f"{name}-max", port, service.pid, self.timing.max_run, 0, traffic)
         verify(phase, Scenario(f"ref{workers}", "reference", "refproxy", workers), self.shape.max_connections)
         row.phases["ref-max"] = phase
 
-    def probe(self, row: Row, port: int, auth: str | None, policy: str | None) -> bool:
+    def probe(self, row: Row, port: int, traffic: Traffic) -> bool:
         """Check the row answers as it should before measuring it; exhaust the budget of a 429 row."""
         scenario = row.scenario
-        headers = request_headers(auth, policy, "probe-user")
+        headers = request_headers(traffic, "probe-user")
         if scenario.expect == 429:
             status, _, body = post(port, headers)
             if status != 200:
@@ -573,9 +588,11 @@ def flush_redis(url: str) -> None:
     """Empty the benchmark's own Redis database (FLUSHDB of that db only)."""
     import redis
 
-    client = redis.Redis.from_url(url)
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
     try:
         client.flushdb()
+    except redis.RedisError as exc:
+        raise RuntimeError(f"Redis at {url} is not usable: {exc}") from exc
     finally:
         client.close()
 
