@@ -19,6 +19,7 @@ gateway like any header):
     X-Fake-Hold: name        wait until `release(name)` is called: streams after their first event,
                              other answers before they are sent
     X-Fake-Hold-After: 3     hold a stream after that many events instead of the first
+    X-Fake-Linger: 0.3       seconds to keep a stream open after its last event
     X-Fake-Model: name       report this model in the response
 """
 
@@ -67,6 +68,7 @@ class Plan:
     cut_after: int | None = None
     hold: str | None = None
     hold_after: int = 1
+    linger: float = 0.0
 
     @property
     def words(self) -> list[str]:
@@ -91,6 +93,7 @@ def _plan(request: web.Request, body: dict[str, Any]) -> Plan:
         cut_after=int(cut) if cut else None,
         hold=h.get("X-Fake-Hold"),
         hold_after=int(h.get("X-Fake-Hold-After", 1)),
+        linger=float(h.get("X-Fake-Linger", 0)),
     )
 
 
@@ -461,6 +464,8 @@ class FakeUpstream:
                 await self._gate(plan.hold).wait()
             if plan.chunk_delay:
                 await asyncio.sleep(plan.chunk_delay)
+        if plan.linger:
+            await asyncio.sleep(plan.linger)
         await response.write_eof()
         return response
 

@@ -1,0 +1,637 @@
+"""Spend (`u=cents`) and token (`u=token`) budgets through real HTTP, on every store.
+
+The fake provider reports the usage a test asks for (X-Fake-* headers); the test reads what the
+store charged. Expected charges are computed here by hand from the providers' published prices
+in US dollars per million tokens, never by calling the pricing library: a token at $P per million
+costs P * 1e-6 dollars = P * 1e-4 cents = P * 100 micro-cents, the unit cents budgets are kept in.
+The store's clock is injected (FakeClock), so windows pass without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+
+import anthropic
+import openai
+import pytest
+
+from quotagate.config import PriceOverride, Settings
+from quotagate.fake_upstream import BackgroundServer, FakeUpstream
+from quotagate.keys import split_key
+from quotagate.server import build_app
+from quotagate.stores import open_store
+
+from .conftest import CHAT, CLAUDE, FakeClock, Gateway, free_port, httpx
+
+POLICY = "Helicone-RateLimit-Policy"
+ROOMY = "1000;w=3600;u=cents, 100000000;w=3600;u=token"  # never exhausted: only the charges matter
+PROMPT_ESTIMATE = 6  # cl100k tokens of CHAT's "Say hello to the test suite", counted by the gateway
+
+
+def microcents(*priced: tuple[int, str]) -> int:
+    """(tokens, USD per million tokens) pairs, in micro-cents; the tests pick whole results."""
+    total = sum(Decimal(tokens) * Decimal(usd_per_mtok) for tokens, usd_per_mtok in priced) * 100
+    assert total == int(total)
+    return int(total)
+
+
+def usage_headers(prompt: int, completion: int = 0, cached: int = 0, cache_write: int = 0) -> dict[str, str]:
+    return {
+        "X-Fake-Prompt-Tokens": str(prompt),
+        "X-Fake-Completion-Tokens": str(completion),
+        "X-Fake-Cached-Tokens": str(cached),
+        "X-Fake-Cache-Write-Tokens": str(cache_write),
+    }
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def gw(make_gateway: Callable[..., Gateway], store_url: str, clock: FakeClock) -> Gateway:
+    return make_gateway(store_url=store_url, clock=clock)
+
+
+@pytest.fixture
+def served(upstream: FakeUpstream, store_url: str, clock: FakeClock) -> Iterator[Callable[[bool], Gateway]]:
+    """Gateways in either of aiohttp's modes: `served(True)` cancels a handler whose client went away
+    (as the in-process test gateways do), `served(False)` does not (as `quotagate serve` does)."""
+    servers: list[BackgroundServer] = []
+
+    def start(handler_cancellation: bool) -> Gateway:
+        settings = Settings(
+            port=free_port(),
+            store=store_url,
+            workers=1,
+            access_log=False,
+            openai_base_url=upstream.url,
+            anthropic_base_url=upstream.url,
+        )
+        app = build_app(settings, open_store(store_url, clock))
+        server = BackgroundServer(app, port=settings.port, handler_cancellation=handler_cancellation).start()
+        servers.append(server)
+        return Gateway(server.url, settings, store_url, server=server)
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def ledger(gw: Gateway, key: str, clock: FakeClock) -> dict[str, tuple[int, int]]:
+    """What the store holds for a key, read through a store connection of its own:
+    unit -> (charged, held), in stored units (micro-cents, tokens)."""
+
+    async def read() -> dict[str, tuple[int, int]]:
+        store = open_store(gw.store_url, clock)
+        try:
+            rows = await store.usage(key_id=split_key(key)[0])  # type: ignore[index]
+        finally:
+            await store.close()
+        assert len({r.unit for r in rows}) == len(rows)
+        return {r.unit: (r.used, r.held) for r in rows}
+
+    return asyncio.run(read())
+
+
+def settled(gw: Gateway, key: str, clock: FakeClock) -> dict[str, tuple[int, int]]:
+    """The ledger once no call of the key holds anything (a charge that runs after a disconnect)."""
+    deadline = time.monotonic() + 20
+    while True:
+        state = ledger(gw, key, clock)
+        if all(held == 0 for _, held in state.values()) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.02)
+
+
+def remaining(headers: httpx.Headers | dict[str, str]) -> list[int]:
+    """The `r` of every policy in the IETF `RateLimit` header, in policy order."""
+    items = [item.strip() for item in headers["ratelimit"].split(",")]
+    return [int(next(p for p in item.split(";") if p.startswith("r="))[2:]) for item in items]
+
+
+# --- exact charges, per provider, route and model ---------------------------------------------
+
+# OpenAI's published prices (USD per million tokens): input, cached input, output.
+GPT_4O_MINI = ("0.15", "0.075", "0.60")
+GPT_4O = ("2.50", "1.25", "10.00")
+GPT_41 = ("2.00", "0.50", "8.00")
+GPT_41_MINI = ("0.40", "0.10", "1.60")
+GPT_5 = ("1.25", "0.125", "10.00")
+
+
+def openai_cost(prices: tuple[str, str, str], prompt: int, completion: int, cached: int = 0) -> int:
+    uncached_in, cached_in, out = prices
+    return microcents((prompt - cached, uncached_in), (cached, cached_in), (completion, out))
+
+
+CHAT_CASES = [
+    pytest.param("gpt-4o-mini", 1000, 500, 0, openai_cost(GPT_4O_MINI, 1000, 500), id="gpt-4o-mini"),
+    pytest.param("gpt-4o-mini", 1000, 500, 400, openai_cost(GPT_4O_MINI, 1000, 500, 400), id="gpt-4o-mini-cached"),
+    pytest.param("gpt-4o", 1200, 300, 0, openai_cost(GPT_4O, 1200, 300), id="gpt-4o"),
+    pytest.param("gpt-4.1", 2000, 100, 1000, openai_cost(GPT_41, 2000, 100, 1000), id="gpt-4.1-cached"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(("model", "prompt", "completion", "cached", "expected"), CHAT_CASES)
+def test_openai_chat_charges_exact_cost(
+    gw: Gateway,
+    upstream: FakeUpstream,
+    clock: FakeClock,
+    model: str,
+    prompt: int,
+    completion: int,
+    cached: int,
+    expected: int,
+    stream: bool,
+) -> None:
+    key = gw.key()
+    client = gw.openai(key, **{POLICY: ROOMY}, **usage_headers(prompt, completion, cached))
+    if stream:
+        chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=completion, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).count("word") == completion
+    else:
+        reply = client.chat.completions.create(model=model, messages=CHAT, max_tokens=completion)
+        assert reply.usage is not None and reply.usage.prompt_tokens == prompt
+    assert ledger(gw, key, clock) == {"cents": (expected, 0), "token": (prompt + completion, 0)}
+    assert upstream.count("/chat/completions") == 1
+
+
+def test_known_prices_by_hand() -> None:
+    """The hand arithmetic above, spelled out once: gpt-4o-mini, 1,000 tokens in (400 of them
+    cached) and 500 out = 600 * $0.15 + 400 * $0.075 + 500 * $0.60 per million = $0.000420."""
+    assert openai_cost(GPT_4O_MINI, 1000, 500, 400) == 42_000  # micro-cents: 0.042 cents
+    assert openai_cost(GPT_4O, 1200, 300) == 600_000  # 0.6 cents
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_openai_completions_charge(gw: Gateway, clock: FakeClock, stream: bool) -> None:
+    key = gw.key()
+    client = gw.openai(key, **{POLICY: ROOMY}, **usage_headers(3000, 40))
+    if stream:
+        chunks = list(
+            client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Once", max_tokens=40, stream=True)
+        )
+        assert all(c.usage is None for c in chunks)
+    else:
+        client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Once", max_tokens=40)
+    # gpt-3.5-turbo-instruct: $1.50 in, $2.00 out
+    assert ledger(gw, key, clock) == {"cents": (microcents((3000, "1.50"), (40, "2.00")), 0), "token": (3040, 0)}
+
+
+@pytest.mark.parametrize(
+    ("model", "usd_per_mtok"),
+    [("text-embedding-3-small", "0.02"), ("text-embedding-3-large", "0.13"), ("text-embedding-ada-002", "0.10")],
+)
+def test_openai_embeddings_charge_input_only(gw: Gateway, clock: FakeClock, model: str, usd_per_mtok: str) -> None:
+    key = gw.key()
+    client = gw.openai(key, **{POLICY: ROOMY}, **usage_headers(50_000))
+    client.embeddings.create(model=model, input=["first text", "second text"])
+    assert ledger(gw, key, clock) == {"cents": (microcents((50_000, usd_per_mtok)), 0), "token": (50_000, 0)}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(
+    ("model", "prices"), [("gpt-4.1-mini", GPT_41_MINI), ("gpt-5", GPT_5), ("gpt-4o", GPT_4O)], ids=lambda v: v
+)
+def test_openai_responses_charge(
+    gw: Gateway, clock: FakeClock, model: str, prices: tuple[str, str, str], stream: bool
+) -> None:
+    key = gw.key()
+    client = gw.openai(key, **{POLICY: ROOMY}, **usage_headers(8000, 700, cached=6000))
+    if stream:
+        events = list(client.responses.create(model=model, input="Hello there", max_output_tokens=700, stream=True))
+        assert events[-1].type == "response.completed"
+    else:
+        assert client.responses.create(model=model, input="Hello there", max_output_tokens=700).output_text
+    expected = openai_cost(prices, 8000, 700, cached=6000)
+    assert ledger(gw, key, clock) == {"cents": (expected, 0), "token": (8700, 0)}
+
+
+# Anthropic's published prices (USD per million tokens): input, cache read, cache write (5 min), output.
+HAIKU_45 = ("1", "0.10", "1.25", "5")
+SONNET_45 = ("3", "0.30", "3.75", "15")
+SONNET_45_LONG = ("6", "0.60", "7.50", "22.50")  # every token, once the input exceeds 200k tokens
+OPUS_41 = ("15", "1.50", "18.75", "75")
+OPUS_45 = ("5", "0.50", "6.25", "25")
+
+
+def anthropic_cost(prices: tuple[str, str, str, str], uncached: int, read: int, write: int, output: int) -> int:
+    return microcents((uncached, prices[0]), (read, prices[1]), (write, prices[2]), (output, prices[3]))
+
+
+CLAUDE_CASES = [
+    # model, uncached input, cache read, cache write, output, expected
+    ("claude-haiku-4-5", 2000, 0, 0, 300, anthropic_cost(HAIKU_45, 2000, 0, 0, 300)),
+    ("claude-haiku-4-5", 1000, 5000, 2000, 300, anthropic_cost(HAIKU_45, 1000, 5000, 2000, 300)),
+    ("claude-sonnet-4-5", 10_000, 0, 4000, 1000, anthropic_cost(SONNET_45, 10_000, 0, 4000, 1000)),
+    ("claude-sonnet-4-5", 150_000, 60_000, 0, 2000, anthropic_cost(SONNET_45_LONG, 150_000, 60_000, 0, 2000)),
+    ("claude-opus-4-1", 3000, 1000, 0, 500, anthropic_cost(OPUS_41, 3000, 1000, 0, 500)),
+    ("claude-opus-4-5", 3000, 1000, 800, 500, anthropic_cost(OPUS_45, 3000, 1000, 800, 500)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:The model 'claude-sonnet-4-5' is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(("model", "uncached", "read", "write", "output", "expected"), CLAUDE_CASES)
+def test_anthropic_messages_charge_exact_cost(
+    gw: Gateway,
+    clock: FakeClock,
+    model: str,
+    uncached: int,
+    read: int,
+    write: int,
+    output: int,
+    expected: int,
+    stream: bool,
+) -> None:
+    key = gw.key()
+    total_input = uncached + read + write
+    claude = gw.anthropic(key, **{POLICY: ROOMY}, **usage_headers(total_input, output, read, write))
+    if stream:
+        with claude.messages.stream(model=model, max_tokens=output, messages=CLAUDE) as events:
+            final = events.get_final_message()
+    else:
+        final = claude.messages.create(model=model, max_tokens=output, messages=CLAUDE)
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (uncached, output)
+    assert ledger(gw, key, clock) == {"cents": (expected, 0), "token": (total_input + output, 0)}
+
+
+def test_long_context_tier_by_hand() -> None:
+    """claude-sonnet-4-5 past 200k input tokens: every token at the long-context rate."""
+    assert anthropic_cost(SONNET_45_LONG, 150_000, 60_000, 0, 2000) == 94_100_000  # 94.1 cents
+    assert anthropic_cost(SONNET_45, 150_000, 0, 0, 0) == 45_000_000
+
+
+def test_token_unit_is_input_plus_output_tokens(gw: Gateway, clock: FakeClock) -> None:
+    """Cached input counts like any input token; Anthropic's cache reads and writes included."""
+    key = gw.key()
+    gw.openai(key, **{POLICY: "100000;w=60;u=token"}, **usage_headers(1000, 100, cached=400)).chat.completions.create(
+        model="gpt-4o-mini", messages=CHAT, max_tokens=100
+    )
+    assert ledger(gw, key, clock) == {"token": (1100, 0)}
+    claude = gw.anthropic(key, **{POLICY: "100000;w=60;u=token"}, **usage_headers(600, 50, cached=300, cache_write=200))
+    claude.messages.create(model="claude-haiku-4-5", max_tokens=50, messages=CLAUDE)
+    assert ledger(gw, key, clock) == {"token": (1100 + 650, 0)}  # 100 uncached + 300 read + 200 written + 50 out
+
+
+# --- the usage the gateway asks for on its own -------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("options", [None, {"include_usage": False}], ids=["no-options", "include_usage-false"])
+def test_injected_include_usage_is_invisible(
+    gw: Gateway, upstream: FakeUpstream, clock: FakeClock, route: str, options: dict[str, bool] | None
+) -> None:
+    """A stream whose client did not ask for usage: the gateway asks the upstream for it, charges
+    it, and hands back the stream the client asked for, with no usage chunk and no usage field."""
+    key = gw.key()
+    body: dict[str, object] = {"model": "gpt-4o-mini", "stream": True, "max_tokens": 3}
+    body.update({"messages": CHAT} if route.endswith("chat/completions") else {"prompt": "Once upon"})
+    if options is not None:
+        body["stream_options"] = options
+    headers = {"Helicone-Auth": f"Bearer {key}", POLICY: ROOMY, **usage_headers(1000, 3)}
+    with httpx.Client(base_url=gw.url) as http, http.stream("POST", route, headers=headers, json=body) as response:
+        raw = response.read()
+    assert response.status_code == 200
+    assert b"usage" not in raw
+    events = [e for e in raw.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    assert len(events) == (5 if route.endswith("chat/completions") else 3) + 1  # the reply's chunks, [DONE]
+    assert upstream.received[0].json()["stream_options"] == {"include_usage": True}
+    assert ledger(gw, key, clock)["cents"] == (openai_cost(GPT_4O_MINI, 1000, 3), 0)
+
+
+def test_sdk_stream_without_usage_sees_no_usage_chunk(gw: Gateway, clock: FakeClock) -> None:
+    key = gw.key()
+    client = gw.openai(key, **{POLICY: ROOMY}, **usage_headers(1000, 4))
+    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=4, stream=True))
+    assert all(c.choices and c.usage is None for c in chunks)
+    assert ledger(gw, key, clock)["token"] == (1004, 0)
+
+
+def test_a_client_that_asks_for_usage_gets_it_unchanged(gw: Gateway, clock: FakeClock) -> None:
+    key = gw.key()
+    headers = {"Helicone-Auth": f"Bearer {key}", POLICY: ROOMY, **usage_headers(1000, 2)}
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": CHAT,
+        "stream": True,
+        "max_tokens": 2,
+        "stream_options": {"include_usage": True},
+    }
+    with (
+        httpx.Client(base_url=gw.url) as http,
+        http.stream("POST", "/v1/chat/completions", headers=headers, json=body) as r,
+    ):
+        raw = r.read()
+    events = [e for e in raw.split(b"\n\n") if e]
+    assert all(e.endswith(b',"usage":null}') for e in events[:-2])
+    assert b'"choices":[],"usage":{"prompt_tokens":1000,"completion_tokens":2' in events[-2]
+    assert ledger(gw, key, clock)["token"] == (1002, 0)
+
+
+# --- when the charge lands -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("handler_cancellation", [True, False], ids=["cancelling", "serve-like"])
+def test_charge_is_committed_before_the_stream_ends(
+    served: Callable[[bool], Gateway], clock: FakeClock, handler_cancellation: bool
+) -> None:
+    """The SDKs stop reading at a stream's terminal event ([DONE], message_stop,
+    response.completed) and may send the next call at once: by then the store has the charge,
+    even from an upstream that keeps the connection open a while after its last event."""
+    gw = served(handler_cancellation)
+    key = gw.key()
+    steer = {POLICY: ROOMY, "X-Fake-Linger": "0.3", **usage_headers(1000, 5)}
+    client, claude = gw.openai(key, **steer), gw.anthropic(key, **steer)
+    streams: list[Callable[[], object]] = [
+        lambda: list(client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=5, stream=True)),
+        lambda: list(client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Hi", max_tokens=5, stream=True)),
+        lambda: list(client.responses.create(model="gpt-4o", input="Hi", max_output_tokens=5, stream=True)),
+        lambda: claude_stream(claude),
+    ]
+    for done, stream in enumerate(streams * 2, start=1):
+        stream()
+        assert ledger(gw, key, clock)["token"] == (done * 1005, 0)
+
+
+def claude_stream(claude: anthropic.Anthropic) -> None:
+    with claude.messages.stream(model="claude-haiku-4-5", max_tokens=5, messages=CLAUDE) as events:
+        events.until_done()
+
+
+def test_the_next_call_sees_a_stream_s_charge(gw: Gateway, upstream: FakeUpstream, clock: FakeClock) -> None:
+    """A stream that spends the whole budget: the very next call of the same client is denied."""
+    steer = {POLICY: "1000;w=60;u=token", "X-Fake-Linger": "0.3", **usage_headers(990, 10)}
+    client = gw.openai(gw.key(), **steer)
+    for _ in range(3):
+        list(client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=10, stream=True))
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=10)
+        clock.advance(60)
+    assert upstream.count() == 3
+
+
+# --- client disconnects and broken upstreams ------------------------------------------------------
+
+DISCONNECTS = [
+    # route, events sent before the hold, events the SDK yields of them, input charged, streamed tokens
+    pytest.param("chat", 4, 4, PROMPT_ESTIMATE, 6, id="openai-chat"),  # role chunk + " word0 word1 word2"
+    pytest.param("responses", 7, 7, PROMPT_ESTIMATE, 6, id="openai-responses"),  # 4 setup events + 3 words
+    pytest.param("messages", 6, 5, 1000, 6, id="anthropic"),  # message_start reports the real input; a ping
+]
+
+
+@pytest.mark.parametrize("handler_cancellation", [True, False], ids=["cancelling", "serve-like"])
+@pytest.mark.parametrize(("route", "events", "yielded", "charged_input", "streamed"), DISCONNECTS)
+def test_client_disconnect_mid_stream_charges_what_was_streamed(
+    served: Callable[[bool], Gateway],
+    upstream: FakeUpstream,
+    clock: FakeClock,
+    route: str,
+    events: int,
+    yielded: int,
+    charged_input: int,
+    streamed: int,
+    handler_cancellation: bool,
+) -> None:
+    gw = served(handler_cancellation)
+    key = gw.key()
+    steer = {"X-Fake-Hold": f"cut-{route}", "X-Fake-Hold-After": str(events), **usage_headers(1000, 50)}
+    policy = {POLICY: "10000;w=3600;u=token"}
+    if route == "messages":
+        claude = gw.anthropic(key, **policy, **steer)
+        stream = claude.messages.create(model="claude-haiku-4-5", max_tokens=50, messages=CLAUDE, stream=True)
+    elif route == "chat":
+        client = gw.openai(key, **policy, **steer)
+        stream = client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=50, stream=True)
+    else:
+        client = gw.openai(key, **policy, **steer)
+        stream = client.responses.create(
+            model="gpt-4o", input="Say hello to the test suite", max_output_tokens=50, stream=True
+        )
+    iterator = iter(stream)
+    for _ in range(yielded):
+        next(iterator)
+    assert ledger(gw, key, clock) == {"token": (0, PROMPT_ESTIMATE + 50)}  # held: prompt estimate + max_tokens
+    stream.close()
+    if not handler_cancellation:
+        upstream.release(f"cut-{route}")  # a serve-like gateway notices at the upstream's next chunk
+    assert settled(gw, key, clock) == {"token": (charged_input + streamed, 0)}
+    upstream.release(f"cut-{route}")
+    # the next call sees the whole budget but that charge: 10000 - charge - its own 100 + 20
+    raw = gw.openai(key, **policy, **usage_headers(100, 20)).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=CHAT, max_tokens=20
+    )
+    assert remaining(raw.headers) == [10_000 - charged_input - streamed - 120]
+    assert upstream.count() == 2
+
+
+def test_a_broken_upstream_stream_charges_what_was_streamed(
+    gw: Gateway, upstream: FakeUpstream, clock: FakeClock
+) -> None:
+    key = gw.key()
+    client = gw.openai(key, **{POLICY: ROOMY, "X-Fake-Cut-After": "4"}, **usage_headers(1000, 50))
+    with pytest.raises(openai.APIError):
+        list(client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=50, stream=True))
+    # the prompt's estimate (6) and " word0 word1 word2" (6): 6 * $2.50 + 6 * $10 per million
+    assert settled(gw, key, clock) == {"cents": (microcents((6, "2.50"), (6, "10.00")), 0), "token": (12, 0)}
+
+
+def test_a_client_gone_before_a_json_answer_is_charged_its_prompt(
+    served: Callable[[bool], Gateway], upstream: FakeUpstream, clock: FakeClock
+) -> None:
+    """A client that times out before a non-stream answer: its hold does not linger until the
+    hold's TTL; it is charged the prompt's estimate."""
+    gw = served(True)
+    key = gw.key()
+    client = gw.openai(key, **{POLICY: "10000;w=3600;u=token", "X-Fake-Hold": "slow-json"}).with_options(timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=50)
+    assert settled(gw, key, clock) == {"token": (PROMPT_ESTIMATE, 0)}
+    upstream.release("slow-json")
+
+
+def test_a_failed_upstream_call_is_charged_nothing(gw: Gateway, upstream: FakeUpstream, clock: FakeClock) -> None:
+    key = gw.key()
+    client = gw.openai(key, **{POLICY: "1;w=60;u=cents, 1000;w=60;u=token", "X-Fake-Status": "500"})
+    for _ in range(3):
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=50)
+    assert ledger(gw, key, clock) == {"cents": (0, 0), "token": (0, 0)}
+    assert upstream.count() == 3
+
+
+# --- unknown models and price overrides -----------------------------------------------------------
+
+
+def unpriced_calls(gw: Gateway) -> float:
+    with gw.http() as http:
+        page = http.get("/metrics").text
+    return float(
+        next(line.split()[1] for line in page.splitlines() if line.startswith("quotagate_unpriced_calls_total "))
+    )
+
+
+def test_unknown_model_is_charged_zero_logged_once_and_counted(
+    gw: Gateway, upstream: FakeUpstream, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = gw.key()
+    before = unpriced_calls(gw)
+    client = gw.openai(key, **{POLICY: "0.01;w=60;u=cents, 1000000;w=60;u=token"}, **usage_headers(50_000, 1000))
+    with caplog.at_level(logging.WARNING, logger="quotagate.pricing"):
+        for _ in range(3):
+            client.chat.completions.create(model="acme-llm-unlisted", messages=CHAT, max_tokens=1000)
+    assert ledger(gw, key, clock) == {"cents": (0, 0), "token": (3 * 51_000, 0)}  # tokens still count
+    warnings = [r for r in caplog.records if "acme-llm-unlisted" in r.getMessage()]
+    assert len(warnings) == 1
+    assert unpriced_calls(gw) - before == 3
+    assert upstream.count() == 3
+
+
+def test_price_overrides_from_the_config(
+    make_gateway: Callable[..., Gateway], store_url: str, clock: FakeClock
+) -> None:
+    prices = {
+        "my-finetune": PriceOverride(Decimal("0.30"), Decimal("1.20")),  # a model the library does not know
+        "gpt-4o-mini": PriceOverride(Decimal("1"), Decimal("2"), cache_read_mtok=Decimal("0.5")),  # one it does
+    }
+    gw = make_gateway(store_url=store_url, clock=clock, prices=prices)
+    key = gw.key()
+    client = gw.openai(key, **{POLICY: ROOMY})
+    client.chat.completions.create(
+        model="my-finetune", messages=CHAT, max_tokens=200, extra_headers=usage_headers(1000, 200)
+    )
+    assert ledger(gw, key, clock)["cents"] == (microcents((1000, "0.30"), (200, "1.20")), 0)
+    client.chat.completions.create(
+        model="gpt-4o-mini", messages=CHAT, max_tokens=100, extra_headers=usage_headers(1000, 100, cached=400)
+    )
+    expected = microcents((1000, "0.30"), (200, "1.20")) + microcents((600, "1"), (400, "0.5"), (100, "2"))
+    assert ledger(gw, key, clock)["cents"] == (expected, 0)
+
+
+# --- holds under concurrency ------------------------------------------------------------------------
+
+
+def burst(gw: Gateway, key: str, upstream: FakeUpstream, calls: int, **create: object) -> tuple[int, list[int]]:
+    """`calls` concurrent chat completions, all held at the upstream until every one has been
+    admitted or denied, so that none is charged before the last admission: (admitted, statuses)."""
+    client = gw.async_openai(key, **{POLICY: "5500;w=3600;u=token", "X-Fake-Hold": "burst"}, **usage_headers(6, 994))
+
+    async def one() -> int:
+        try:
+            await client.chat.completions.create(model="gpt-4o-mini", **create)  # type: ignore[call-overload]
+            return 200
+        except openai.RateLimitError:
+            return 429
+
+    async def run() -> tuple[int, list[int]]:
+        async with client:
+            tasks = [asyncio.create_task(one()) for _ in range(calls)]
+            deadline = time.monotonic() + 30
+            while sum(t.done() for t in tasks) + upstream.count() < calls:
+                assert time.monotonic() < deadline, "the burst was not decided"
+                await asyncio.sleep(0.01)
+            admitted = upstream.count()
+            upstream.release("burst")
+            return admitted, list(await asyncio.gather(*tasks))
+
+    return asyncio.run(run())
+
+
+def test_holds_bound_concurrent_admissions(gw: Gateway, upstream: FakeUpstream, clock: FakeClock) -> None:
+    """50 concurrent calls of 1,000 tokens (6 counted in the prompt + max_tokens 994, as they then
+    report) against 5,500 tokens: each admission holds 1,000, so the 6th finds 500 left and is
+    the last admitted, exactly as when the calls come one after another."""
+    key = gw.key()
+    admitted, statuses = burst(gw, key, upstream, 50, messages=CHAT, max_tokens=994)
+    assert admitted == 6 and statuses.count(200) == 6 and statuses.count(429) == 44
+    assert ledger(gw, key, clock) == {"token": (6000, 0)}  # overshoot: at most one call's cost
+
+    sequential = gw.openai(gw.key("sequential"), **{POLICY: "5500;w=3600;u=token"}, **usage_headers(6, 994))
+    outcomes = []
+    for _ in range(8):
+        try:
+            sequential.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=994)
+            outcomes.append(200)
+        except openai.RateLimitError:
+            outcomes.append(429)
+    assert outcomes == [200] * 6 + [429] * 2
+
+
+def test_without_holds_all_concurrent_calls_would_pass(gw: Gateway, upstream: FakeUpstream, clock: FakeClock) -> None:
+    """The same burst with calls whose estimate is 0 (empty prompt, max_tokens=0) but which report
+    1,000 tokens each: nothing is held, so every admission sees an untouched budget."""
+    key = gw.key()
+    admitted, statuses = burst(gw, key, upstream, 50, messages=[{"role": "user", "content": ""}], max_tokens=0)
+    assert admitted == 50 and statuses == [200] * 50
+    assert ledger(gw, key, clock) == {"token": (50_000, 0)}
+
+
+# --- fractional quotas and headers ----------------------------------------------------------------
+
+
+def test_fractional_cents_quota_is_exact(gw: Gateway, upstream: FakeUpstream, clock: FakeClock) -> None:
+    """0.5 cent a minute; each call costs 400 * $2.50 + 100 * $10 per million = 0.2 cent."""
+    key = gw.key()
+    client = gw.openai(key, **{POLICY: "0.5;w=60;u=cents"}, **usage_headers(400, 100))
+
+    def call() -> tuple[int, httpx.Headers]:
+        try:
+            raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=CHAT, max_tokens=100)
+            return raw.http_response.status_code, raw.headers
+        except openai.RateLimitError as exc:
+            return 429, exc.response.headers
+
+    results = [call() for _ in range(4)]
+    assert [status for status, _ in results] == [200, 200, 200, 429]  # 0, 0.2, 0.4 cent spent: admitted
+    assert ledger(gw, key, clock) == {"cents": (600_000, 0)}
+    for _, headers in results:
+        assert headers["helicone-ratelimit-limit"] == "0.5"
+        assert headers["helicone-ratelimit-policy"] == "0.5;w=60;u=cents"
+        assert headers["helicone-ratelimit-remaining"] == "0"  # whole cents, rounded down
+        assert headers["ratelimit-policy"] == '"p1";q=0.5;w=60;qu="cents"'
+    assert 0 < int(results[3][1]["retry-after"]) <= 60
+    clock.advance(60)
+    assert call()[0] == 200
+    assert upstream.count() == 4
+
+
+def test_headers_after_the_call_on_json_and_at_admission_on_streams(gw: Gateway, clock: FakeClock) -> None:
+    key = gw.key()
+    client = gw.openai(key, **{POLICY: "1000;w=60;u=token"})
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=CHAT, max_tokens=20, extra_headers=usage_headers(100, 20)
+    )
+    assert raw.headers["helicone-ratelimit-remaining"] == "880"  # after this call's 120 tokens
+    assert raw.headers["helicone-ratelimit-policy"] == "1000;w=60;u=token"
+    assert raw.headers["ratelimit-policy"] == '"p1";q=1000;w=60;qu="tokens"'
+    assert raw.headers["ratelimit"] == '"p1";r=880;t=60'
+    with client.chat.completions.with_streaming_response.create(
+        model="gpt-4o", messages=CHAT, max_tokens=50, stream=True, extra_headers=usage_headers(100, 50)
+    ) as streamed:
+        # at admission: 120 charged and this call's estimate held (6 prompt tokens + max_tokens 50)
+        assert streamed.headers["helicone-ratelimit-remaining"] == str(1000 - 120 - PROMPT_ESTIMATE - 50)
+        list(streamed.iter_lines())
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=CHAT, max_tokens=20, extra_headers=usage_headers(100, 20)
+    )
+    assert raw.headers["helicone-ratelimit-remaining"] == str(1000 - 120 - 150 - 120)
+    assert ledger(gw, key, clock) == {"token": (390, 0)}
+
+
+@pytest.mark.filterwarnings("ignore:The model 'claude-sonnet-4-5' is deprecated:DeprecationWarning")
+def test_cents_headers_count_whole_cents_left(gw: Gateway) -> None:
+    """Remaining counts whole cents, rounded down."""
+    client = gw.anthropic(gw.key(), **{POLICY: "100;w=3600;u=cents"}, **usage_headers(10_000, 1000))
+    raw = client.messages.with_raw_response.create(model="claude-sonnet-4-5", max_tokens=1000, messages=CLAUDE)
+    # claude-sonnet-4-5: 10,000 * $3 + 1,000 * $15 per million = $0.045 = 4.5 cents; 95.5 left
+    assert raw.headers["helicone-ratelimit-remaining"] == "95"
+    assert raw.headers["ratelimit"].startswith('"p1";r=95;t=')
