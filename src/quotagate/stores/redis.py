@@ -436,7 +436,8 @@ def _usage_from_hash(raw: dict[bytes, bytes], now: float, names: dict[str, str])
     h = {k.decode(): v.decode() for k, v in raw.items()}
     meta = orjson.loads(h["m"])
     window = int(meta["window"])
-    used = sum(int(h[f"a{k[1:]}"]) for k in h if k.startswith("l") and float(h[k]) > now - window)
+    buckets = [k[1:] for k in h if k[0] == "l" and k[1:].isdigit()]  # l<index>: a bucket's latest unit
+    used = sum(int(h.get(f"a{i}", 0)) for i in buckets if float(h[f"l{i}"]) > now - window)
     held = int(h.get("hd", 0))
     quota = int(h["q"])
     return BudgetUsage(
