@@ -196,7 +196,7 @@ def throughput_table(rows: dict[str, Row]) -> list[str]:
             _line(
                 [
                     row.scenario.label,
-                    _f(top.rate, 0),
+                    _f(top.rate, 0) + (" (profiled)" if "profiled" in row.notes else ""),
                     _f(ref.rate, 0) if ref else "—",
                     _ratio(top.rate, ref.rate if ref else None),
                     _f(top.cpu_ms_per_request, 3),

@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import spy
 from report import RATES, Phase, Row, Scenario, Stream, X, mark, markdown, percentile, raw
 
 BENCH = Path(__file__).resolve().parent
@@ -542,7 +543,10 @@ class Bench:
         self.load.run(f"{name}-warm", port, pid, t.warmup, 0, traffic)
         if scenario.gateway and not self.args.no_pairing:
             self.measure_paired_reference(row)
+        recorder = self.start_profile(row, pid)
         row.phases["max"] = top = self.load.run(f"{name}-max", port, pid, t.max_run, 0, traffic)
+        if recorder is not None:
+            self.finish_profile(row, recorder)
         verify(top, scenario, self.shape.max_connections)
         for rate in RATES:
             if scenario.gateway and top.rate < 0.9 * rate:
@@ -555,6 +559,26 @@ class Bench:
             row.stream = measure_stream(port, traffic, t.stream_samples)
         if service is not None and not service.alive():
             row.problems.append(f"the server died during the run:\n{service.log_tail()}")
+
+    def start_profile(self, row: Row, pid: int) -> subprocess.Popen[bytes] | None:
+        """With --profile, py-spy records the gateway's processes during its flat-out run."""
+        if not self.args.profile or not row.scenario.gateway:
+            return None
+        self.args.profile.mkdir(parents=True, exist_ok=True)
+        recorder = spy.start(pid, self.timing.max_run, self.args.profile / f"{row.scenario.key}.raw.txt")
+        time.sleep(0.5)  # let py-spy attach before the load starts
+        return recorder
+
+    def finish_profile(self, row: Row, recorder: subprocess.Popen[bytes]) -> None:
+        try:
+            recorder.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            recorder.kill()
+            recorder.wait()
+        raw_path = self.args.profile / f"{row.scenario.key}.raw.txt"
+        if raw_path.exists():
+            (self.args.profile / f"{row.scenario.key}.top.txt").write_text(spy.summarize(raw_path))
+        row.notes["profiled"] = "max req/s measured under py-spy (slower than without)"
 
     def measure_paired_reference(self, row: Row) -> None:
         """The reference's maximum measured right before the gateway's, so that both see the same machine."""
@@ -635,6 +659,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="list the rows and exit")
     parser.add_argument(
         "--no-pairing", action="store_true", help="do not measure the reference again right before each gateway row"
+    )
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="record each gateway row's flat-out run with py-spy into DIR"
     )
     parser.add_argument("--redis-url", help="use this Redis db (FLUSHDB'd) instead of a private redis-server")
     parser.add_argument("--load-cpus", help="taskset CPU list for wrk, e.g. 0")
