@@ -4,13 +4,16 @@ the gateway killed with SIGKILL under load. Nothing is lost, nobody is let in.""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import openai
+import orjson
 import pytest
 
 from quotagate.fake_upstream import FakeUpstream
@@ -146,3 +149,23 @@ def test_sigkill_under_load_loses_nothing_but_calls_in_flight(
     assert len(admitted) <= counted <= len(admitted) + concurrency
     rows = sqlite3.connect(sqlite_url[len("sqlite:///") :]).execute("SELECT count(*) FROM counters").fetchone()
     assert rows[0] == 1  # one budget, found again as it was: the restart needed no repair step
+
+
+def test_a_worker_that_dies_is_replaced(serve: Callable[..., Gateway], upstream: FakeUpstream) -> None:
+    gateway = serve("--workers", "2")
+    key = gateway.key()
+
+    def workers() -> list[int]:
+        lines = [orjson.loads(line) for line in gateway.log_lines() if line.startswith("{")]
+        return [line["pid"] for line in lines if "listening on http" in line["msg"]]
+
+    first = workers()
+    assert len(first) == 2
+    os.kill(first[0], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while len(workers()) < 3 and time.monotonic() < deadline:  # a real process has to start
+        time.sleep(0.05)
+    assert len(workers()) == 3 and workers()[2] not in first
+    with gateway.http() as http:
+        statuses = [http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}"}).status_code for _ in range(20)]
+    assert statuses == [200] * 20

@@ -178,10 +178,15 @@ def serve(settings: Settings, announce: Callable[[str], None] = print) -> None:
 
 
 def _supervise(settings: Settings) -> None:
+    """Start the workers, replace one that dies, stop them all on SIGTERM or SIGINT."""
     context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=run_worker, args=(settings, True), daemon=False) for _ in range(settings.workers)]
-    for worker in workers:
+
+    def spawn() -> multiprocessing.process.BaseProcess:
+        worker = context.Process(target=run_worker, args=(settings, True), daemon=False)
         worker.start()
+        return worker
+
+    workers = [spawn() for _ in range(settings.workers)]
     metrics.mark_dead(os.getpid())  # the supervisor serves nothing: its gauges must not count
     stopping = False
 
@@ -194,12 +199,15 @@ def _supervise(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    while not stopping and all(w.is_alive() for w in workers):
+    while not stopping:
         time.sleep(0.2)
-    if not stopping:
-        log.error("a worker exited unexpectedly; stopping the others")
-        stop(signal.SIGTERM, None)
+        for index, worker in enumerate(workers):
+            if not worker.is_alive() and not stopping:
+                log.error("worker %s exited with %s; starting a new one", worker.pid, worker.exitcode)
+                if worker.pid is not None:
+                    metrics.mark_dead(worker.pid)
+                workers[index] = spawn()
     for worker in workers:
-        worker.join(timeout=30)
+        worker.join(timeout=70)
         if worker.pid is not None and not worker.is_alive():
             metrics.mark_dead(worker.pid)
