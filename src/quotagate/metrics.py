@@ -65,7 +65,7 @@ OVERHEAD = Histogram(
     "Time the gateway itself adds to a request (total time minus the upstream's).",
     buckets=OVERHEAD_BUCKETS,
 )
-CHARGED_CENTS = Counter("quotagate_charged_cents", "US cents charged to cents budgets' calls.")
+CHARGED_CENTS = Counter("quotagate_charged_cents", "US cents of model cost charged (every call with a known price).")
 CHARGED_TOKENS = Counter("quotagate_charged_tokens", "Tokens charged to calls (input plus output).")
 UNPRICED = Counter("quotagate_unpriced_calls", "Calls charged 0 because their model has no known price.")
 

@@ -45,13 +45,13 @@ class Entity:
 
 
 def group(items: list[BudgetUsage]) -> list[Entity]:
-    """Budgets by who they limit, closest to a limit first (then most recently denied)."""
+    """Budgets by who they limit, closest to a limit first; ties in a stable order (key, value)."""
     entities: dict[tuple[str, str | None, str | None], Entity] = {}
     for item in items:
         ident = (item.key_id, item.segment, item.value)
         entity = entities.setdefault(ident, Entity(item.key_name or item.key_id, item.segment, item.value))
         entity.budgets.append(item)
-    return sorted(entities.values(), key=lambda e: (-e.ratio, -(e.denied_at or 0), e.key, e.value or ""))
+    return sorted(entities.values(), key=lambda e: (-e.ratio, e.key, e.value or ""))
 
 
 async def fetch(store_url: str, key: str | None, limit: int) -> list[BudgetUsage]:
