@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
+from typing import Any
 
 import anthropic
 import openai
@@ -22,7 +23,7 @@ import pytest
 from quotagate.config import PriceOverride, Settings
 from quotagate.fake_upstream import BackgroundServer, FakeUpstream
 from quotagate.keys import split_key
-from quotagate.server import build_app
+from quotagate.server import PROXY, build_app
 from quotagate.stores import open_store
 
 from .conftest import CHAT, CLAUDE, FakeClock, Gateway, free_port, httpx
@@ -83,27 +84,22 @@ def served(upstream: FakeUpstream, store_url: str, clock: FakeClock) -> Iterator
         server.stop()
 
 
-def ledger(gw: Gateway, key: str, clock: FakeClock) -> dict[str, tuple[int, int]]:
-    """What the store holds for a key, read through a store connection of its own:
-    unit -> (charged, held), in stored units (micro-cents, tokens)."""
-
-    async def read() -> dict[str, tuple[int, int]]:
-        store = open_store(gw.store_url, clock)
-        try:
-            rows = await store.usage(key_id=split_key(key)[0])  # type: ignore[index]
-        finally:
-            await store.close()
-        assert len({r.unit for r in rows}) == len(rows)
-        return {r.unit: (r.used, r.held) for r in rows}
-
-    return asyncio.run(read())
+def ledger(gw: Gateway, key: str) -> dict[str, tuple[int, int]]:
+    """What the store holds for a key: unit -> (charged, held), in stored units (micro-cents,
+    tokens). Read through the gateway's own store object, on its event loop, as the admin API
+    reads it (a Redis store indexes budgets for listing off the request path, on its own)."""
+    store = gw.server.app[PROXY].store
+    future = asyncio.run_coroutine_threadsafe(store.usage(key_id=split_key(key)[0]), gw.server.loop)  # type: ignore[index]
+    rows = future.result(timeout=30)
+    assert len({r.unit for r in rows}) == len(rows)
+    return {r.unit: (r.used, r.held) for r in rows}
 
 
-def settled(gw: Gateway, key: str, clock: FakeClock) -> dict[str, tuple[int, int]]:
+def settled(gw: Gateway, key: str) -> dict[str, tuple[int, int]]:
     """The ledger once no call of the key holds anything (a charge that runs after a disconnect)."""
     deadline = time.monotonic() + 20
     while True:
-        state = ledger(gw, key, clock)
+        state = ledger(gw, key)
         if all(held == 0 for _, held in state.values()) or time.monotonic() > deadline:
             return state
         time.sleep(0.02)
@@ -143,7 +139,6 @@ CHAT_CASES = [
 def test_openai_chat_charges_exact_cost(
     gw: Gateway,
     upstream: FakeUpstream,
-    clock: FakeClock,
     model: str,
     prompt: int,
     completion: int,
@@ -159,7 +154,7 @@ def test_openai_chat_charges_exact_cost(
     else:
         reply = client.chat.completions.create(model=model, messages=CHAT, max_tokens=completion)
         assert reply.usage is not None and reply.usage.prompt_tokens == prompt
-    assert ledger(gw, key, clock) == {"cents": (expected, 0), "token": (prompt + completion, 0)}
+    assert ledger(gw, key) == {"cents": (expected, 0), "token": (prompt + completion, 0)}
     assert upstream.count("/chat/completions") == 1
 
 
@@ -171,7 +166,7 @@ def test_known_prices_by_hand() -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-def test_openai_completions_charge(gw: Gateway, clock: FakeClock, stream: bool) -> None:
+def test_openai_completions_charge(gw: Gateway, stream: bool) -> None:
     key = gw.key()
     client = gw.openai(key, **{POLICY: ROOMY}, **usage_headers(3000, 40))
     if stream:
@@ -182,27 +177,25 @@ def test_openai_completions_charge(gw: Gateway, clock: FakeClock, stream: bool) 
     else:
         client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Once", max_tokens=40)
     # gpt-3.5-turbo-instruct: $1.50 in, $2.00 out
-    assert ledger(gw, key, clock) == {"cents": (microcents((3000, "1.50"), (40, "2.00")), 0), "token": (3040, 0)}
+    assert ledger(gw, key) == {"cents": (microcents((3000, "1.50"), (40, "2.00")), 0), "token": (3040, 0)}
 
 
 @pytest.mark.parametrize(
     ("model", "usd_per_mtok"),
     [("text-embedding-3-small", "0.02"), ("text-embedding-3-large", "0.13"), ("text-embedding-ada-002", "0.10")],
 )
-def test_openai_embeddings_charge_input_only(gw: Gateway, clock: FakeClock, model: str, usd_per_mtok: str) -> None:
+def test_openai_embeddings_charge_input_only(gw: Gateway, model: str, usd_per_mtok: str) -> None:
     key = gw.key()
     client = gw.openai(key, **{POLICY: ROOMY}, **usage_headers(50_000))
     client.embeddings.create(model=model, input=["first text", "second text"])
-    assert ledger(gw, key, clock) == {"cents": (microcents((50_000, usd_per_mtok)), 0), "token": (50_000, 0)}
+    assert ledger(gw, key) == {"cents": (microcents((50_000, usd_per_mtok)), 0), "token": (50_000, 0)}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize(
     ("model", "prices"), [("gpt-4.1-mini", GPT_41_MINI), ("gpt-5", GPT_5), ("gpt-4o", GPT_4O)], ids=lambda v: v
 )
-def test_openai_responses_charge(
-    gw: Gateway, clock: FakeClock, model: str, prices: tuple[str, str, str], stream: bool
-) -> None:
+def test_openai_responses_charge(gw: Gateway, model: str, prices: tuple[str, str, str], stream: bool) -> None:
     key = gw.key()
     client = gw.openai(key, **{POLICY: ROOMY}, **usage_headers(8000, 700, cached=6000))
     if stream:
@@ -211,7 +204,7 @@ def test_openai_responses_charge(
     else:
         assert client.responses.create(model=model, input="Hello there", max_output_tokens=700).output_text
     expected = openai_cost(prices, 8000, 700, cached=6000)
-    assert ledger(gw, key, clock) == {"cents": (expected, 0), "token": (8700, 0)}
+    assert ledger(gw, key) == {"cents": (expected, 0), "token": (8700, 0)}
 
 
 # Anthropic's published prices (USD per million tokens): input, cache read, cache write (5 min), output.
@@ -242,7 +235,6 @@ CLAUDE_CASES = [
 @pytest.mark.parametrize(("model", "uncached", "read", "write", "output", "expected"), CLAUDE_CASES)
 def test_anthropic_messages_charge_exact_cost(
     gw: Gateway,
-    clock: FakeClock,
     model: str,
     uncached: int,
     read: int,
@@ -254,31 +246,33 @@ def test_anthropic_messages_charge_exact_cost(
     key = gw.key()
     total_input = uncached + read + write
     claude = gw.anthropic(key, **{POLICY: ROOMY}, **usage_headers(total_input, output, read, write))
+    final: anthropic.types.Message
     if stream:
         with claude.messages.stream(model=model, max_tokens=output, messages=CLAUDE) as events:
             final = events.get_final_message()
     else:
         final = claude.messages.create(model=model, max_tokens=output, messages=CLAUDE)
     assert (final.usage.input_tokens, final.usage.output_tokens) == (uncached, output)
-    assert ledger(gw, key, clock) == {"cents": (expected, 0), "token": (total_input + output, 0)}
+    assert ledger(gw, key) == {"cents": (expected, 0), "token": (total_input + output, 0)}
 
 
 def test_long_context_tier_by_hand() -> None:
-    """claude-sonnet-4-5 past 200k input tokens: every token at the long-context rate."""
-    assert anthropic_cost(SONNET_45_LONG, 150_000, 60_000, 0, 2000) == 94_100_000  # 94.1 cents
+    """claude-sonnet-4-5 past 200k input tokens: every token at the long-context rate.
+    150,000 * $6 + 60,000 * $0.60 + 2,000 * $22.50 per million = $0.900 + $0.036 + $0.045."""
+    assert anthropic_cost(SONNET_45_LONG, 150_000, 60_000, 0, 2000) == 98_100_000  # 98.1 cents
     assert anthropic_cost(SONNET_45, 150_000, 0, 0, 0) == 45_000_000
 
 
-def test_token_unit_is_input_plus_output_tokens(gw: Gateway, clock: FakeClock) -> None:
+def test_token_unit_is_input_plus_output_tokens(gw: Gateway) -> None:
     """Cached input counts like any input token; Anthropic's cache reads and writes included."""
     key = gw.key()
     gw.openai(key, **{POLICY: "100000;w=60;u=token"}, **usage_headers(1000, 100, cached=400)).chat.completions.create(
         model="gpt-4o-mini", messages=CHAT, max_tokens=100
     )
-    assert ledger(gw, key, clock) == {"token": (1100, 0)}
+    assert ledger(gw, key) == {"token": (1100, 0)}
     claude = gw.anthropic(key, **{POLICY: "100000;w=60;u=token"}, **usage_headers(600, 50, cached=300, cache_write=200))
     claude.messages.create(model="claude-haiku-4-5", max_tokens=50, messages=CLAUDE)
-    assert ledger(gw, key, clock) == {"token": (1100 + 650, 0)}  # 100 uncached + 300 read + 200 written + 50 out
+    assert ledger(gw, key) == {"token": (1100 + 650, 0)}  # 100 uncached + 300 read + 200 written + 50 out
 
 
 # --- the usage the gateway asks for on its own -------------------------------------------------
@@ -287,7 +281,7 @@ def test_token_unit_is_input_plus_output_tokens(gw: Gateway, clock: FakeClock) -
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
 @pytest.mark.parametrize("options", [None, {"include_usage": False}], ids=["no-options", "include_usage-false"])
 def test_injected_include_usage_is_invisible(
-    gw: Gateway, upstream: FakeUpstream, clock: FakeClock, route: str, options: dict[str, bool] | None
+    gw: Gateway, upstream: FakeUpstream, route: str, options: dict[str, bool] | None
 ) -> None:
     """A stream whose client did not ask for usage: the gateway asks the upstream for it, charges
     it, and hands back the stream the client asked for, with no usage chunk and no usage field."""
@@ -305,18 +299,18 @@ def test_injected_include_usage_is_invisible(
     assert events[-1] == b"data: [DONE]"
     assert len(events) == (5 if route.endswith("chat/completions") else 3) + 1  # the reply's chunks, [DONE]
     assert upstream.received[0].json()["stream_options"] == {"include_usage": True}
-    assert ledger(gw, key, clock)["cents"] == (openai_cost(GPT_4O_MINI, 1000, 3), 0)
+    assert ledger(gw, key)["cents"] == (openai_cost(GPT_4O_MINI, 1000, 3), 0)
 
 
-def test_sdk_stream_without_usage_sees_no_usage_chunk(gw: Gateway, clock: FakeClock) -> None:
+def test_sdk_stream_without_usage_sees_no_usage_chunk(gw: Gateway) -> None:
     key = gw.key()
     client = gw.openai(key, **{POLICY: ROOMY}, **usage_headers(1000, 4))
     chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=4, stream=True))
     assert all(c.choices and c.usage is None for c in chunks)
-    assert ledger(gw, key, clock)["token"] == (1004, 0)
+    assert ledger(gw, key)["token"] == (1004, 0)
 
 
-def test_a_client_that_asks_for_usage_gets_it_unchanged(gw: Gateway, clock: FakeClock) -> None:
+def test_a_client_that_asks_for_usage_gets_it_unchanged(gw: Gateway) -> None:
     key = gw.key()
     headers = {"Helicone-Auth": f"Bearer {key}", POLICY: ROOMY, **usage_headers(1000, 2)}
     body = {
@@ -334,7 +328,7 @@ def test_a_client_that_asks_for_usage_gets_it_unchanged(gw: Gateway, clock: Fake
     events = [e for e in raw.split(b"\n\n") if e]
     assert all(e.endswith(b',"usage":null}') for e in events[:-2])
     assert b'"choices":[],"usage":{"prompt_tokens":1000,"completion_tokens":2' in events[-2]
-    assert ledger(gw, key, clock)["token"] == (1002, 0)
+    assert ledger(gw, key)["token"] == (1002, 0)
 
 
 # --- when the charge lands -----------------------------------------------------------------------
@@ -342,7 +336,7 @@ def test_a_client_that_asks_for_usage_gets_it_unchanged(gw: Gateway, clock: Fake
 
 @pytest.mark.parametrize("handler_cancellation", [True, False], ids=["cancelling", "serve-like"])
 def test_charge_is_committed_before_the_stream_ends(
-    served: Callable[[bool], Gateway], clock: FakeClock, handler_cancellation: bool
+    served: Callable[[bool], Gateway], handler_cancellation: bool
 ) -> None:
     """The SDKs stop reading at a stream's terminal event ([DONE], message_stop,
     response.completed) and may send the next call at once: by then the store has the charge,
@@ -359,7 +353,7 @@ def test_charge_is_committed_before_the_stream_ends(
     ]
     for done, stream in enumerate(streams * 2, start=1):
         stream()
-        assert ledger(gw, key, clock)["token"] == (done * 1005, 0)
+        assert ledger(gw, key)["token"] == (done * 1005, 0)
 
 
 def claude_stream(claude: anthropic.Anthropic) -> None:
@@ -394,7 +388,6 @@ DISCONNECTS = [
 def test_client_disconnect_mid_stream_charges_what_was_streamed(
     served: Callable[[bool], Gateway],
     upstream: FakeUpstream,
-    clock: FakeClock,
     route: str,
     events: int,
     yielded: int,
@@ -406,6 +399,7 @@ def test_client_disconnect_mid_stream_charges_what_was_streamed(
     key = gw.key()
     steer = {"X-Fake-Hold": f"cut-{route}", "X-Fake-Hold-After": str(events), **usage_headers(1000, 50)}
     policy = {POLICY: "10000;w=3600;u=token"}
+    stream: Any
     if route == "messages":
         claude = gw.anthropic(key, **policy, **steer)
         stream = claude.messages.create(model="claude-haiku-4-5", max_tokens=50, messages=CLAUDE, stream=True)
@@ -420,11 +414,11 @@ def test_client_disconnect_mid_stream_charges_what_was_streamed(
     iterator = iter(stream)
     for _ in range(yielded):
         next(iterator)
-    assert ledger(gw, key, clock) == {"token": (0, PROMPT_ESTIMATE + 50)}  # held: prompt estimate + max_tokens
+    assert ledger(gw, key) == {"token": (0, PROMPT_ESTIMATE + 50)}  # held: prompt estimate + max_tokens
     stream.close()
     if not handler_cancellation:
         upstream.release(f"cut-{route}")  # a serve-like gateway notices at the upstream's next chunk
-    assert settled(gw, key, clock) == {"token": (charged_input + streamed, 0)}
+    assert settled(gw, key) == {"token": (charged_input + streamed, 0)}
     upstream.release(f"cut-{route}")
     # the next call sees the whole budget but that charge: 10000 - charge - its own 100 + 20
     raw = gw.openai(key, **policy, **usage_headers(100, 20)).chat.completions.with_raw_response.create(
@@ -434,19 +428,17 @@ def test_client_disconnect_mid_stream_charges_what_was_streamed(
     assert upstream.count() == 2
 
 
-def test_a_broken_upstream_stream_charges_what_was_streamed(
-    gw: Gateway, upstream: FakeUpstream, clock: FakeClock
-) -> None:
+def test_a_broken_upstream_stream_charges_what_was_streamed(gw: Gateway, upstream: FakeUpstream) -> None:
     key = gw.key()
     client = gw.openai(key, **{POLICY: ROOMY, "X-Fake-Cut-After": "4"}, **usage_headers(1000, 50))
     with pytest.raises(openai.APIError):
         list(client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=50, stream=True))
     # the prompt's estimate (6) and " word0 word1 word2" (6): 6 * $2.50 + 6 * $10 per million
-    assert settled(gw, key, clock) == {"cents": (microcents((6, "2.50"), (6, "10.00")), 0), "token": (12, 0)}
+    assert settled(gw, key) == {"cents": (microcents((6, "2.50"), (6, "10.00")), 0), "token": (12, 0)}
 
 
 def test_a_client_gone_before_a_json_answer_is_charged_its_prompt(
-    served: Callable[[bool], Gateway], upstream: FakeUpstream, clock: FakeClock
+    served: Callable[[bool], Gateway], upstream: FakeUpstream
 ) -> None:
     """A client that times out before a non-stream answer: its hold does not linger until the
     hold's TTL; it is charged the prompt's estimate."""
@@ -455,17 +447,17 @@ def test_a_client_gone_before_a_json_answer_is_charged_its_prompt(
     client = gw.openai(key, **{POLICY: "10000;w=3600;u=token", "X-Fake-Hold": "slow-json"}).with_options(timeout=0.5)
     with pytest.raises(openai.APITimeoutError):
         client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=50)
-    assert settled(gw, key, clock) == {"token": (PROMPT_ESTIMATE, 0)}
+    assert settled(gw, key) == {"token": (PROMPT_ESTIMATE, 0)}
     upstream.release("slow-json")
 
 
-def test_a_failed_upstream_call_is_charged_nothing(gw: Gateway, upstream: FakeUpstream, clock: FakeClock) -> None:
+def test_a_failed_upstream_call_is_charged_nothing(gw: Gateway, upstream: FakeUpstream) -> None:
     key = gw.key()
     client = gw.openai(key, **{POLICY: "1;w=60;u=cents, 1000;w=60;u=token", "X-Fake-Status": "500"})
     for _ in range(3):
         with pytest.raises(openai.InternalServerError):
             client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=50)
-    assert ledger(gw, key, clock) == {"cents": (0, 0), "token": (0, 0)}
+    assert ledger(gw, key) == {"cents": (0, 0), "token": (0, 0)}
     assert upstream.count() == 3
 
 
@@ -481,7 +473,7 @@ def unpriced_calls(gw: Gateway) -> float:
 
 
 def test_unknown_model_is_charged_zero_logged_once_and_counted(
-    gw: Gateway, upstream: FakeUpstream, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    gw: Gateway, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = gw.key()
     before = unpriced_calls(gw)
@@ -489,7 +481,7 @@ def test_unknown_model_is_charged_zero_logged_once_and_counted(
     with caplog.at_level(logging.WARNING, logger="quotagate.pricing"):
         for _ in range(3):
             client.chat.completions.create(model="acme-llm-unlisted", messages=CHAT, max_tokens=1000)
-    assert ledger(gw, key, clock) == {"cents": (0, 0), "token": (3 * 51_000, 0)}  # tokens still count
+    assert ledger(gw, key) == {"cents": (0, 0), "token": (3 * 51_000, 0)}  # tokens still count
     warnings = [r for r in caplog.records if "acme-llm-unlisted" in r.getMessage()]
     assert len(warnings) == 1
     assert unpriced_calls(gw) - before == 3
@@ -509,12 +501,12 @@ def test_price_overrides_from_the_config(
     client.chat.completions.create(
         model="my-finetune", messages=CHAT, max_tokens=200, extra_headers=usage_headers(1000, 200)
     )
-    assert ledger(gw, key, clock)["cents"] == (microcents((1000, "0.30"), (200, "1.20")), 0)
+    assert ledger(gw, key)["cents"] == (microcents((1000, "0.30"), (200, "1.20")), 0)
     client.chat.completions.create(
         model="gpt-4o-mini", messages=CHAT, max_tokens=100, extra_headers=usage_headers(1000, 100, cached=400)
     )
     expected = microcents((1000, "0.30"), (200, "1.20")) + microcents((600, "1"), (400, "0.5"), (100, "2"))
-    assert ledger(gw, key, clock)["cents"] == (expected, 0)
+    assert ledger(gw, key)["cents"] == (expected, 0)
 
 
 # --- holds under concurrency ------------------------------------------------------------------------
@@ -546,14 +538,14 @@ def burst(gw: Gateway, key: str, upstream: FakeUpstream, calls: int, **create: o
     return asyncio.run(run())
 
 
-def test_holds_bound_concurrent_admissions(gw: Gateway, upstream: FakeUpstream, clock: FakeClock) -> None:
+def test_holds_bound_concurrent_admissions(gw: Gateway, upstream: FakeUpstream) -> None:
     """50 concurrent calls of 1,000 tokens (6 counted in the prompt + max_tokens 994, as they then
     report) against 5,500 tokens: each admission holds 1,000, so the 6th finds 500 left and is
     the last admitted, exactly as when the calls come one after another."""
     key = gw.key()
     admitted, statuses = burst(gw, key, upstream, 50, messages=CHAT, max_tokens=994)
     assert admitted == 6 and statuses.count(200) == 6 and statuses.count(429) == 44
-    assert ledger(gw, key, clock) == {"token": (6000, 0)}  # overshoot: at most one call's cost
+    assert ledger(gw, key) == {"token": (6000, 0)}  # overshoot: at most one call's cost
 
     sequential = gw.openai(gw.key("sequential"), **{POLICY: "5500;w=3600;u=token"}, **usage_headers(6, 994))
     outcomes = []
@@ -566,13 +558,13 @@ def test_holds_bound_concurrent_admissions(gw: Gateway, upstream: FakeUpstream, 
     assert outcomes == [200] * 6 + [429] * 2
 
 
-def test_without_holds_all_concurrent_calls_would_pass(gw: Gateway, upstream: FakeUpstream, clock: FakeClock) -> None:
+def test_without_holds_all_concurrent_calls_would_pass(gw: Gateway, upstream: FakeUpstream) -> None:
     """The same burst with calls whose estimate is 0 (empty prompt, max_tokens=0) but which report
     1,000 tokens each: nothing is held, so every admission sees an untouched budget."""
     key = gw.key()
     admitted, statuses = burst(gw, key, upstream, 50, messages=[{"role": "user", "content": ""}], max_tokens=0)
     assert admitted == 50 and statuses == [200] * 50
-    assert ledger(gw, key, clock) == {"token": (50_000, 0)}
+    assert ledger(gw, key) == {"token": (50_000, 0)}
 
 
 # --- fractional quotas and headers ----------------------------------------------------------------
@@ -592,7 +584,7 @@ def test_fractional_cents_quota_is_exact(gw: Gateway, upstream: FakeUpstream, cl
 
     results = [call() for _ in range(4)]
     assert [status for status, _ in results] == [200, 200, 200, 429]  # 0, 0.2, 0.4 cent spent: admitted
-    assert ledger(gw, key, clock) == {"cents": (600_000, 0)}
+    assert ledger(gw, key) == {"cents": (600_000, 0)}
     for _, headers in results:
         assert headers["helicone-ratelimit-limit"] == "0.5"
         assert headers["helicone-ratelimit-policy"] == "0.5;w=60;u=cents"
@@ -604,7 +596,7 @@ def test_fractional_cents_quota_is_exact(gw: Gateway, upstream: FakeUpstream, cl
     assert upstream.count() == 4
 
 
-def test_headers_after_the_call_on_json_and_at_admission_on_streams(gw: Gateway, clock: FakeClock) -> None:
+def test_headers_after_the_call_on_json_and_at_admission_on_streams(gw: Gateway) -> None:
     key = gw.key()
     client = gw.openai(key, **{POLICY: "1000;w=60;u=token"})
     raw = client.chat.completions.with_raw_response.create(
@@ -624,7 +616,7 @@ def test_headers_after_the_call_on_json_and_at_admission_on_streams(gw: Gateway,
         model="gpt-4o", messages=CHAT, max_tokens=20, extra_headers=usage_headers(100, 20)
     )
     assert raw.headers["helicone-ratelimit-remaining"] == str(1000 - 120 - 150 - 120)
-    assert ledger(gw, key, clock) == {"token": (390, 0)}
+    assert ledger(gw, key) == {"token": (390, 0)}
 
 
 @pytest.mark.filterwarnings("ignore:The model 'claude-sonnet-4-5' is deprecated:DeprecationWarning")
