@@ -79,6 +79,11 @@ class Phase:
         return 1000 * self.server_cpu / self.requests if self.requests else 0.0
 
     @property
+    def store_ms_per_request(self) -> float:
+        """The Redis server's CPU time per response (SQLite works inside the gateway's processes)."""
+        return 1000 * self.store_cpu / self.requests if self.requests else 0.0
+
+    @property
     def busiest_worker(self) -> float | None:
         """The busiest server process's share of the servers' CPU (0.5 is an even split of two workers)."""
         busy = [c for c in self.worker_cpu if c > 0.05 * self.server_cpu]
@@ -182,13 +187,13 @@ def _line(cells: Sequence[str]) -> str:
 def throughput_table(rows: dict[str, Row]) -> list[str]:
     lines = [
         f"| scenario | max req/s | reference req/s (paired) | {X} ref | CPU ms/req at max | {X} ref "
-        f"| CPU ms/req at 1,000/s | {X} ref | busiest worker | other load (cores) | checks |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| CPU ms/req at 1,000/s | {X} ref | Redis CPU ms/req | busiest worker | other load (cores) | checks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows.values():
         top = row.phase("max")
         if top is None:
-            lines.append(_line([row.scenario.label, *[""] * 9, mark(row)]))
+            lines.append(_line([row.scenario.label, *[""] * 10, mark(row)]))
             continue
         ref = reference_max(rows, row)
         steady, ref_steady = row.phase("1000"), reference_phase(rows, row, "1000")
@@ -205,6 +210,7 @@ def throughput_table(rows: dict[str, Row]) -> list[str]:
                     _ratio(steady.cpu_ms_per_request, ref_steady.cpu_ms_per_request if ref_steady else None)
                     if steady
                     else "—",
+                    _f(top.store_ms_per_request, 3) if row.scenario.store == "redis" else "—",
                     "—" if top.busiest_worker is None else f"{100 * top.busiest_worker:.0f}%",
                     _f(max(top.other_load, ref.other_load if ref else 0.0)),
                     mark(row),
