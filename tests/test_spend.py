@@ -502,9 +502,9 @@ def test_price_overrides_from_the_config(
         model="my-finetune", messages=CHAT, max_tokens=200, extra_headers=usage_headers(1000, 200)
     )
     assert ledger(gw, key)["cents"] == (microcents((1000, "0.30"), (200, "1.20")), 0)
-    client.chat.completions.create(
-        model="gpt-4o-mini", messages=CHAT, max_tokens=100, extra_headers=usage_headers(1000, 100, cached=400)
-    )
+    # as OpenAI does, the answer names the dated snapshot: the alias's override applies to it
+    snapshot = {"X-Fake-Model": "gpt-4o-mini-2024-07-18", **usage_headers(1000, 100, cached=400)}
+    client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=100, extra_headers=snapshot)
     expected = microcents((1000, "0.30"), (200, "1.20")) + microcents((600, "1"), (400, "0.5"), (100, "2"))
     assert ledger(gw, key)["cents"] == (expected, 0)
 

@@ -295,6 +295,9 @@ def test_overrides_win_and_add_models() -> None:
         }
     )
     assert pricer.cost("openai", "gpt-4o-mini", Usage(1000, 100, 400)) == (1000 * 1 + 100 * 2) * 100
+    # the response names the snapshot: the alias's override applies to it
+    assert pricer.cost("openai", "gpt-4o-mini-2024-07-18", Usage(1000, 100)) == (1000 * 1 + 100 * 2) * 100
+    assert pricer.cost("openai", "gpt-4o-2024-08-06", Usage(1000, 0)) == 1000 * 250  # the library's $2.50
     # 600 * 0.3 + 400 * 0.1 (cache read) + 100 * 1.2 = 340
     assert pricer.cost("openai", "My-Finetune", Usage(1000, 100, 400)) == 34_000
 

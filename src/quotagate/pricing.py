@@ -11,6 +11,7 @@ library. Only text token prices are applied (input, cached input, cache writes, 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +26,9 @@ log = logging.getLogger("quotagate.pricing")
 # micro-cents per token = (USD per million tokens) * 100 cents * 1e6 micro / 1e6 tokens
 _MICROCENTS_PER_MTOK_USD = Decimal(100)
 _REFRESH_SECONDS = 3600.0
+# A dated snapshot's suffix (`gpt-4o-mini-2024-07-18`, `claude-sonnet-4-5-20250929`): responses
+# name the snapshot, so an override given for the alias applies to it too.
+_SNAPSHOT_DATE = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
 
 
 @dataclass(slots=True, frozen=True)
@@ -116,7 +120,9 @@ class Pricer:
 
     `provider` is the route's API flavour (`openai`, `anthropic`); `api_url`, the upstream's base
     URL, is tried first, so that a model served by another OpenAI-compatible provider (Groq,
-    Together, ...) gets that provider's price. An unknown model is logged once.
+    Together, ...) gets that provider's price. Overrides are matched case-insensitively, on the
+    model's name or, for a dated snapshot, on the name without its date. An unknown model is
+    logged once.
     """
 
     def __init__(self, overrides: dict[str, PriceOverride] | None = None) -> None:
@@ -126,8 +132,9 @@ class Pricer:
 
     def card(self, provider: str, model: str, api_url: str | None = None) -> PriceCard | None:
         model = model.lower()
-        if model in self.overrides:
-            return self.overrides[model]
+        override = self.overrides.get(model) or self.overrides.get(_SNAPSHOT_DATE.sub("", model))
+        if override is not None:
+            return override
         cached = self._cards.get((provider, api_url, model))
         now = time.monotonic()
         if cached is not None and now - cached[1] <= _REFRESH_SECONDS:
