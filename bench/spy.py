@@ -39,7 +39,7 @@ def _frame(frame: str) -> str:
     return f"{name} ({where.split(':', 1)[0].rsplit('/', 1)[-1]})" if where else name
 
 
-def summarize(raw: Path, top: int = 30) -> str:
+def summarize(raw: Path, top: int = 50) -> str:
     """The functions with the most samples, inclusive and self, as text."""
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
@@ -57,8 +57,9 @@ def summarize(raw: Path, top: int = 30) -> str:
         own[frames[-1]] += int(count)
     if not total:
         return "no samples\n"
-    lines = [f"{total} samples at {RATE} Hz", "", "inclusive:"]
-    lines += [f"{100 * n / total:6.1f}%  {name}" for name, n in inclusive.most_common(top)]
+    lines = [f"{total} samples at {RATE} Hz", "", "inclusive (frames in over 80% of the samples left out):"]
+    shown = [(name, n) for name, n in inclusive.most_common() if n <= 0.8 * total][:top]
+    lines += [f"{100 * n / total:6.1f}%  {name}" for name, n in shown]
     lines += ["", "self:"]
     lines += [f"{100 * n / total:6.1f}%  {name}" for name, n in own.most_common(top)]
     return "\n".join(lines) + "\n"
