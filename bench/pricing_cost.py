@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from decimal import ROUND_CEILING, Decimal
+from decimal import ROUND_CEILING
 
 from genai_prices import Usage as LibraryUsage
 from genai_prices import calc_price
