@@ -120,8 +120,11 @@ def test_login_sets_an_httponly_strict_session_cookie(gw: Gateway, make_gateway:
         value = http.cookies[COOKIE]
         assert http.delete("/admin/session").status_code == 200
         assert http.get("/admin/budgets").status_code == 401
-    with gw.http() as http:  # the form a browser posts works too
-        assert http.post("/admin/session", data={"token": TOKEN}).status_code == 200
+    with gw.http() as http:  # the form a browser posts works too; behind a TLS proxy the cookie is Secure
+        plain = http.post("/admin/session", data={"token": TOKEN})
+        assert plain.status_code == 200 and "Secure" not in plain.headers["set-cookie"]
+        proxied = http.post("/admin/session", data={"token": TOKEN}, headers={"X-Forwarded-Proto": "https"})
+        assert "Secure" in proxied.headers["set-cookie"]
     expires = int(value.partition(".")[0])
     assert with_cookie(gw, f"{expires + 3600}.{value.partition('.')[2]}") == 401  # a forged expiry
     assert with_cookie(gw, session_value(TOKEN, int(time.time()) - 1)) == 401  # an expired session

@@ -248,7 +248,7 @@ class AdminApi:
             path="/",
             httponly=True,
             samesite="Strict",
-            secure=request.secure,
+            secure=request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https",
         )
         return response
 
