@@ -101,6 +101,9 @@ def test_every_admin_route_wants_the_token(gw: Gateway) -> None:
         body = http.get("/admin/budgets", headers={"Authorization": "Basic " + TOKEN}).json()
         assert body["error"]["code"] == "admin_token_required"
     assert with_cookie(gw, TOKEN) == 401  # the raw token is no session
+    assert with_cookie(gw, "") == 401 and with_cookie(gw, "99999999999999999999.abc") == 401
+    with gw.http() as http:  # digits that are not ASCII digits
+        assert http.get("/admin/budgets", headers={b"Cookie": f"{COOKIE}=²³.x".encode()}).status_code == 401
     assert status_of(gw, "GET", "/admin/budgets") == 200
     assert status_of(gw, "GET", "/admin/no-such-route") == 404
 
@@ -206,6 +209,7 @@ def test_budgets_paging(gw: Gateway) -> None:
         ({"limit": "501"}, 400, "invalid_parameter"),
         ({"offset": "-1"}, 400, "invalid_parameter"),
         ({"limit": "ten"}, 400, "invalid_parameter"),
+        ({"limit": "²"}, 400, "invalid_parameter"),
         ({"sort": "name"}, 400, "invalid_sort"),
         ({"segment": "a b"}, 400, "invalid_segment"),
         ({"key": "no-such-key"}, 404, "unknown_key"),

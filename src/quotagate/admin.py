@@ -43,7 +43,6 @@ SESSION_SECONDS = 12 * 3600
 PAGE_MAX = 500
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 PROPERTY_PREFIX = "property:"
-HISTORY = web.AppKey("request_history", RequestHistory)
 _NO_STORE = {"Cache-Control": "no-store"}
 _PAGE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -83,7 +82,7 @@ def session_value(token: str, expires: int) -> str:
 
 def session_ok(value: str, token: str, now: float | None = None) -> bool:
     expires, _, _ = value.partition(".")
-    if not expires.isdigit() or int(expires) <= (time.time() if now is None else now):
+    if not (expires.isascii() and expires.isdigit()) or int(expires) <= (time.time() if now is None else now):
         return False
     return hmac.compare_digest(value.encode(), session_value(token, int(expires)).encode())
 
@@ -150,7 +149,7 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or int(raw) < low or (high is not None and int(raw) > high):
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < low or (high is not None and int(raw) > high):
         bounds = f"{low}..{high}" if high is not None else f">= {low}"
         raise AdminError(400, f"{name} must be a whole number {bounds}, not {raw!r}", "invalid_parameter")
     return int(raw)
@@ -177,7 +176,6 @@ def add_admin_routes(app: web.Application, settings: Settings, store: Store) -> 
     app.router.add_delete("/admin/keys/{key}", api.guarded(api.revoke_key))
     app.router.add_route("*", "/admin/{tail:.*}", api.guarded(api.not_found))
     if settings.admin_token:
-        app[HISTORY] = api.history
         app.cleanup_ctx.append(api.sample_history)
 
 
@@ -228,9 +226,9 @@ class AdminApi:
     # -- session ----------------------------------------------------------------------------
 
     async def session(self, request: web.Request) -> web.Response:
-        cookie = request.cookies.get(COOKIE, "")
-        expires = int(cookie.partition(".")[0]) if cookie.partition(".")[0].isdigit() else None
-        return web.json_response({"authenticated": True, "expires_at": expires}, headers=_NO_STORE)
+        expires = request.cookies.get(COOKIE, "").partition(".")[0]
+        expires_at = int(expires) if expires.isascii() and expires.isdigit() else None
+        return web.json_response({"authenticated": True, "expires_at": expires_at}, headers=_NO_STORE)
 
     async def login(self, request: web.Request) -> web.Response:
         token = self.settings.admin_token
