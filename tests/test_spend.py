@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -556,6 +557,30 @@ def test_holds_bound_concurrent_admissions(gw: Gateway, upstream: FakeUpstream) 
         except openai.RateLimitError:
             outcomes.append(429)
     assert outcomes == [200] * 6 + [429] * 2
+
+
+def test_a_call_holds_its_prompt_and_every_completion_it_asks_for(gw: Gateway, upstream: FakeUpstream) -> None:
+    """In flight: the prompt counted locally (6) plus max_tokens for each of n completions, or the
+    configured default when max_tokens is absent; embeddings hold their input only."""
+    key = gw.key()
+    held = {POLICY: "100000;w=60;u=token", "X-Fake-Hold": "in-flight"}
+    client = gw.openai(key, **held).with_options(timeout=30)
+    cases: list[tuple[Callable[[], object], int]] = [
+        (lambda: client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=50, n=3), 6 + 150),
+        (lambda: client.chat.completions.create(model="gpt-4o", messages=CHAT), 6 + 4096),
+        (lambda: client.embeddings.create(model="text-embedding-3-small", input="Say hello to the test suite"), 6),
+    ]
+    for send, estimate in cases:
+        upstream.reset()
+        done = threading.Thread(target=send)
+        done.start()
+        deadline = time.monotonic() + 20
+        while upstream.count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        state = ledger(gw, key)["token"]
+        upstream.release("in-flight")
+        done.join(timeout=20)
+        assert state[1] == estimate
 
 
 def test_without_holds_all_concurrent_calls_would_pass(gw: Gateway, upstream: FakeUpstream) -> None:

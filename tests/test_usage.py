@@ -20,6 +20,7 @@ from quotagate.pricing import PriceCard, Pricer, Rate
 from quotagate.usage import (
     StreamUsage,
     Usage,
+    completions_requested,
     count_tokens,
     from_body,
     from_usage_block,
@@ -230,6 +231,14 @@ def test_requested_output() -> None:
     assert requested_output({"max_tokens": True}) is None
     assert requested_output({"max_tokens": "50"}) is None
     assert requested_output({}) is None
+
+
+def test_completions_requested() -> None:
+    assert completions_requested({}) == 1
+    assert completions_requested({"n": 3}) == 3
+    assert completions_requested({"n": 2, "best_of": 5}) == 5  # completions bill every candidate
+    assert completions_requested({"n": 0}) == 1
+    assert completions_requested({"n": "3", "best_of": True}) == 1
 
 
 # --- pricing -------------------------------------------------------------------------------------

@@ -45,7 +45,15 @@ from .limiter import Admission, Budget, CounterState, budgets_for, rate_limit_he
 from .policy import GRAMMAR, USER, Policy, PolicyError, Unit, join_header_lines, parse_policies
 from .pricing import Pricer
 from .stores import Store, StoreError
-from .usage import StreamUsage, Usage, count_tokens, from_body, prompt_text, requested_output
+from .usage import (
+    StreamUsage,
+    Usage,
+    completions_requested,
+    count_tokens,
+    from_body,
+    prompt_text,
+    requested_output,
+)
 
 log = logging.getLogger("quotagate")
 access_log = logging.getLogger("quotagate.access")
@@ -302,7 +310,7 @@ class Proxy:
         output = 0 if path.endswith("/embeddings") else requested_output(body)
         if output is None:
             output = self.settings.default_max_tokens
-        usage = Usage(call.prompt_tokens, output)
+        usage = Usage(call.prompt_tokens, output * completions_requested(body))
         for budget in call.holding:
             if budget.unit is Unit.TOKEN:
                 budget.amount = usage.total_tokens

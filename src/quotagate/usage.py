@@ -246,9 +246,15 @@ def texts_in(value: Any) -> list[str]:
 
 
 def requested_output(body: dict[str, Any]) -> int | None:
-    """The output tokens a request allows itself, if it says."""
+    """The output tokens a request allows each of its completions, if it says."""
     for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(field)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
     return None
+
+
+def completions_requested(body: dict[str, Any]) -> int:
+    """How many completions a request has generated (OpenAI's `n`, and `best_of` of completions)."""
+    counts = [v for v in (body.get("n"), body.get("best_of")) if isinstance(v, int) and not isinstance(v, bool)]
+    return max([1, *counts])
