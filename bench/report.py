@@ -115,6 +115,33 @@ class Row:
         return not self.skipped and not self.problems and not any(p.problems for p in self.phases.values())
 
 
+def merge(name: str, phases: Sequence[Phase]) -> Phase:
+    """Several runs of the same kind as one: counts and CPU times add up, latencies are averaged."""
+    out = Phase(name, phases[0].target_rate)
+    for phase in phases:
+        out.requests += phase.requests
+        out.seconds += phase.seconds
+        for code, n in phase.statuses.items():
+            out.statuses[code] = out.statuses.get(code, 0) + n
+        out.status_errors += phase.status_errors
+        out.socket_errors += phase.socket_errors
+        out.missing_header += phase.missing_header
+        out.server_cpu += phase.server_cpu
+        out.upstream_cpu += phase.upstream_cpu
+        out.store_cpu += phase.store_cpu
+        out.loadgen_cpu += phase.loadgen_cpu
+        out.machine_busy += phase.machine_busy
+        out.reached_upstream += phase.reached_upstream
+        if len(out.worker_cpu) == len(phase.worker_cpu):
+            out.worker_cpu = [a + b for a, b in zip(out.worker_cpu, phase.worker_cpu, strict=True)]
+        else:  # the first run, or a worker came or went: keep the latest split
+            out.worker_cpu = list(phase.worker_cpu)
+        out.problems += phase.problems
+    out.p50_ms = sum(p.p50_ms for p in phases) / len(phases)
+    out.p99_ms = sum(p.p99_ms for p in phases) / len(phases)
+    return out
+
+
 def percentile(sorted_values: Sequence[float], p: float) -> float:
     """Nearest-rank percentile of an ascending list."""
     if not sorted_values:
@@ -186,17 +213,16 @@ def _line(cells: Sequence[str]) -> str:
 
 def throughput_table(rows: dict[str, Row]) -> list[str]:
     lines = [
-        f"| scenario | max req/s | reference req/s (paired) | {X} ref | CPU ms/req at max | {X} ref "
-        f"| CPU ms/req at 1,000/s | {X} ref | Redis CPU ms/req | busiest worker | other load (cores) | checks |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| scenario | max req/s | reference req/s (paired) | {X} ref | CPU ms/req | {X} ref "
+        "| Redis CPU ms/req | busiest worker | other load (cores) | checks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows.values():
         top = row.phase("max")
         if top is None:
-            lines.append(_line([row.scenario.label, *[""] * 10, mark(row)]))
+            lines.append(_line([row.scenario.label, *[""] * 8, mark(row)]))
             continue
         ref = reference_max(rows, row)
-        steady, ref_steady = row.phase("1000"), reference_phase(rows, row, "1000")
         lines.append(
             _line(
                 [
@@ -206,10 +232,6 @@ def throughput_table(rows: dict[str, Row]) -> list[str]:
                     _ratio(top.rate, ref.rate if ref else None),
                     _f(top.cpu_ms_per_request, 3),
                     _ratio(top.cpu_ms_per_request, ref.cpu_ms_per_request if ref else None),
-                    _f(steady.cpu_ms_per_request, 3) if steady else "—",
-                    _ratio(steady.cpu_ms_per_request, ref_steady.cpu_ms_per_request if ref_steady else None)
-                    if steady
-                    else "—",
                     _f(top.store_ms_per_request, 3) if row.scenario.store == "redis" else "—",
                     "—" if top.busiest_worker is None else f"{100 * top.busiest_worker:.0f}%",
                     _f(max(top.other_load, ref.other_load if ref else 0.0)),
@@ -223,14 +245,14 @@ def throughput_table(rows: dict[str, Row]) -> list[str]:
 def latency_table(rows: dict[str, Row], rate: int) -> list[str]:
     lines = [
         f"| scenario | achieved req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | p50 {X} ref | p99 {X} ref "
-        "| other load (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| CPU ms/req | {X} ref | other load (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows.values():
         phase = row.phase(str(rate))
         if phase is None:
             if str(rate) in row.notes:
-                lines.append(_line([row.scenario.label, row.notes[str(rate)], *[""] * 7]))
+                lines.append(_line([row.scenario.label, row.notes[str(rate)], *[""] * 9]))
             continue
         ref = reference_phase(rows, row, str(rate))
         ref50, ref99 = (ref.p50_ms, ref.p99_ms) if ref and ref.sustained else (None, None)
@@ -245,6 +267,8 @@ def latency_table(rows: dict[str, Row], rate: int) -> list[str]:
                     _added(phase.p99_ms, ref99),
                     _ratio(phase.p50_ms, ref50),
                     _ratio(phase.p99_ms, ref99),
+                    _f(phase.cpu_ms_per_request, 3),
+                    _ratio(phase.cpu_ms_per_request, ref.cpu_ms_per_request if ref else None),
                     _f(phase.other_load),
                 ]
             )
@@ -319,12 +343,12 @@ def _latency_targets(rows: dict[str, Row], key: str) -> list[Target]:
 def _cpu_target(rows: dict[str, Row], key: str) -> Target:
     """The absolute target, with the reference's own figure on this machine beside it."""
     row = rows.get(key)
-    name = "1000" if row is not None and row.phase("1000") else "max"
+    name = next((n for n in ("1000", "200") if row is not None and row.phase(n)), "max")
     phase = row.phase(name) if row else None
     what = "… CPU per admitted request ≤ 0.3 ms"
     if row is None or phase is None:
         return Target(what, "not measured", None)
-    where = "at 1,000 req/s" if phase.target_rate else "flat out"
+    where = f"at {phase.target_rate:,} req/s" if phase.target_rate else "flat out"
     ref = reference_phase(rows, row, name)
     beside = f"; the reference: {ref.cpu_ms_per_request:.3f} ms" if ref else ""
     return Target(what, f"{phase.cpu_ms_per_request:.3f} ms {where}{beside}", phase.cpu_ms_per_request <= 0.3)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import spy
-from report import RATES, Phase, Row, Scenario, Stream, X, mark, markdown, percentile, raw
+from report import RATES, Phase, Row, Scenario, Stream, X, mark, markdown, merge, percentile, raw
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -61,13 +62,14 @@ class Timing:
     """How long each measurement runs, in seconds."""
 
     warmup: float
-    max_run: float
+    max_run: float  # flat out, in all (split over the rounds of a paired row)
     rate_run: float
     stream_samples: int
+    rounds: int  # gateway and reference flat out in turn, this many times each
 
 
-FULL = Timing(warmup=2, max_run=10, rate_run=8, stream_samples=25)
-QUICK = Timing(warmup=1, max_run=3, rate_run=3, stream_samples=8)
+FULL = Timing(warmup=2, max_run=12, rate_run=8, stream_samples=25, rounds=3)
+QUICK = Timing(warmup=1, max_run=3, rate_run=3, stream_samples=8, rounds=1)
 
 
 SCENARIOS = (
@@ -413,6 +415,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.timing = QUICK if args.quick else FULL
+        if args.rounds:
+            self.timing = dataclasses.replace(self.timing, rounds=args.rounds)
         self.workdir = workdir
         self.shape = LoadShape()
         self.services: list[Service] = []
@@ -545,12 +549,11 @@ class Bench:
         t, name = self.timing, scenario.key
         self.load.run(f"{name}-warm", port, pid, t.warmup, 0, traffic)
         if scenario.gateway and not self.args.no_pairing:
-            self.measure_paired_reference(row)
-        recorder = self.start_profile(row, pid)
-        row.phases["max"] = top = self.load.run(f"{name}-max", port, pid, t.max_run, 0, traffic)
-        if recorder is not None:
-            self.finish_profile(row, recorder)
-        verify(top, scenario, self.shape.max_connections)
+            self.measure_paired(row, port, pid, traffic)
+        else:
+            row.phases["max"] = self.load.run(f"{name}-max", port, pid, t.max_run, 0, traffic)
+            verify(row.phases["max"], scenario, self.shape.max_connections)
+        top = row.phases["max"]
         for rate in RATES:
             if scenario.gateway and top.rate < 0.9 * rate:
                 row.notes[str(rate)] = f"not run: its maximum is {top.rate:,.0f} req/s"
@@ -563,12 +566,12 @@ class Bench:
         if service is not None and not service.alive():
             row.problems.append(f"the server died during the run:\n{service.log_tail()}")
 
-    def start_profile(self, row: Row, pid: int) -> subprocess.Popen[bytes] | None:
-        """With --profile, py-spy records the gateway's processes during its flat-out run."""
+    def start_profile(self, row: Row, pid: int, seconds: float) -> subprocess.Popen[bytes] | None:
+        """With --profile, py-spy records the gateway's processes during (the first round of) its flat-out run."""
         if not self.args.profile or not row.scenario.gateway:
             return None
         self.args.profile.mkdir(parents=True, exist_ok=True)
-        recorder = spy.start(pid, self.timing.max_run, self.args.profile / f"{row.scenario.key}.raw.txt")
+        recorder = spy.start(pid, seconds, self.args.profile / f"{row.scenario.key}.raw.txt")
         time.sleep(0.5)  # let py-spy attach before the load starts
         return recorder
 
@@ -583,16 +586,29 @@ class Bench:
             (self.args.profile / f"{row.scenario.key}.top.txt").write_text(spy.summarize(raw_path))
         row.notes["profiled"] = "max req/s measured under py-spy (slower than without)"
 
-    def measure_paired_reference(self, row: Row) -> None:
-        """The reference's maximum measured right before the gateway's, so that both see the same machine."""
-        workers = row.scenario.workers
-        service, port = self.reference(workers)
-        traffic = Traffic(REF_AUTH, THREE_POLICIES)
-        name = f"{row.scenario.key}-ref{workers}"
-        self.load.run(f"{name}-warm", port, service.pid, self.timing.warmup, 0, traffic)
-        phase = self.load.run(f"{name}-max", port, service.pid, self.timing.max_run, 0, traffic)
-        verify(phase, Scenario(f"ref{workers}", "reference", "refproxy", workers), self.shape.max_connections)
-        row.phases["ref-max"] = phase
+    def measure_paired(self, row: Row, port: int, pid: int, traffic: Traffic) -> None:
+        """The gateway and the reference with as many workers flat out in turn, so both see the same machine.
+
+        `rounds` times each, alternating (reference first); each side's figures are the sum of its rounds.
+        """
+        scenario, t = row.scenario, self.timing
+        ref_service, ref_port = self.reference(scenario.workers)
+        ref_traffic = Traffic(REF_AUTH, THREE_POLICIES)
+        ref_scenario = Scenario(f"ref{scenario.workers}", "reference", "refproxy", scenario.workers)
+        seconds = t.max_run / t.rounds
+        self.load.run(f"{scenario.key}-ref-warm", ref_port, ref_service.pid, t.warmup, 0, ref_traffic)
+        refs, tops = [], []
+        for i in range(t.rounds):
+            ref = self.load.run(f"{scenario.key}-ref-max{i}", ref_port, ref_service.pid, seconds, 0, ref_traffic)
+            verify(ref, ref_scenario, self.shape.max_connections)
+            refs.append(ref)
+            recorder = self.start_profile(row, pid, seconds) if i == 0 else None
+            top = self.load.run(f"{scenario.key}-max{i}", port, pid, seconds, 0, traffic)
+            if recorder is not None:
+                self.finish_profile(row, recorder)
+            verify(top, scenario, self.shape.max_connections)
+            tops.append(top)
+        row.phases["ref-max"], row.phases["max"] = merge("ref-max", refs), merge("max", tops)
 
     def probe(self, row: Row, port: int, traffic: Traffic) -> bool:
         """Check the row answers as it should before measuring it; exhaust the budget of a 429 row."""
@@ -660,6 +676,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short runs: a smoke test of the harness")
     parser.add_argument("--only", nargs="+", metavar="ROW", help="measure only these rows (see --list)")
     parser.add_argument("--list", action="store_true", help="list the rows and exit")
+    parser.add_argument(
+        "--rounds", type=int, help="flat-out rounds of gateway and reference in turn (full run: 3, quick: 1)"
+    )
     parser.add_argument(
         "--no-pairing", action="store_true", help="do not measure the reference again right before each gateway row"
     )
