@@ -216,7 +216,8 @@ def make_gateway(upstream: FakeUpstream, tmp_path: Path) -> Iterator[Callable[..
         values.update(overrides)
         settings = Settings(**values)
         store = open_store(url, clock)
-        server = BackgroundServer(build_app(settings, store), port=settings.port).start()
+        # as `quotagate serve` runs it: a handler whose client left is not cancelled
+        server = BackgroundServer(build_app(settings, store), port=settings.port, handler_cancellation=False).start()
         started.append((server, store))
         return Gateway(server.url, settings, url, server=server)
 

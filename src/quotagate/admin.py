@@ -36,7 +36,7 @@ from . import keys
 from .config import Settings
 from .metrics import RequestHistory
 from .policy import USER, PolicyError, Unit, format_quota
-from .stores import BudgetUsage, Denial, KeyRecord, Store, StoreError
+from .stores import GLOBAL, BudgetUsage, Denial, KeyRecord, Store, StoreError
 
 COOKIE = "quotagate_admin"
 SESSION_SECONDS = 12 * 3600
@@ -283,19 +283,11 @@ class AdminApi:
     async def _page(
         self, key_id: str | None, segment: str | None, value: str | None, limit: int, offset: int
     ) -> list[BudgetUsage]:
-        if segment != "global":
-            segment = segment.removeprefix(PROPERTY_PREFIX) if segment else None
-            return await self.store.usage(key_id=key_id, segment=segment, value=value, limit=limit, offset=offset)
-        # The store contract has no "no segment" filter: page through the sorted list, keep the global ones.
-        found: list[BudgetUsage] = []
-        start = 0
-        while len(found) < offset + limit:
-            chunk = await self.store.usage(key_id=key_id, value=value, limit=PAGE_MAX, offset=start)
-            found.extend(i for i in chunk if i.segment is None)
-            if len(chunk) < PAGE_MAX:
-                break
-            start += PAGE_MAX
-        return found[offset : offset + limit]
+        if segment == "global":
+            segment = GLOBAL
+        elif segment:
+            segment = segment.removeprefix(PROPERTY_PREFIX)
+        return await self.store.usage(key_id=key_id, segment=segment, value=value, limit=limit, offset=offset)
 
     async def _key_id(self, name_or_id: str | None) -> str | None:
         if not name_or_id:

@@ -8,6 +8,8 @@ from typing import Protocol
 
 from ..limiter import Admission, Budget, CounterState
 
+GLOBAL = ""  # usage(segment=GLOBAL): only budgets without a segment (no property can be named "")
+
 
 class StoreError(Exception):
     """The store could not be reached or failed; the caller decides fail-open or fail-closed."""

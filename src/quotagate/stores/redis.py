@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 
 from .. import limiter
 from ..limiter import Admission, Budget, CounterState
-from .base import BudgetUsage, Denial, KeyRecord, StoreError
+from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
 
 log = logging.getLogger("quotagate.store")
 
@@ -460,6 +460,6 @@ def _usage_from_hash(raw: dict[bytes, bytes], now: float, names: dict[str, str])
 def _matches(item: BudgetUsage, key_id: str | None, segment: str | None, value: str | None) -> bool:
     return (
         (key_id is None or item.key_id == key_id)
-        and (segment is None or item.segment == segment)
+        and (segment is None or item.segment == (None if segment == GLOBAL else segment))
         and (value is None or item.value == value)
     )

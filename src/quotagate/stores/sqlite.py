@@ -21,7 +21,7 @@ import orjson
 
 from .. import limiter
 from ..limiter import Admission, Budget, CounterState
-from .base import BudgetUsage, Denial, KeyRecord, StoreError
+from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
 
 T = TypeVar("T")
 
@@ -203,9 +203,11 @@ class SQLiteStore:
         hold_ttl: float,
         denied: bool,
     ) -> None:
+        """Write the states back; a denial marks only the budgets that refused."""
         rows = []
         for budget, state, view in zip(budgets, states, views, strict=True):
-            expires = now + budget.window + hold_ttl
+            refused = denied and not limiter.fits(state, budget)
+            expires = now + budget.window + (hold_ttl if budget.holds else 0)
             policies = orjson.dumps([p.normal_form() for p in budget.policies]).decode()
             ratio = (view.used + view.held) / budget.quota if budget.quota else 1.0
             rows.append(
@@ -223,7 +225,7 @@ class SQLiteStore:
                     policies,
                     now,
                     expires,
-                    now if denied else None,
+                    now if refused else None,
                     _dump(state),
                 )
             )
@@ -274,6 +276,9 @@ class SQLiteStore:
         now = self.clock()
         where: list[str] = ["c.expires_at > ?"]
         args: list[object] = [now]
+        if segment == GLOBAL:
+            where.append("c.segment IS NULL")
+            segment = None
         for column, wanted in (("c.key_id", key_id), ("c.segment", segment), ("c.value", value)):
             if wanted is not None:
                 where.append(f"{column} = ?")

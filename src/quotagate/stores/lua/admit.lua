@@ -47,7 +47,7 @@ for _, x in ipairs(budgets) do
   end
   redis.call('HSETNX', x.h, 'm', x.meta)
   redis.call('HSET', x.h, 'q', int(x.quota), 'p', x.policies)
-  local life = math.ceil((x.window + ttl) * 1000)
+  local life = math.ceil((x.window + (x.holds and ttl or 0)) * 1000)
   redis.call('PEXPIRE', x.h, life)
   redis.call('PEXPIRE', x.z, life)
   for _, v in ipairs(view(x.h, x.window, now, x.quota, x.amount, x.holds, not allowed)) do
