@@ -317,3 +317,13 @@ def test_overrides_from_a_config_file(tmp_path: Path) -> None:
     prices = load_file(config)["prices"]
     assert prices == {"my-finetune": PriceOverride(Decimal("0.3"), Decimal("1.2"), Decimal("0.15"))}
     assert Pricer(prices).cost("openai", "my-finetune", Usage(1000, 100)) == 42_000  # 1000 * 0.3 + 100 * 1.2
+
+
+def test_price_cache_stays_bounded_whatever_model_names_clients_send() -> None:
+    from quotagate import pricing
+
+    pricer = pricing.Pricer()
+    for index in range(pricing.CACHE_SIZE + 50):
+        assert pricer.cost("openai", f"no-such-model-{index}", Usage(10, 10)) is None
+    assert len(pricer._cards) <= pricing.CACHE_SIZE and len(pricer.unknown_models) <= pricing.CACHE_SIZE
+    assert pricer.cost("openai", "gpt-4o-mini", Usage(1_000_000, 0)) == 15_000_000  # $0.15: 15 cents

@@ -26,6 +26,7 @@ log = logging.getLogger("quotagate.pricing")
 # micro-cents per token = (USD per million tokens) * 100 cents * 1e6 micro / 1e6 tokens
 _MICROCENTS_PER_MTOK_USD = Decimal(100)
 _REFRESH_SECONDS = 3600.0
+CACHE_SIZE = 4096
 # A dated snapshot's suffix (`gpt-4o-mini-2024-07-18`, `claude-sonnet-4-5-20250929`): responses
 # name the snapshot, so an override given for the alias applies to it too.
 _SNAPSHOT_DATE = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
@@ -141,9 +142,13 @@ class Pricer:
             return cached[0]
         card = _card_from_library(provider, model, api_url)
         self._cards[(provider, api_url, model)] = (card, now)
+        if len(self._cards) > CACHE_SIZE:  # model names come from clients: keep the cache bounded
+            del self._cards[next(iter(self._cards))]
         if card is None and model not in self.unknown_models:
+            if len(self.unknown_models) >= CACHE_SIZE:
+                self.unknown_models.clear()
             self.unknown_models.add(model)
-            log.warning("no price known for model %r (provider %s): its calls cost 0", model, provider)
+            log.warning("no price known for model %r (provider %s): its calls cost 0", model[:200], provider)
         return card
 
     def cost(self, provider: str, model: str | None, usage: Usage, api_url: str | None = None) -> int | None:
