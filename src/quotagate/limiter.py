@@ -20,10 +20,14 @@ Redis store mirrors the same steps in Lua.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
 
 from .policy import Policy, Unit, format_quota
 
@@ -83,6 +87,24 @@ def budget_id(key_id: str, unit: Unit, window: int, segment: str | None, value: 
     seg = "-" if segment is None else ("u" if segment == "user" else "p." + segment)
     val = "" if value is None else encode_value(value)
     return f"{key_id}:{unit.value}:{window}:{seg}:{val}"
+
+
+def parse_budget_id(text: str) -> dict[str, Any]:
+    """The parts of a budget id; the value is None when the id holds only its hash (long values)."""
+    key_id, unit, window, seg, val = text.split(":", 4)
+    segment = None if seg == "-" else ("user" if seg == "u" else seg[2:])
+    value: str | None = None
+    if val and not val.startswith("~"):
+        value = base64.urlsafe_b64decode(val + "=" * (-len(val) % 4)).decode("utf-8", "surrogateescape")
+    elif not val and segment is not None:
+        value = ""
+    return {"key_id": key_id, "unit": unit, "window": int(window), "segment": segment, "value": value}
+
+
+@functools.lru_cache(maxsize=4096)
+def policies_json(policies: tuple[Policy, ...]) -> bytes:
+    """The normal forms of the policies naming a budget, as stored beside it for the dashboard."""
+    return orjson.dumps([p.normal_form() for p in policies])
 
 
 def budgets_for(key_id: str, policies: Iterable[Policy], values: Mapping[str | None, str | None]) -> list[Budget]:

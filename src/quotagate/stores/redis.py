@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -29,11 +30,12 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.cluster import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .. import limiter
 from ..limiter import Admission, Budget, CounterState
 from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
+from .batch import Batcher
 
 log = logging.getLogger("quotagate.store")
 
@@ -46,13 +48,35 @@ DENIALS_KEPT = 1000
 FLUSH_SECONDS = 1.0
 
 
+@dataclass(slots=True)
+class _Admit:
+    key_id: str
+    budgets: Sequence[Budget]
+    reservation: str
+    hold_ttl: float
+
+
+@dataclass(slots=True)
+class _Settle:
+    budgets: Sequence[Budget]
+    reservation: str
+    amounts: Sequence[int]
+    mode: str  # "charge" or "refund"
+    taken_at: str  # refund: when the take happened (its bucket)
+
+
+def _meta(budget: Budget) -> bytes:
+    """The raw segment value, kept only when the budget id holds a hash of it instead."""
+    return orjson.dumps({"value": budget.value}) if budget.value and len(budget.value.encode()) > 96 else b""
+
+
 def _script(name: str) -> str:
     folder = resources.files("quotagate.stores").joinpath("lua")
     return folder.joinpath("common.lua").read_text() + "\n" + folder.joinpath(name).read_text()
 
 
-def budget_keys(budget_id: str) -> tuple[str, str]:
-    return f"{PREFIX}{{{budget_id}}}", f"{PREFIX}{{{budget_id}}}:z"
+def budget_key(budget_id: str) -> str:
+    return f"{PREFIX}{{{budget_id}}}"
 
 
 def key_record_key(key_id: str) -> str:
@@ -77,6 +101,10 @@ class RedisStore:
         self._denials: list[bytes] = []
         self._flusher: asyncio.Task[None] | None = None
         self._init_lock = asyncio.Lock()
+        self._admits: Batcher[_Admit, Admission] = Batcher(lambda items: self._scripted(self._admit_batch, items))
+        self._charges: Batcher[_Settle, list[CounterState]] = Batcher(
+            lambda items: self._scripted(self._settle_batch, items)
+        )
         self._initialized = False
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -130,114 +158,136 @@ class RedisStore:
     # -- admission and charge ----------------------------------------------------------------
 
     async def admit(self, key_id: str, budgets: Sequence[Budget], reservation: str, hold_ttl: float) -> Admission:
-        client = self._redis()
-        if not budgets:
-            revoked = await self._call("admit", client.hget(key_record_key(key_id), "revoked_at"))
-            return Admission(revoked == b"", True, [])
+        item = _Admit(key_id, budgets, reservation, hold_ttl)
         if not self.cluster:
-            keys = [key_record_key(key_id)] + [k for b in budgets for k in budget_keys(b.id)]
-            raw = await self._call("admit", self._run_admit(keys, budgets, reservation, hold_ttl, True))
-            admission = _admission(raw, len(budgets))
+            admission = await self._call("admit", self._admits.submit(item))
+        elif not budgets:
+            revoked = await self._call("admit", self._redis().hget(key_record_key(key_id), "revoked_at"))
+            admission = Admission(revoked == b"", True, [])
         else:
-            admission = await self._call("admit", self._admit_cluster(key_id, budgets, reservation, hold_ttl))
-        if admission.key_active:
+            admission = await self._call("admit", self._admit_cluster(item))
+        if admission.key_active and budgets:
             self._remember(budgets, admission)
         return admission
 
-    def _run_admit(
-        self, keys: list[str], budgets: Sequence[Budget], reservation: str, hold_ttl: float, check_key: bool
-    ) -> Any:
-        args: list[Any] = [self._now_arg(), reservation, repr(hold_ttl), "1" if check_key else "0", len(budgets)]
-        for b in budgets:
-            meta = orjson.dumps(
-                {"key_id": b.key_id, "unit": b.unit.value, "window": b.window, "segment": b.segment, "value": b.value}
-            )
-            policies = orjson.dumps([p.normal_form() for p in b.policies])
-            args += [b.window, limiter.granularity(b.window), b.quota, b.amount, int(b.holds), meta, policies]
-        return self._admit(keys=keys, args=args)
+    async def _admit_batch(self, items: Sequence[_Admit], check_key: bool = True) -> list[Admission]:
+        """One script call for every request of the batch, each decided on its own, in order."""
+        keys: list[str] = []
+        args: list[Any] = [self._now_arg(), len(items)]
+        for item in items:
+            if check_key:
+                keys.append(key_record_key(item.key_id))
+            args += [item.reservation, repr(item.hold_ttl), int(check_key), len(item.budgets)]
+            for b in item.budgets:
+                keys.append(budget_key(b.id))
+                args += [
+                    b.window,
+                    limiter.granularity(b.window),
+                    b.quota,
+                    b.amount,
+                    int(b.holds),
+                    _meta(b),
+                    limiter.policies_json(tuple(b.policies)),
+                ]
+        raws = await self._redis().evalsha(self._admit.sha, len(keys), *keys, *args)
+        return [_admission(raw, len(item.budgets)) for raw, item in zip(raws, items, strict=True)]
 
-    async def _admit_cluster(
-        self, key_id: str, budgets: Sequence[Budget], reservation: str, hold_ttl: float
-    ) -> Admission:
+    async def _admit_cluster(self, item: _Admit) -> Admission:
+        """Budgets in different slots: each slot's group in its own script call, in parallel; if
+        any group (or the key check) refuses, the groups that admitted are refunded."""
+        budgets = item.budgets
         groups: dict[int, list[int]] = {}
         for index, budget in enumerate(budgets):
-            groups.setdefault(key_slot(budget_keys(budget.id)[0].encode()), []).append(index)
+            groups.setdefault(key_slot(budget_key(budget.id).encode()), []).append(index)
         members = list(groups.values())
         calls = [
-            self._run_admit(
-                [k for i in m for k in budget_keys(budgets[i].id)],
-                [budgets[i] for i in m],
-                reservation,
-                hold_ttl,
+            self._scripted(
+                self._admit_batch,
+                [_Admit(item.key_id, [budgets[i] for i in m], item.reservation, item.hold_ttl)],
                 False,
             )
             for m in members
         ]
-        revoked, *raws = await asyncio.gather(self._redis().hget(key_record_key(key_id), "revoked_at"), *calls)
-        results = [_admission(raw, len(m)) for raw, m in zip(raws, members, strict=True)]
+        revoked, *grouped = await asyncio.gather(self._redis().hget(key_record_key(item.key_id), "revoked_at"), *calls)
+        results = [g[0] for g in grouped]
         allowed = revoked == b"" and all(r.allowed for r in results)
         states: list[CounterState] = [CounterState(0, 0, 0)] * len(budgets)
         for m, result in zip(members, results, strict=True):
             for i, state in zip(m, result.states, strict=True):
                 states[i] = state
         if not allowed:
-            await self._refund(budgets, members, results, raws, reservation)
+            undo = [[budgets[i] for i in m] for m, result in zip(members, results, strict=True) if result.allowed]
+            await asyncio.gather(
+                *(
+                    self._scripted(
+                        self._settle_batch,
+                        [
+                            _Settle(
+                                group,
+                                item.reservation,
+                                [b.amount for b in group],
+                                "refund",
+                                self._now_arg() or repr(time.time()),
+                            )
+                        ],
+                    )
+                    for group in undo
+                )
+            )
             states = [
                 _without(states[i], b) if _took(results, members, i) else states[i] for i, b in enumerate(budgets)
             ]
         return Admission(revoked == b"", allowed, states)
 
-    async def _refund(
-        self,
-        budgets: Sequence[Budget],
-        members: list[list[int]],
-        results: list[Admission],
-        raws: list[Any],
-        reservation: str,
-    ) -> None:
-        undo = [(m, raw) for m, result, raw in zip(members, results, raws, strict=True) if result.allowed]
-        await asyncio.gather(
-            *(
-                self._run_settle(
-                    [budgets[i] for i in m], reservation, [budgets[i].amount for i in m], "refund", _text(raw[2])
-                )
-                for m, raw in undo
-            )
-        )
+    async def _scripted(self, batch: Callable[..., Any], *args: Any) -> Any:
+        """Run a script batch, loading the scripts first if the server forgot them (a restart)."""
+        try:
+            return await batch(*args)
+        except NoScriptError:
+            await self._load_scripts()
+            return await batch(*args)
+
+    async def _load_scripts(self) -> None:
+        client = self._redis()
+        self._admit.sha = await client.script_load(self._admit.script)
+        self._settle.sha = await client.script_load(self._settle.script)
 
     async def charge(self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]) -> list[CounterState]:
+        item = _Settle(budgets, reservation, amounts, "charge", "0")
         if not self.cluster:
-            raw = await self._call("charge", self._run_settle(budgets, reservation, amounts, "charge", ""))
-            states = _states(raw[1:], len(budgets))
+            states = await self._call("charge", self._charges.submit(item))
         else:
-            states = await self._call("charge", self._charge_cluster(budgets, reservation, amounts))
+            grouped = await self._call(
+                "charge",
+                asyncio.gather(
+                    *(
+                        self._scripted(self._settle_batch, [_Settle([b], reservation, [a], "charge", "0")])
+                        for b, a in zip(budgets, amounts, strict=True)
+                    )
+                ),
+            )
+            states = [g[0][0] for g in grouped]
         self._remember(budgets, Admission(True, True, states))
         return states
 
-    async def _charge_cluster(
-        self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]
-    ) -> list[CounterState]:
-        raws = await asyncio.gather(
-            *(self._run_settle([b], reservation, [a], "charge", "") for b, a in zip(budgets, amounts, strict=True))
-        )
-        return [_states(raw[1:], 1)[0] for raw in raws]
-
-    def _run_settle(
-        self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int], mode: str, taken_at: str
-    ) -> Any:
-        keys = [k for b in budgets for k in budget_keys(b.id)]
-        args: list[Any] = [self._now_arg(), reservation, len(budgets)]
-        for budget, amount in zip(budgets, amounts, strict=True):
-            args += [
-                budget.window,
-                limiter.granularity(budget.window),
-                budget.quota,
-                amount,
-                int(budget.holds),
-                mode,
-                taken_at or "0",
-            ]
-        return self._settle(keys=keys, args=args)
+    async def _settle_batch(self, items: Sequence[_Settle]) -> list[list[CounterState]]:
+        keys: list[str] = []
+        args: list[Any] = [self._now_arg(), len(items)]
+        for item in items:
+            args += [item.reservation, len(item.budgets)]
+            for budget, amount in zip(item.budgets, item.amounts, strict=True):
+                keys.append(budget_key(budget.id))
+                args += [
+                    budget.window,
+                    limiter.granularity(budget.window),
+                    budget.quota,
+                    amount,
+                    int(budget.holds),
+                    item.mode,
+                    item.taken_at,
+                ]
+        raws = await self._redis().evalsha(self._settle.sha, len(keys), *keys, *args)
+        return [_states(raw[1:], len(item.budgets)) for raw, item in zip(raws, items, strict=True)]
 
     # -- the dashboard's index, written off the request path -------------------------------------
 
@@ -327,8 +377,8 @@ class RedisStore:
     async def _read_budgets(self, ids: list[str], now: float, names: dict[str, str]) -> list[BudgetUsage | None]:
         pipe = self._redis().pipeline(transaction=False)
         for budget_id in ids:
-            pipe.hgetall(budget_keys(budget_id)[0])
-        return [_usage_from_hash(h, now, names) for h in await pipe.execute()]
+            pipe.hgetall(budget_key(budget_id))
+        return [_usage_from_hash(i, h, now, names) for i, h in zip(ids, await pipe.execute(), strict=True)]
 
     async def denials(self, limit: int = 50) -> list[Denial]:
         async def read() -> list[Denial]:
@@ -430,11 +480,13 @@ def _key_from_hash(raw: dict[bytes, bytes]) -> KeyRecord | None:
     )
 
 
-def _usage_from_hash(raw: dict[bytes, bytes], now: float, names: dict[str, str]) -> BudgetUsage | None:
-    if not raw or b"m" not in raw:
+def _usage_from_hash(budget_id: str, raw: dict[bytes, bytes], now: float, names: dict[str, str]) -> BudgetUsage | None:
+    if not raw or b"q" not in raw:
         return None
     h = {k.decode(): v.decode() for k, v in raw.items()}
-    meta = orjson.loads(h["m"])
+    meta = limiter.parse_budget_id(budget_id)
+    if "m" in h:  # a long value: the id holds its hash, the hash its text
+        meta["value"] = orjson.loads(h["m"])["value"]
     window = int(meta["window"])
     buckets = [k[1:] for k in h if k[0] == "l" and k[1:].isdigit()]  # l<index>: a bucket's latest unit
     used = sum(int(h.get(f"a{i}", 0)) for i in buckets if float(h[f"l{i}"]) > now - window)

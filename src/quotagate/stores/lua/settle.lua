@@ -1,32 +1,47 @@
--- KEYS: for each budget: H, Z
--- ARGV: now ('' = server time), reservation, budget count,
+-- Settle a batch of calls, one after the other, in this one atomic step.
+-- ARGV: now ('' = server time), call count, then per call: reservation, budget count,
 --       then per budget: window, granularity, quota, amount, holds (0/1), mode, taken at
+-- KEYS, per call in order: each budget's hash
 -- mode 'charge': replace the reservation's hold by `amount` spent now.
 -- mode 'refund': undo an admission (its take or its hold) that another slot refused.
--- Returns {now, then per budget: used, held, reset, retry}
+-- Returns, per call: {now, then per budget: used, held, reset, retry}
 local now = clock(ARGV[1])
-local reservation, count = ARGV[2], tonumber(ARGV[3])
-local out = {tostring(now)}
-for b = 1, count do
-  local at = 3 + (b - 1) * 7
-  local h, z = KEYS[(b - 1) * 2 + 1], KEYS[(b - 1) * 2 + 2]
-  local window, g, quota = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
-  local amount, holds, mode = tonumber(ARGV[at + 4]), ARGV[at + 5] == '1', ARGV[at + 6]
-  expire(h, z, window, now)
-  release_hold(h, z, reservation)
-  if mode == 'charge' then
-    add(h, g, now, amount)
-  elseif not holds then
-    local i = math.floor(tonumber(ARGV[at + 7]) / g)
-    local a = num(redis.call('HGET', h, 'a' .. i))
-    if a then
-      local back = math.min(a, amount)
-      redis.call('HINCRBY', h, 't', int(-back))
-      if a - back <= 0 then redis.call('HDEL', h, 'a' .. i, 'l' .. i) else redis.call('HINCRBY', h, 'a' .. i, int(-back)) end
+local arg, key = 3, 1
+local results = {}
+
+local function settle_one()
+  local reservation, count = ARGV[arg], tonumber(ARGV[arg + 1])
+  arg = arg + 2
+  local out = {tostring(now)}
+  for b = 1, count do
+    local h = KEYS[key]
+    local window, g, quota = tonumber(ARGV[arg]), tonumber(ARGV[arg + 1]), tonumber(ARGV[arg + 2])
+    local amount, holds, mode, taken = tonumber(ARGV[arg + 3]), ARGV[arg + 4] == '1', ARGV[arg + 5], ARGV[arg + 6]
+    key, arg = key + 1, arg + 7
+    local s = load(h, window, now, reservation)
+    release_hold(s, reservation)
+    if mode == 'charge' then
+      add(s, g, now, amount)
+    elseif not holds then
+      local i = math.floor(tonumber(taken) / g)
+      local a = num(redis.call('HGET', h, 'a' .. i))
+      if a then
+        local back = math.min(a, amount)
+        s.t = s.t - back
+        if s.n == i then s.na = s.na - back end
+        redis.call('HINCRBY', h, 'a' .. i, int(-back))
+        s.dirty = true
+      end
+    end
+    if s.dirty then save(s) end
+    for _, v in ipairs(view(s, window, now, quota, 0, holds, false)) do
+      table.insert(out, v)
     end
   end
-  for _, v in ipairs(view(h, window, now, quota, 0, holds, false)) do
-    table.insert(out, v)
-  end
+  return out
 end
-return out
+
+for c = 1, tonumber(ARGV[2]) do
+  results[c] = settle_one()
+end
+return results

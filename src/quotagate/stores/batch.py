@@ -1,0 +1,57 @@
+"""Micro-batching: the store calls that arrive in one turn of the event loop go out as one.
+
+Under load many requests of a worker reach admission (or their charge) in the same turn of the
+event loop; sending them to the store as one Lua script call (Redis) or one transaction (SQLite)
+pays the client's per-call cost, the round trip and the store's per-call overhead once instead of
+once per request. Each item is still decided on its own, in order, inside that one atomic step. A
+lone request waits for nothing: the batch leaves at the end of the current loop turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Batcher(Generic[Item, Result]):
+    def __init__(self, run: Callable[[list[Item]], Awaitable[Sequence[Result]]], max_size: int = 64) -> None:
+        self._run = run
+        self.max_size = max_size
+        self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: Item) -> Result:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        self._queue.append((item, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._send)
+        return await future
+
+    def _send(self) -> None:
+        self._scheduled = False
+        while self._queue:
+            batch, self._queue = self._queue[: self.max_size], self._queue[self.max_size :]
+            task = asyncio.ensure_future(self._execute(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        try:
+            results = await self._run([item for item, _ in batch])
+        except BaseException as exc:  # every waiter learns of it, cancellation included
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
