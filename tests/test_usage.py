@@ -245,7 +245,7 @@ def test_completions_requested() -> None:
 
 
 def test_price_card_arithmetic_is_exact() -> None:
-    card = PriceCard(Rate(Decimal("0.15")), Rate(Decimal("0.60")), cache_read=Rate(Decimal("0.075")))
+    card = PriceCard(Rate.usd(Decimal("0.15")), Rate.usd(Decimal("0.60")), cache_read=Rate.usd(Decimal("0.075")))
     # 600 * 0.15 + 400 * 0.075 + 500 * 0.60 = 420 USD-tokens per million = 42,000 micro-cents
     assert card.microcents(Usage(1000, 500, 400)) == 42_000
     assert card.microcents(Usage(1, 0)) == 15  # $0.15 per million tokens: 15 micro-cents a token
@@ -253,14 +253,14 @@ def test_price_card_arithmetic_is_exact() -> None:
 
 
 def test_price_card_rounds_up_to_the_micro_cent() -> None:
-    card = PriceCard(Rate(Decimal("0.001")), Rate(Decimal(0)))
+    card = PriceCard(Rate.usd(Decimal("0.001")), Rate.usd(Decimal(0)))
     assert card.microcents(Usage(1, 0)) == 1  # 0.1 micro-cent: never undercharged to 0
 
 
 def test_tiers_apply_to_every_token_past_the_threshold() -> None:
     card = PriceCard(
-        input=Rate(Decimal(3), ((200_000, Decimal(6)),)),
-        output=Rate(Decimal(15), ((200_000, Decimal("22.5")),)),
+        input=Rate.usd(Decimal(3), ((200_000, Decimal(6)),)),
+        output=Rate.usd(Decimal(15), ((200_000, Decimal("22.5")),)),
     )
     assert card.microcents(Usage(200_000, 1000)) == (200_000 * 3 + 1000 * 15) * 100  # at the threshold: base
     assert card.microcents(Usage(200_001, 1000)) == int((200_001 * 6 + Decimal("22.5") * 1000) * 100)

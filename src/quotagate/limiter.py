@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from .policy import Policy, Unit, format_quota
+from .policy import Policy, Unit
 
 BUCKETS_PER_WINDOW = 60
 
@@ -231,9 +231,10 @@ def reports(budgets: Sequence[Budget], states: Sequence[CounterState]) -> list[P
     """One report per policy, named p1, p2, ... in the order the budgets list them."""
     out: list[PolicyReport] = []
     for budget, state in zip(budgets, states, strict=True):
+        spent = state.used + state.held
         for policy in budget.policies:
-            remaining = max(0, policy.scaled_quota - state.used - state.held)
-            out.append(PolicyReport(f"p{len(out) + 1}", policy, remaining, state.reset))
+            remaining = policy.scaled_quota - spent
+            out.append(PolicyReport(f"p{len(out) + 1}", policy, remaining if remaining > 0 else 0, state.reset))
     return out
 
 
@@ -243,18 +244,17 @@ def rate_limit_headers(items: Sequence[PolicyReport]) -> dict[str, str]:
     worst = min(items, key=lambda r: (r.fraction, r.policy.window))
     policy = worst.policy
     return {
-        "Helicone-RateLimit-Limit": format_quota(policy.quota),
-        "Helicone-RateLimit-Remaining": str(worst.remaining // policy.unit.scale),
-        "Helicone-RateLimit-Policy": policy.normal_form(),
+        "Helicone-RateLimit-Limit": policy.quota_text,
+        "Helicone-RateLimit-Remaining": str(worst.remaining // policy.scale),
+        "Helicone-RateLimit-Policy": policy.normal,
         "Helicone-RateLimit-Reset": str(worst.reset),
-        "RateLimit-Policy": ", ".join(_ietf_policy(r) for r in items),
-        "RateLimit": ", ".join(f'"{r.name}";r={r.remaining // r.policy.unit.scale};t={r.reset}' for r in items),
+        "RateLimit-Policy": ", ".join(f'"{r.name}";{_ietf_policy(r.policy)}' for r in items),
+        "RateLimit": ", ".join(f'"{r.name}";r={r.remaining // r.policy.scale};t={r.reset}' for r in items),
     }
 
 
-def _ietf_policy(report: PolicyReport) -> str:
-    policy = report.policy
-    text = f'"{report.name}";q={format_quota(policy.quota)};w={policy.window}'
-    if policy.unit.ietf_unit:
-        text += f';qu="{policy.unit.ietf_unit}"'
-    return text
+@functools.lru_cache(maxsize=4096)
+def _ietf_policy(policy: Policy) -> str:
+    text = f"q={policy.quota_text};w={policy.window}"
+    unit = policy.unit.ietf_unit
+    return f'{text};qu="{unit}"' if unit else text

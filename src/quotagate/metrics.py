@@ -15,6 +15,7 @@ import glob
 import os
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -112,6 +113,18 @@ def _request_metrics() -> Iterable[Metric]:
         return REQUESTS.collect()
     files = glob.glob(os.path.join(path, "counter_*.db"))
     return [m for m in multiprocess.MultiProcessCollector.merge(files) if m.name == "quotagate_requests"]
+
+
+_children: dict[tuple[object, ...], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, remembered: label sets are few and the request path is hot."""
+    key = (metric, *labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
 
 
 class RequestHistory:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
 
@@ -41,11 +41,15 @@ class Unit(enum.Enum):
     @property
     def scale(self) -> int:
         """Stored amounts are integers: micro-cents for cents, whole tokens and requests."""
-        return 1_000_000 if self is Unit.CENTS else 1
+        return _SCALES[self]
 
     @property
     def ietf_unit(self) -> str | None:
-        return {Unit.REQUEST: None, Unit.CENTS: "cents", Unit.TOKEN: "tokens"}[self]
+        return _IETF_UNITS[self]
+
+
+_SCALES = {Unit.REQUEST: 1, Unit.CENTS: 1_000_000, Unit.TOKEN: 1}
+_IETF_UNITS = {Unit.REQUEST: None, Unit.CENTS: "cents", Unit.TOKEN: "tokens"}
 
 
 class PolicyError(ValueError):
@@ -67,19 +71,29 @@ class Policy:
     window: int
     unit: Unit = Unit.REQUEST
     segment: str | None = None  # None: global; "user"; else a property name, lower-case
+    # derived once, at parse time, for the request path
+    scale: int = field(init=False, compare=False, repr=False)
+    scaled_quota: int = field(init=False, compare=False, repr=False)  # rounded down: never over-admits
+    budget_kind: tuple[Unit, int, str | None] = field(init=False, compare=False, repr=False)
+    quota_text: str = field(init=False, compare=False, repr=False)
+    normal: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def scaled_quota(self) -> int:
-        """The quota in stored units, rounded down so that rounding never over-admits."""
-        return int(self.quota * self.unit.scale)
-
-    @property
-    def budget_kind(self) -> tuple[Unit, int, str | None]:
-        """Policies that differ only in quota share one counter."""
-        return (self.unit, self.window, self.segment)
+    def __post_init__(self) -> None:
+        derived = {
+            "scale": _SCALES[self.unit],
+            "scaled_quota": int(self.quota * _SCALES[self.unit]),
+            "budget_kind": (self.unit, self.window, self.segment),  # policies differing only in quota share it
+            "quota_text": format_quota(self.quota),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "normal", self._normal_form())
 
     def normal_form(self) -> str:
-        text = f"{format_quota(self.quota)};w={self.window}"
+        return self.normal
+
+    def _normal_form(self) -> str:
+        text = f"{self.quota_text};w={self.window}"
         if self.unit is not Unit.REQUEST:
             text += f";u={self.unit.value}"
         if self.segment is not None:

@@ -23,8 +23,11 @@ from .usage import Usage
 
 log = logging.getLogger("quotagate.pricing")
 
-# micro-cents per token = (USD per million tokens) * 100 cents * 1e6 micro / 1e6 tokens
-_MICROCENTS_PER_MTOK_USD = Decimal(100)
+# micro-cents per token = (USD per million tokens) * 100 cents * 1e6 micro / 1e6 tokens; rates are
+# kept as integers in 1e-6 micro-cents per token, so that a call is priced in integer arithmetic
+# (exact for prices with up to six decimals in USD per million tokens; finer ones round up)
+_RATE_SCALE = 10**6
+_TO_RATE = Decimal(100 * _RATE_SCALE)
 _REFRESH_SECONDS = 3600.0
 CACHE_SIZE = 4096
 # A dated snapshot's suffix (`gpt-4o-mini-2024-07-18`, `claude-sonnet-4-5-20250929`): responses
@@ -32,14 +35,23 @@ CACHE_SIZE = 4096
 _SNAPSHOT_DATE = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
 
 
+def _scaled(usd_per_mtok: Decimal | str | int) -> int:
+    return int((Decimal(usd_per_mtok) * _TO_RATE).to_integral_value(ROUND_CEILING))
+
+
 @dataclass(slots=True, frozen=True)
 class Rate:
-    """USD per million tokens; a tiered rate is a base and (threshold, rate) steps on total input."""
+    """A price per token in 1e-6 micro-cents; a tiered rate is a base and (threshold, rate) steps
+    on the total input tokens. Built from USD per million tokens with `Rate.usd`."""
 
-    base: Decimal
-    tiers: tuple[tuple[int, Decimal], ...] = ()
+    base: int
+    tiers: tuple[tuple[int, int], ...] = ()
 
-    def at(self, total_input: int) -> Decimal:
+    @classmethod
+    def usd(cls, base: Decimal, tiers: tuple[tuple[int, Decimal], ...] = ()) -> Rate:
+        return cls(_scaled(base), tuple((start, _scaled(rate)) for start, rate in tiers))
+
+    def at(self, total_input: int) -> int:
         for start, rate in reversed(self.tiers):
             if total_input > start:
                 return rate
@@ -58,21 +70,21 @@ class PriceCard:
         cached = usage.cache_read_tokens + usage.cache_write_tokens
         read = self.cache_read or self.input
         write = self.cache_write or self.input
-        usd_mtok = (
+        scaled = (
             max(0, total_in - cached) * self.input.at(total_in)
             + usage.cache_read_tokens * read.at(total_in)
             + usage.cache_write_tokens * write.at(total_in)
             + usage.output_tokens * self.output.at(total_in)
         )
-        return int((usd_mtok * _MICROCENTS_PER_MTOK_USD).to_integral_value(ROUND_CEILING))
+        return -(-scaled // _RATE_SCALE)  # rounded up to a whole micro-cent
 
 
 def _rate(value: Any) -> Rate | None:
     if value is None:
         return None
     if isinstance(value, Decimal):
-        return Rate(value)
-    return Rate(Decimal(value.base), tuple((int(t.start), Decimal(t.price)) for t in value.tiers))
+        return Rate.usd(value)
+    return Rate.usd(Decimal(value.base), tuple((int(t.start), Decimal(t.price)) for t in value.tiers))
 
 
 def _find_model(provider: str, model: str, api_url: str | None) -> Any:
@@ -98,7 +110,7 @@ def _card_from_library(provider: str, model: str, api_url: str | None = None) ->
     price = info.get_prices(datetime.now(tz=UTC))
     if price.input_mtok is None and price.output_mtok is None:
         return None
-    zero = Rate(Decimal(0))
+    zero = Rate(0)
     return PriceCard(
         input=_rate(price.input_mtok) or zero,
         output=_rate(price.output_mtok) or zero,
@@ -109,8 +121,8 @@ def _card_from_library(provider: str, model: str, api_url: str | None = None) ->
 
 def _card_from_override(price: PriceOverride) -> PriceCard:
     return PriceCard(
-        input=Rate(price.input_mtok),
-        output=Rate(price.output_mtok),
+        input=Rate.usd(price.input_mtok),
+        output=Rate.usd(price.output_mtok),
         cache_read=_rate(price.cache_read_mtok),
         cache_write=_rate(price.cache_write_mtok),
     )

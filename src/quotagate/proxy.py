@@ -49,9 +49,8 @@ from .usage import (
     StreamUsage,
     Usage,
     completions_requested,
-    count_tokens,
     from_body,
-    prompt_text,
+    prompt_tokens,
     requested_output,
 )
 
@@ -306,7 +305,7 @@ class Proxy:
         """What a call will cost at most, held against cents and token budgets while in flight."""
         body = call.json() or {}
         call.model = body.get("model") if isinstance(body.get("model"), str) else None
-        call.prompt_tokens = count_tokens(prompt_text(body))
+        call.prompt_tokens = prompt_tokens(body)
         output = 0 if path.endswith("/embeddings") else requested_output(body)
         if output is None:
             output = self.settings.default_max_tokens
@@ -522,9 +521,9 @@ class Proxy:
     # -- the log line and metrics ------------------------------------------------------------
 
     def _record(self, request: web.Request, call: Call, response: web.StreamResponse, seconds: float) -> None:
-        metrics.REQUESTS.labels(call.route, str(response.status), call.decision).inc()
+        metrics.child(metrics.REQUESTS, call.route, str(response.status), call.decision).inc()
         if call.upstream_status is not None:
-            metrics.UPSTREAM_LATENCY.labels(call.route).observe(call.upstream_seconds)
+            metrics.child(metrics.UPSTREAM_LATENCY, call.route).observe(call.upstream_seconds)
             metrics.OVERHEAD.observe(max(0.0, seconds - call.upstream_seconds))
         if call.decision == "fail_open":
             log.warning("store unreachable: %s %s let through without limits", request.method, request.path)

@@ -218,12 +218,31 @@ class StreamUsage:
         return count_tokens("".join(self.text))
 
 
-def prompt_text(body: dict[str, Any]) -> str:
-    """The text a request sends to the model, for a local token count."""
+def prompt_parts(body: dict[str, Any]) -> list[str]:
+    """The texts a request sends to the model, in order."""
     parts: list[str] = []
     for field in ("system", "instructions", "messages", "input", "prompt"):
         parts.extend(texts_in(body.get(field)))
-    return "\n".join(parts)
+    return parts
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """The text a request sends to the model, for a local token count."""
+    return "\n".join(prompt_parts(body))
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """Tokens of a request's prompt, counted part by part: the parts calls repeat (system prompts,
+    earlier turns of a conversation) are counted once and remembered."""
+    return sum(_part_tokens(p) if len(p) <= _CACHED_PART else count_tokens(p) for p in prompt_parts(body))
+
+
+_CACHED_PART = 20_000
+
+
+@functools.lru_cache(maxsize=8192)
+def _part_tokens(text: str) -> int:
+    return count_tokens(text)
 
 
 _TEXT_FIELDS = ("content", "text", "input", "arguments", "output")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from .. import limiter
 from ..limiter import Admission, Budget, CounterState
+from ..policy import Policy
 from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
 from .batch import Batcher
 
@@ -63,6 +65,13 @@ class _Settle:
     amounts: Sequence[int]
     mode: str  # "charge" or "refund"
     taken_at: str  # refund: when the take happened (its bucket)
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec(window: int, quota: int, holds: bool, policies: tuple[Policy, ...], meta: bool) -> tuple[str, str]:
+    """The fixed parts of a budget's argument to the admission script, around its amount."""
+    tail = f":{int(holds)}:{int(meta)}:{limiter.policies_json(policies).decode()}"
+    return f"{window}:{limiter.granularity(window)}:{quota}:", tail
 
 
 def _meta(budget: Budget) -> bytes:
@@ -177,18 +186,14 @@ class RedisStore:
         for item in items:
             if check_key:
                 keys.append(key_record_key(item.key_id))
-            args += [item.reservation, repr(item.hold_ttl), int(check_key), len(item.budgets)]
+            args.append(f"{item.reservation} {item.hold_ttl!r} {int(check_key)} {len(item.budgets)}")
             for b in item.budgets:
                 keys.append(budget_key(b.id))
-                args += [
-                    b.window,
-                    limiter.granularity(b.window),
-                    b.quota,
-                    b.amount,
-                    int(b.holds),
-                    _meta(b),
-                    limiter.policies_json(tuple(b.policies)),
-                ]
+                meta = _meta(b)
+                head, tail = _spec(b.window, b.quota, b.holds, tuple(b.policies), bool(meta))
+                args.append(f"{head}{b.amount}{tail}")
+                if meta:
+                    args.append(meta)
         raws = await self._redis().evalsha(self._admit.sha, len(keys), *keys, *args)
         return [_admission(raw, len(item.budgets)) for raw, item in zip(raws, items, strict=True)]
 
@@ -274,18 +279,13 @@ class RedisStore:
         keys: list[str] = []
         args: list[Any] = [self._now_arg(), len(items)]
         for item in items:
-            args += [item.reservation, len(item.budgets)]
+            args.append(f"{item.reservation} {len(item.budgets)}")
             for budget, amount in zip(item.budgets, item.amounts, strict=True):
                 keys.append(budget_key(budget.id))
-                args += [
-                    budget.window,
-                    limiter.granularity(budget.window),
-                    budget.quota,
-                    amount,
-                    int(budget.holds),
-                    item.mode,
-                    item.taken_at,
-                ]
+                args.append(
+                    f"{budget.window}:{limiter.granularity(budget.window)}:{budget.quota}:{amount}:"
+                    f"{int(budget.holds)}:{item.mode}:{item.taken_at}"
+                )
         raws = await self._redis().evalsha(self._settle.sha, len(keys), *keys, *args)
         return [_states(raw[1:], len(item.budgets)) for raw, item in zip(raws, items, strict=True)]
 

@@ -1,6 +1,6 @@
 -- Settle a batch of calls, one after the other, in this one atomic step.
--- ARGV: now ('' = server time), call count, then per call: reservation, budget count,
---       then per budget: window, granularity, quota, amount, holds (0/1), mode, taken at
+-- ARGV: now ('' = server time), call count, then per call: "<reservation> <budget count>",
+--       then per budget: "<window>:<granularity>:<quota>:<amount>:<holds 0/1>:<mode>:<taken at>"
 -- KEYS, per call in order: each budget's hash
 -- mode 'charge': replace the reservation's hold by `amount` spent now.
 -- mode 'refund': undo an admission (its take or its hold) that another slot refused.
@@ -10,14 +10,16 @@ local arg, key = 3, 1
 local results = {}
 
 local function settle_one()
-  local reservation, count = ARGV[arg], tonumber(ARGV[arg + 1])
-  arg = arg + 2
+  local reservation, count = string.match(ARGV[arg], '^(%S+) (%d+)$')
+  count = tonumber(count)
+  arg = arg + 1
   local out = {tostring(now)}
   for b = 1, count do
     local h = KEYS[key]
-    local window, g, quota = tonumber(ARGV[arg]), tonumber(ARGV[arg + 1]), tonumber(ARGV[arg + 2])
-    local amount, holds, mode, taken = tonumber(ARGV[arg + 3]), ARGV[arg + 4] == '1', ARGV[arg + 5], ARGV[arg + 6]
-    key, arg = key + 1, arg + 7
+    local window, g, quota, amount, holds, mode, taken =
+      string.match(ARGV[arg], '^(%d+):(%d+):(%d+):(%d+):(%d):(%a+):(.+)$')
+    window, g, quota, amount, holds = tonumber(window), tonumber(g), tonumber(quota), tonumber(amount), holds == '1'
+    key, arg = key + 1, arg + 1
     local s = load(h, window, now, reservation)
     release_hold(s, reservation)
     if mode == 'charge' then
