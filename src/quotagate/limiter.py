@@ -52,10 +52,10 @@ class Budget:
     quota: int  # scaled, the smallest quota of the policies naming this counter
     amount: int = 0  # request: 1 taken; cents/token: the estimate held while in flight
     policies: list[Policy] = field(default_factory=list)
+    holds: bool = False  # cents and tokens hold an estimate while in flight; requests take at once
 
-    @property
-    def holds(self) -> bool:
-        return self.unit is not Unit.REQUEST
+    def __post_init__(self) -> None:
+        self.holds = self.unit is not Unit.REQUEST
 
 
 @dataclass(slots=True, frozen=True)
@@ -75,6 +75,7 @@ class Admission:
     states: list[CounterState]
 
 
+@functools.lru_cache(maxsize=16384)
 def encode_value(value: str) -> str:
     """A segment value as a key part that cannot collide or contain store metacharacters."""
     raw = value.encode("utf-8", "surrogateescape")

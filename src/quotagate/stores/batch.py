@@ -11,7 +11,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from ..limiter import Budget
+
+
+@dataclass(slots=True)
+class Admit:
+    """One request's admission, as it waits in a batch."""
+
+    key_id: str
+    budgets: Sequence[Budget]
+    reservation: str
+    hold_ttl: float
+
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

@@ -37,7 +37,7 @@ from .. import limiter
 from ..limiter import Admission, Budget, CounterState
 from ..policy import Policy
 from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
-from .batch import Batcher
+from .batch import Admit, Batcher
 
 log = logging.getLogger("quotagate.store")
 
@@ -48,14 +48,7 @@ KEYS_SET = PREFIX + "keys"
 DENIALS = PREFIX + "denials"
 DENIALS_KEPT = 1000
 FLUSH_SECONDS = 1.0
-
-
-@dataclass(slots=True)
-class _Admit:
-    key_id: str
-    budgets: Sequence[Budget]
-    reservation: str
-    hold_ttl: float
+INDEXED_REMEMBERED = 100_000
 
 
 @dataclass(slots=True)
@@ -106,11 +99,12 @@ class RedisStore:
         self._client: Any = None
         self._admit: Any = None
         self._settle: Any = None
-        self._touched: dict[str, tuple[float, float]] = {}
+        self._touched: dict[str, tuple[float, float]] = {}  # index entries to write
+        self._indexed: dict[str, tuple[float, float]] = {}  # what this worker last wrote, per budget
         self._denials: list[bytes] = []
         self._flusher: asyncio.Task[None] | None = None
         self._init_lock = asyncio.Lock()
-        self._admits: Batcher[_Admit, Admission] = Batcher(lambda items: self._scripted(self._admit_batch, items))
+        self._admits: Batcher[Admit, Admission] = Batcher(lambda items: self._scripted(self._admit_batch, items))
         self._charges: Batcher[_Settle, list[CounterState]] = Batcher(
             lambda items: self._scripted(self._settle_batch, items)
         )
@@ -167,7 +161,7 @@ class RedisStore:
     # -- admission and charge ----------------------------------------------------------------
 
     async def admit(self, key_id: str, budgets: Sequence[Budget], reservation: str, hold_ttl: float) -> Admission:
-        item = _Admit(key_id, budgets, reservation, hold_ttl)
+        item = Admit(key_id, budgets, reservation, hold_ttl)
         if not self.cluster:
             admission = await self._call("admit", self._admits.submit(item))
         elif not budgets:
@@ -179,7 +173,7 @@ class RedisStore:
             self._remember(budgets, admission)
         return admission
 
-    async def _admit_batch(self, items: Sequence[_Admit], check_key: bool = True) -> list[Admission]:
+    async def _admit_batch(self, items: Sequence[Admit], check_key: bool = True) -> list[Admission]:
         """One script call for every request of the batch, each decided on its own, in order."""
         keys: list[str] = []
         args: list[Any] = [self._now_arg(), len(items)]
@@ -197,7 +191,7 @@ class RedisStore:
         raws = await self._redis().evalsha(self._admit.sha, len(keys), *keys, *args)
         return [_admission(raw, len(item.budgets)) for raw, item in zip(raws, items, strict=True)]
 
-    async def _admit_cluster(self, item: _Admit) -> Admission:
+    async def _admit_cluster(self, item: Admit) -> Admission:
         """Budgets in different slots: each slot's group in its own script call, in parallel; if
         any group (or the key check) refuses, the groups that admitted are refunded."""
         budgets = item.budgets
@@ -208,7 +202,7 @@ class RedisStore:
         calls = [
             self._scripted(
                 self._admit_batch,
-                [_Admit(item.key_id, [budgets[i] for i in m], item.reservation, item.hold_ttl)],
+                [Admit(item.key_id, [budgets[i] for i in m], item.reservation, item.hold_ttl)],
                 False,
             )
             for m in members
@@ -292,10 +286,18 @@ class RedisStore:
     # -- the dashboard's index, written off the request path -------------------------------------
 
     def _remember(self, budgets: Sequence[Budget], admission: Admission) -> None:
+        """Queue index updates: a budget new to this worker, one whose usage ratio moved by a
+        point or more, or one whose index entry is half-way to its expiry."""
         now = self.clock() if self.clock else time.time()
+        indexed = self._indexed
         for budget, state in zip(budgets, admission.states, strict=True):
             ratio = (state.used + state.held) / budget.quota if budget.quota else 1.0
-            self._touched[budget.id] = (ratio, now + budget.window)
+            last = indexed.get(budget.id)
+            if last is None or abs(ratio - last[0]) >= 0.01 or last[1] - now < budget.window / 2:
+                entry = (ratio, now + budget.window)
+                self._touched[budget.id] = indexed[budget.id] = entry
+        if len(indexed) > INDEXED_REMEMBERED:
+            indexed.clear()
         if not admission.allowed:
             for budget, state in zip(budgets, admission.states, strict=True):
                 if state.retry_after:

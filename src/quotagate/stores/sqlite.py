@@ -22,6 +22,7 @@ import orjson
 from .. import limiter
 from ..limiter import Admission, Budget, CounterState
 from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
+from .batch import Admit, Batcher
 
 T = TypeVar("T")
 
@@ -90,6 +91,10 @@ class SQLiteStore:
         self.clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quotagate-sqlite")
         self._db: sqlite3.Connection | None = None
+        self._admits: Batcher[Admit, Admission] = Batcher(lambda items: self._run(self._admit_many, items))
+        self._charges: Batcher[tuple[Sequence[Budget], str, Sequence[int]], list[CounterState]] = Batcher(
+            lambda items: self._run(self._charge_many, items)
+        )
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -136,49 +141,55 @@ class SQLiteStore:
     # -- counters ----------------------------------------------------------------------------
 
     async def admit(self, key_id: str, budgets: Sequence[Budget], reservation: str, hold_ttl: float) -> Admission:
-        return await self._run(self._admit, key_id, budgets, reservation, hold_ttl)
+        return await self._admits.submit(Admit(key_id, budgets, reservation, hold_ttl))
 
-    def _admit(
-        self,
-        db: sqlite3.Connection,
-        key_id: str,
-        budgets: Sequence[Budget],
-        reservation: str,
-        hold_ttl: float,
-    ) -> Admission:
-        if not budgets:
-            return Admission(_key_active(db, key_id), True, [])
+    def _admit_many(self, db: sqlite3.Connection, items: Sequence[Admit]) -> list[Admission]:
+        """A batch of admissions in one transaction, each decided on its own, in order."""
+        if not any(item.budgets for item in items):  # key checks only: a read, no lock
+            return [Admission(_key_active(db, item.key_id), True, []) for item in items]
         db.execute("BEGIN IMMEDIATE")
-        if not _key_active(db, key_id):
-            db.rollback()
-            return Admission(False, False, [])
         now = self.clock()
+        results = [self._admit_one(db, item, now) for item in items]
+        db.commit()
+        return results
+
+    def _admit_one(self, db: sqlite3.Connection, item: Admit, now: float) -> Admission:
+        budgets = item.budgets
+        if not _key_active(db, item.key_id):
+            return Admission(False, False, [])
+        if not budgets:
+            return Admission(True, True, [])
         states = self._states(db, budgets, now)
         allowed = all(limiter.fits(state, b) for state, b in zip(states, budgets, strict=True))
         if allowed:
             for state, budget in zip(states, budgets, strict=True):
-                limiter.take(state, budget, now, reservation, hold_ttl)
+                limiter.take(state, budget, now, item.reservation, item.hold_ttl)
         views = [limiter.view(s, b, now, denied=not allowed) for s, b in zip(states, budgets, strict=True)]
-        self._save(db, budgets, states, views, now, hold_ttl, denied=not allowed)
+        self._save(db, budgets, states, views, now, item.hold_ttl, denied=not allowed)
         if not allowed:
             self._record_denial(db, budgets, states, now)
-        db.commit()
         return Admission(True, allowed, views)
 
     async def charge(self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]) -> list[CounterState]:
-        return await self._run(self._charge, budgets, reservation, amounts)
+        return await self._charges.submit((budgets, reservation, amounts))
 
-    def _charge(
-        self, db: sqlite3.Connection, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]
-    ) -> list[CounterState]:
+    def _charge_many(
+        self, db: sqlite3.Connection, items: Sequence[tuple[Sequence[Budget], str, Sequence[int]]]
+    ) -> list[list[CounterState]]:
         db.execute("BEGIN IMMEDIATE")
         now = self.clock()
+        results = [self._charge_one(db, *item, now) for item in items]
+        db.commit()
+        return results
+
+    def _charge_one(
+        self, db: sqlite3.Connection, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int], now: float
+    ) -> list[CounterState]:
         states = self._states(db, budgets, now)
         for state, budget, amount in zip(states, budgets, amounts, strict=True):
             limiter.settle(state, budget.window, now, reservation, amount)
         views = [limiter.view(s, b, now) for s, b in zip(states, budgets, strict=True)]
         self._save(db, budgets, states, views, now, 0.0, denied=False)
-        db.commit()
         return views
 
     def _states(self, db: sqlite3.Connection, budgets: Sequence[Budget], now: float) -> list[dict]:
