@@ -27,6 +27,15 @@ class Admit:
     hold_ttl: float
 
 
+@dataclass(slots=True)
+class Charge:
+    """One call's charge, as it waits in a batch."""
+
+    budgets: Sequence[Budget]
+    reservation: str
+    amounts: Sequence[int]
+
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 

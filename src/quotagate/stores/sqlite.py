@@ -22,7 +22,7 @@ import orjson
 from .. import limiter
 from ..limiter import Admission, Budget, CounterState
 from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
-from .batch import Admit, Batcher
+from .batch import Admit, Batcher, Charge
 
 T = TypeVar("T")
 
@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS counters (
     state BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS counters_by_ratio ON counters (ratio DESC);
-CREATE INDEX IF NOT EXISTS counters_by_expiry ON counters (expires_at);
+DROP INDEX IF EXISTS counters_by_expiry;
 CREATE TABLE IF NOT EXISTS denials (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -90,24 +90,53 @@ class SQLiteStore:
         self.path = path_from_url(url)
         self.clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quotagate-sqlite")
-        self._db: sqlite3.Connection | None = None
-        self._admits: Batcher[Admit, Admission] = Batcher(lambda items: self._run(self._admit_many, items))
-        self._charges: Batcher[tuple[Sequence[Budget], str, Sequence[int]], list[CounterState]] = Batcher(
-            lambda items: self._run(self._charge_many, items)
-        )
+        self._db: sqlite3.Connection | None = None  # used on the store thread only
+        self._inline: sqlite3.Connection | None = None  # used on the event loop only, never waits
+        self._waiting = 0  # batches handed to the store thread and not back yet
+        # admissions and charges of one loop turn share one transaction
+        self._steps: Batcher[Admit | Charge, Any] = Batcher(self._execute_steps)
+        # what is known while no other connection has committed (PRAGMA data_version)
+        self._seen_version: tuple[int, int] | None = None
+        self._states_known: dict[str, dict] = {}
+        self._keys_known: dict[str, bool] = {}
 
     # -- plumbing ----------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=30000")
-            db.executescript(SCHEMA)
-            self._db = db
+            self._db = self._open(busy_ms=30000)
         return self._db
+
+    def _open(self, busy_ms: int) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000)
+        db.execute(f"PRAGMA busy_timeout={busy_ms}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages: budgets stay in memory
+        db.execute("PRAGMA mmap_size=268435456")  # reads without a system call each
+        db.executescript(SCHEMA)
+        return db
+
+    async def _execute_steps(self, items: list[Admit | Charge]) -> list[Any]:
+        """Run a batch on the event loop itself when the write lock is free at once (a batch takes
+        a fraction of a millisecond, less than a hand-off to a thread); when another process holds
+        the lock, on the store thread, which waits for it without holding up the event loop."""
+        if not self._waiting:
+            try:
+                if self._inline is None:
+                    self._inline = self._open(busy_ms=0)
+                return self._guarded(self._inline, self._run_steps, items)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+        self._waiting += 1
+        try:
+            return await self._run(self._run_steps, items)
+        finally:
+            self._waiting -= 1
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -117,7 +146,10 @@ class SQLiteStore:
             raise StoreError(f"SQLite store {self.path}: {exc}") from exc
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        db = self._connect()
+        return self._guarded(self._connect(), fn, *args)
+
+    @staticmethod
+    def _guarded(db: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
         try:
             return fn(db, *args)
         except BaseException:
@@ -134,6 +166,10 @@ class SQLiteStore:
                 self._db.close()
                 self._db = None
 
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
+
         if self._db is not None:
             await self._run(_close)
         self._executor.shutdown(wait=True)
@@ -141,21 +177,51 @@ class SQLiteStore:
     # -- counters ----------------------------------------------------------------------------
 
     async def admit(self, key_id: str, budgets: Sequence[Budget], reservation: str, hold_ttl: float) -> Admission:
-        return await self._admits.submit(Admit(key_id, budgets, reservation, hold_ttl))
+        result: Admission = await self._steps.submit(Admit(key_id, budgets, reservation, hold_ttl))
+        return result
 
-    def _admit_many(self, db: sqlite3.Connection, items: Sequence[Admit]) -> list[Admission]:
-        """A batch of admissions in one transaction, each decided on its own, in order."""
-        if not any(item.budgets for item in items):  # key checks only: a read, no lock
-            return [Admission(_key_active(db, item.key_id), True, []) for item in items]
+    async def charge(self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]) -> list[CounterState]:
+        result: list[CounterState] = await self._steps.submit(Charge(budgets, reservation, amounts))
+        return result
+
+    def _run_steps(self, db: sqlite3.Connection, items: Sequence[Admit | Charge]) -> list[Any]:
+        """A batch of admissions and charges in one transaction, each on its own, in order."""
+        if all(isinstance(i, Admit) and not i.budgets for i in items):  # key checks only: no write lock
+            self._refresh(db)
+            return [Admission(self._key_active(db, i.key_id), True, []) for i in items]  # type: ignore[union-attr]
         db.execute("BEGIN IMMEDIATE")
+        self._refresh(db)
         now = self.clock()
-        results = [self._admit_one(db, item, now) for item in items]
-        db.commit()
+        try:
+            results = [
+                self._admit_one(db, i, now) if isinstance(i, Admit) else self._charge_one(db, i, now) for i in items
+            ]
+            db.commit()
+        except BaseException:
+            self._forget()
+            raise
         return results
+
+    def _refresh(self, db: sqlite3.Connection) -> None:
+        """Forget what another connection may have changed since this one last looked."""
+        version = (id(db), db.execute("PRAGMA data_version").fetchone()[0])
+        if version != self._seen_version or len(self._states_known) > 100_000:
+            self._forget()
+            self._seen_version = version
+
+    def _forget(self) -> None:
+        self._states_known.clear()
+        self._keys_known.clear()
+
+    def _key_active(self, db: sqlite3.Connection, key_id: str) -> bool:
+        known = self._keys_known.get(key_id)
+        if known is None:
+            known = self._keys_known[key_id] = _key_active(db, key_id)
+        return known
 
     def _admit_one(self, db: sqlite3.Connection, item: Admit, now: float) -> Admission:
         budgets = item.budgets
-        if not _key_active(db, item.key_id):
+        if not self._key_active(db, item.key_id):
             return Admission(False, False, [])
         if not budgets:
             return Admission(True, True, [])
@@ -170,38 +236,33 @@ class SQLiteStore:
             self._record_denial(db, budgets, states, now)
         return Admission(True, allowed, views)
 
-    async def charge(self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]) -> list[CounterState]:
-        return await self._charges.submit((budgets, reservation, amounts))
-
-    def _charge_many(
-        self, db: sqlite3.Connection, items: Sequence[tuple[Sequence[Budget], str, Sequence[int]]]
-    ) -> list[list[CounterState]]:
-        db.execute("BEGIN IMMEDIATE")
-        now = self.clock()
-        results = [self._charge_one(db, *item, now) for item in items]
-        db.commit()
-        return results
-
-    def _charge_one(
-        self, db: sqlite3.Connection, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int], now: float
-    ) -> list[CounterState]:
-        states = self._states(db, budgets, now)
-        for state, budget, amount in zip(states, budgets, amounts, strict=True):
-            limiter.settle(state, budget.window, now, reservation, amount)
-        views = [limiter.view(s, b, now) for s, b in zip(states, budgets, strict=True)]
-        self._save(db, budgets, states, views, now, 0.0, denied=False)
+    def _charge_one(self, db: sqlite3.Connection, item: Charge, now: float) -> list[CounterState]:
+        states = self._states(db, item.budgets, now)
+        for state, budget, amount in zip(states, item.budgets, item.amounts, strict=True):
+            limiter.settle(state, budget.window, now, item.reservation, amount)
+        views = [limiter.view(s, b, now) for s, b in zip(states, item.budgets, strict=True)]
+        self._save(db, item.budgets, states, views, now, 0.0, denied=False)
         return views
 
     def _states(self, db: sqlite3.Connection, budgets: Sequence[Budget], now: float) -> list[dict]:
-        ids = [b.id for b in budgets]
-        marks = ",".join("?" * len(ids))
-        rows = dict(db.execute(f"SELECT id, state FROM counters WHERE id IN ({marks})", ids).fetchall())
+        """Each budget's window state, brought up to `now`; what its row holds is kept under "_row".
+        States this connection wrote itself, unchanged since by anyone else, are not read again."""
+        known = self._states_known
+        missing = [b.id for b in budgets if b.id not in known]
+        if missing:
+            marks = ",".join("?" * len(missing))
+            query = f"SELECT id, state, ratio, quota, policies FROM counters WHERE id IN ({marks})"
+            for row in db.execute(query, missing):
+                state = _load(row[1])
+                state["_row"] = row[2:]
+                known[row[0]] = state
         states = []
         for budget in budgets:
-            blob = rows.get(budget.id)
-            state = _load(blob) if blob is not None else limiter.new_state()
-            limiter.expire(state, budget.window, now)
-            states.append(state)
+            current = known.get(budget.id)
+            if current is None:
+                current = known[budget.id] = {**limiter.new_state(), "_row": None}
+            limiter.expire(current, budget.window, now)
+            states.append(current)
         return states
 
     def _save(
@@ -214,42 +275,43 @@ class SQLiteStore:
         hold_ttl: float,
         denied: bool,
     ) -> None:
-        """Write the states back; a denial marks only the budgets that refused."""
-        rows = []
+        """Write the states back; a denial marks only the budgets that refused. Columns that did
+        not change (the indexed ratio, to two decimals, above all) are not rewritten."""
         for budget, state, view in zip(budgets, states, views, strict=True):
-            refused = denied and not limiter.fits(state, budget)
+            refused = now if denied and not limiter.fits(state, budget) else None
             expires = now + budget.window + (hold_ttl if budget.holds else 0)
-            policies = orjson.dumps([p.normal_form() for p in budget.policies]).decode()
-            ratio = (view.used + view.held) / budget.quota if budget.quota else 1.0
-            rows.append(
-                (
-                    budget.id,
-                    budget.key_id,
-                    budget.unit.value,
-                    budget.window,
-                    budget.segment,
-                    budget.value,
-                    budget.quota,
-                    view.used,
-                    view.held,
-                    ratio,
-                    policies,
-                    now,
-                    expires,
-                    now if refused else None,
-                    _dump(state),
+            policies = limiter.policies_json(tuple(budget.policies)).decode()
+            ratio = round((view.used + view.held) / budget.quota, 2) if budget.quota else 1.0
+            row, blob = state["_row"], _dump(state)
+            state["_row"] = (ratio, budget.quota, policies)
+            if row is None:
+                db.execute(
+                    _INSERT,
+                    (
+                        budget.id,
+                        budget.key_id,
+                        budget.unit.value,
+                        budget.window,
+                        budget.segment,
+                        budget.value,
+                        budget.quota,
+                        view.used,
+                        view.held,
+                        ratio,
+                        policies,
+                        now,
+                        expires,
+                        refused,
+                        blob,
+                    ),
                 )
-            )
-        db.executemany(
-            "INSERT INTO counters (id, key_id, unit, window, segment, value, quota, used, held, ratio,"
-            " policies, updated_at, expires_at, last_denied_at, state)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT (id) DO UPDATE SET quota=excluded.quota, used=excluded.used,"
-            " held=excluded.held, ratio=excluded.ratio, policies=excluded.policies,"
-            " updated_at=excluded.updated_at, expires_at=max(expires_at, excluded.expires_at),"
-            " last_denied_at=coalesce(excluded.last_denied_at, last_denied_at), state=excluded.state",
-            rows,
-        )
+                continue
+            sets = _UPDATE_ALWAYS
+            args: list[Any] = [view.used, view.held, now, expires, refused, blob]
+            if (ratio, budget.quota, policies) != tuple(row):
+                sets += ", ratio=?, quota=?, policies=?"
+                args += [ratio, budget.quota, policies]
+            db.execute(f"UPDATE counters SET {sets} WHERE id=?", [*args, budget.id])
 
     def _record_denial(
         self, db: sqlite3.Connection, budgets: Sequence[Budget], states: Sequence[dict], now: float
@@ -349,12 +411,20 @@ class SQLiteStore:
     async def revoke_key(self, key_id: str, at: float) -> bool:
         def _revoke(db: sqlite3.Connection) -> bool:
             cursor = db.execute("UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (at, key_id))
+            self._keys_known.pop(key_id, None)
             return cursor.rowcount > 0
 
         return await self._run(_revoke)
 
 
 _KEY_COLUMNS = "id, name, salt, digest, policies, created_at, revoked_at"
+_INSERT = (
+    "INSERT INTO counters (id, key_id, unit, window, segment, value, quota, used, held, ratio, policies,"
+    " updated_at, expires_at, last_denied_at, state) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_UPDATE_ALWAYS = (
+    "used=?, held=?, updated_at=?, expires_at=max(expires_at, ?), last_denied_at=coalesce(?, last_denied_at), state=?"
+)
 
 
 def _key_active(db: sqlite3.Connection, key_id: str) -> bool:
