@@ -57,7 +57,7 @@ class _Settle:
     reservation: str
     amounts: Sequence[int]
     mode: str  # "charge" or "refund"
-    taken_at: str  # refund: when the take happened (its bucket)
+    taken_at: str = "0"  # refund: when the take happened (its bucket)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -65,6 +65,29 @@ def _spec(window: int, quota: int, holds: bool, policies: tuple[Policy, ...], me
     """The fixed parts of a budget's argument to the admission script, around its amount."""
     tail = f":{int(holds)}:{int(meta)}:{limiter.policies_json(policies).decode()}"
     return f"{window}:{limiter.granularity(window)}:{quota}:", tail
+
+
+def _admit_arguments(item: Admit, check_key: bool, keys: list[str], args: list[Any]) -> None:
+    if check_key:
+        keys.append(key_record_key(item.key_id))
+    args.append(f"A {item.reservation} {item.hold_ttl!r} {int(check_key)} {len(item.budgets)}")
+    for b in item.budgets:
+        keys.append(budget_key(b.id))
+        meta = _meta(b)
+        head, tail = _spec(b.window, b.quota, b.holds, tuple(b.policies), bool(meta))
+        args.append(f"{head}{b.amount}{tail}")
+        if meta:
+            args.append(meta)
+
+
+def _settle_arguments(item: _Settle, keys: list[str], args: list[Any]) -> None:
+    args.append(f"S {item.reservation} {len(item.budgets)}")
+    for budget, amount in zip(item.budgets, item.amounts, strict=True):
+        keys.append(budget_key(budget.id))
+        args.append(
+            f"{budget.window}:{limiter.granularity(budget.window)}:{budget.quota}:{amount}:"
+            f"{int(budget.holds)}:{item.mode}:{item.taken_at}"
+        )
 
 
 def _meta(budget: Budget) -> bytes:
@@ -97,17 +120,13 @@ class RedisStore:
         self.clock = clock
         self._client_url, self.cluster = _client_url(url)
         self._client: Any = None
-        self._admit: Any = None
-        self._settle: Any = None
+        self._script: Any = None
         self._touched: dict[str, tuple[float, float]] = {}  # index entries to write
         self._indexed: dict[str, tuple[float, float]] = {}  # what this worker last wrote, per budget
         self._denials: list[bytes] = []
         self._flusher: asyncio.Task[None] | None = None
         self._init_lock = asyncio.Lock()
-        self._admits: Batcher[Admit, Admission] = Batcher(lambda items: self._scripted(self._admit_batch, items))
-        self._charges: Batcher[_Settle, list[CounterState]] = Batcher(
-            lambda items: self._scripted(self._settle_batch, items)
-        )
+        self._steps: Batcher[Admit | _Settle, Any] = Batcher(self._step)
         self._initialized = False
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -119,8 +138,7 @@ class RedisStore:
                 self._client = RedisCluster.from_url(self._client_url, max_connections=256, **options)
             else:
                 self._client = aioredis.Redis.from_url(self._client_url, max_connections=256, **options)
-            self._admit = self._client.register_script(_script("admit.lua"))
-            self._settle = self._client.register_script(_script("settle.lua"))
+            self._script = self._client.register_script(_script("step.lua"))
         return self._client
 
     def _now_arg(self) -> str:
@@ -163,7 +181,7 @@ class RedisStore:
     async def admit(self, key_id: str, budgets: Sequence[Budget], reservation: str, hold_ttl: float) -> Admission:
         item = Admit(key_id, budgets, reservation, hold_ttl)
         if not self.cluster:
-            admission = await self._call("admit", self._admits.submit(item))
+            admission = await self._call("admit", self._steps.submit(item))
         elif not budgets:
             revoked = await self._call("admit", self._redis().hget(key_record_key(key_id), "revoked_at"))
             admission = Admission(revoked == b"", True, [])
@@ -173,23 +191,42 @@ class RedisStore:
             self._remember(budgets, admission)
         return admission
 
-    async def _admit_batch(self, items: Sequence[Admit], check_key: bool = True) -> list[Admission]:
-        """One script call for every request of the batch, each decided on its own, in order."""
+    async def charge(self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]) -> list[CounterState]:
+        if not self.cluster:
+            states = await self._call("charge", self._steps.submit(_Settle(budgets, reservation, amounts, "charge")))
+        else:  # each budget in its own slot's script call, in parallel
+            settled = await self._call(
+                "charge",
+                asyncio.gather(
+                    *(
+                        self._step([_Settle([b], reservation, [a], "charge")])
+                        for b, a in zip(budgets, amounts, strict=True)
+                    )
+                ),
+            )
+            states = [s[0][0] for s in settled]
+        self._remember(budgets, Admission(True, True, states))
+        return states
+
+    async def _step(self, items: Sequence[Admit | _Settle], check_key: bool = True) -> list[Any]:
+        """One script call for a batch of admissions and settlements, each on its own, in order;
+        the script is loaded again if the server forgot it (a restart)."""
         keys: list[str] = []
         args: list[Any] = [self._now_arg(), len(items)]
         for item in items:
-            if check_key:
-                keys.append(key_record_key(item.key_id))
-            args.append(f"{item.reservation} {item.hold_ttl!r} {int(check_key)} {len(item.budgets)}")
-            for b in item.budgets:
-                keys.append(budget_key(b.id))
-                meta = _meta(b)
-                head, tail = _spec(b.window, b.quota, b.holds, tuple(b.policies), bool(meta))
-                args.append(f"{head}{b.amount}{tail}")
-                if meta:
-                    args.append(meta)
-        raws = await self._redis().evalsha(self._admit.sha, len(keys), *keys, *args)
-        return [_admission(raw, len(item.budgets)) for raw, item in zip(raws, items, strict=True)]
+            if isinstance(item, Admit):
+                _admit_arguments(item, check_key, keys, args)
+            else:
+                _settle_arguments(item, keys, args)
+        try:
+            raws = await self._redis().evalsha(self._script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self._script.sha = await self._redis().script_load(self._script.script)
+            raws = await self._redis().evalsha(self._script.sha, len(keys), *keys, *args)
+        return [
+            _admission(raw, len(item.budgets)) if isinstance(item, Admit) else _states(raw[1:], len(item.budgets))
+            for raw, item in zip(raws, items, strict=True)
+        ]
 
     async def _admit_cluster(self, item: Admit) -> Admission:
         """Budgets in different slots: each slot's group in its own script call, in parallel; if
@@ -200,36 +237,22 @@ class RedisStore:
             groups.setdefault(key_slot(budget_key(budget.id).encode()), []).append(index)
         members = list(groups.values())
         calls = [
-            self._scripted(
-                self._admit_batch,
-                [Admit(item.key_id, [budgets[i] for i in m], item.reservation, item.hold_ttl)],
-                False,
-            )
+            self._step([Admit(item.key_id, [budgets[i] for i in m], item.reservation, item.hold_ttl)], False)
             for m in members
         ]
         revoked, *grouped = await asyncio.gather(self._redis().hget(key_record_key(item.key_id), "revoked_at"), *calls)
-        results = [g[0] for g in grouped]
+        results: list[Admission] = [g[0] for g in grouped]
         allowed = revoked == b"" and all(r.allowed for r in results)
         states: list[CounterState] = [CounterState(0, 0, 0)] * len(budgets)
         for m, result in zip(members, results, strict=True):
             for i, state in zip(m, result.states, strict=True):
                 states[i] = state
         if not allowed:
+            taken_at = self._now_arg() or repr(time.time())
             undo = [[budgets[i] for i in m] for m, result in zip(members, results, strict=True) if result.allowed]
             await asyncio.gather(
                 *(
-                    self._scripted(
-                        self._settle_batch,
-                        [
-                            _Settle(
-                                group,
-                                item.reservation,
-                                [b.amount for b in group],
-                                "refund",
-                                self._now_arg() or repr(time.time()),
-                            )
-                        ],
-                    )
+                    self._step([_Settle(group, item.reservation, [b.amount for b in group], "refund", taken_at)])
                     for group in undo
                 )
             )
@@ -237,51 +260,6 @@ class RedisStore:
                 _without(states[i], b) if _took(results, members, i) else states[i] for i, b in enumerate(budgets)
             ]
         return Admission(revoked == b"", allowed, states)
-
-    async def _scripted(self, batch: Callable[..., Any], *args: Any) -> Any:
-        """Run a script batch, loading the scripts first if the server forgot them (a restart)."""
-        try:
-            return await batch(*args)
-        except NoScriptError:
-            await self._load_scripts()
-            return await batch(*args)
-
-    async def _load_scripts(self) -> None:
-        client = self._redis()
-        self._admit.sha = await client.script_load(self._admit.script)
-        self._settle.sha = await client.script_load(self._settle.script)
-
-    async def charge(self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]) -> list[CounterState]:
-        item = _Settle(budgets, reservation, amounts, "charge", "0")
-        if not self.cluster:
-            states = await self._call("charge", self._charges.submit(item))
-        else:
-            grouped = await self._call(
-                "charge",
-                asyncio.gather(
-                    *(
-                        self._scripted(self._settle_batch, [_Settle([b], reservation, [a], "charge", "0")])
-                        for b, a in zip(budgets, amounts, strict=True)
-                    )
-                ),
-            )
-            states = [g[0][0] for g in grouped]
-        self._remember(budgets, Admission(True, True, states))
-        return states
-
-    async def _settle_batch(self, items: Sequence[_Settle]) -> list[list[CounterState]]:
-        keys: list[str] = []
-        args: list[Any] = [self._now_arg(), len(items)]
-        for item in items:
-            args.append(f"{item.reservation} {len(item.budgets)}")
-            for budget, amount in zip(item.budgets, item.amounts, strict=True):
-                keys.append(budget_key(budget.id))
-                args.append(
-                    f"{budget.window}:{limiter.granularity(budget.window)}:{budget.quota}:{amount}:"
-                    f"{int(budget.holds)}:{item.mode}:{item.taken_at}"
-                )
-        raws = await self._redis().evalsha(self._settle.sha, len(keys), *keys, *args)
-        return [_states(raw[1:], len(item.budgets)) for raw, item in zip(raws, items, strict=True)]
 
     # -- the dashboard's index, written off the request path -------------------------------------
 
