@@ -34,7 +34,7 @@ class GatewayKey:
 
 
 def _digest(salt: bytes, secret: str) -> bytes:
-    return hmac.new(salt, secret.encode(), hashlib.sha256).digest()
+    return hmac.digest(salt, secret.encode(), hashlib.sha256)
 
 
 def split_key(raw: str) -> tuple[str, str] | None:

@@ -84,6 +84,7 @@ def encode_value(value: str) -> str:
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
 
+@functools.lru_cache(maxsize=16384)
 def budget_id(key_id: str, unit: Unit, window: int, segment: str | None, value: str | None) -> str:
     seg = "-" if segment is None else ("u" if segment == "user" else "p." + segment)
     val = "" if value is None else encode_value(value)
@@ -216,7 +217,7 @@ def _retry_after(buckets: Sequence[tuple[int, float]], used: int, hold: int, bud
 # --- response headers ----------------------------------------------------------------------------
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class PolicyReport:
     name: str
     policy: Policy
@@ -235,22 +236,29 @@ def reports(budgets: Sequence[Budget], states: Sequence[CounterState]) -> list[P
         spent = state.used + state.held
         for policy in budget.policies:
             remaining = policy.scaled_quota - spent
-            out.append(PolicyReport(f"p{len(out) + 1}", policy, remaining if remaining > 0 else 0, state.reset))
+            out.append(PolicyReport(_NAMES[len(out)], policy, remaining if remaining > 0 else 0, state.reset))
     return out
+
+
+_NAMES = [f"p{i}" for i in range(1, 101)]
+
+
+def _tightness(report: PolicyReport) -> tuple[float, int]:
+    return report.fraction, report.policy.window
 
 
 def rate_limit_headers(items: Sequence[PolicyReport]) -> dict[str, str]:
     if not items:
         return {}
-    worst = min(items, key=lambda r: (r.fraction, r.policy.window))
+    worst = min(items, key=_tightness)
     policy = worst.policy
     return {
         "Helicone-RateLimit-Limit": policy.quota_text,
         "Helicone-RateLimit-Remaining": str(worst.remaining // policy.scale),
         "Helicone-RateLimit-Policy": policy.normal,
         "Helicone-RateLimit-Reset": str(worst.reset),
-        "RateLimit-Policy": ", ".join(f'"{r.name}";{_ietf_policy(r.policy)}' for r in items),
-        "RateLimit": ", ".join(f'"{r.name}";r={r.remaining // r.policy.scale};t={r.reset}' for r in items),
+        "RateLimit-Policy": ", ".join([f'"{r.name}";{_ietf_policy(r.policy)}' for r in items]),
+        "RateLimit": ", ".join([f'"{r.name}";r={r.remaining // r.policy.scale};t={r.reset}' for r in items]),
     }
 
 

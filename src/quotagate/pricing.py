@@ -145,9 +145,10 @@ class Pricer:
 
     def card(self, provider: str, model: str, api_url: str | None = None) -> PriceCard | None:
         model = model.lower()
-        override = self.overrides.get(model) or self.overrides.get(_SNAPSHOT_DATE.sub("", model))
-        if override is not None:
-            return override
+        if self.overrides:
+            override = self.overrides.get(model) or self.overrides.get(_SNAPSHOT_DATE.sub("", model))
+            if override is not None:
+                return override
         cached = self._cards.get((provider, api_url, model))
         now = time.monotonic()
         if cached is not None and now - cached[1] <= _REFRESH_SECONDS:

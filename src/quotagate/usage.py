@@ -222,7 +222,11 @@ def prompt_parts(body: dict[str, Any]) -> list[str]:
     """The texts a request sends to the model, in order."""
     parts: list[str] = []
     for field in ("system", "instructions", "messages", "input", "prompt"):
-        parts.extend(texts_in(body.get(field)))
+        value = body.get(field)
+        if isinstance(value, str):
+            parts.append(value)
+        elif value is not None:
+            parts.extend(texts_in(value))
     return parts
 
 
@@ -234,7 +238,10 @@ def prompt_text(body: dict[str, Any]) -> str:
 def prompt_tokens(body: dict[str, Any]) -> int:
     """Tokens of a request's prompt, counted part by part: the parts calls repeat (system prompts,
     earlier turns of a conversation) are counted once and remembered."""
-    return sum(_part_tokens(p) if len(p) <= _CACHED_PART else count_tokens(p) for p in prompt_parts(body))
+    total = 0
+    for part in prompt_parts(body):
+        total += _part_tokens(part) if len(part) <= _CACHED_PART else count_tokens(part)
+    return total
 
 
 _CACHED_PART = 20_000
@@ -246,6 +253,9 @@ def _part_tokens(text: str) -> int:
 
 
 _TEXT_FIELDS = ("content", "text", "input", "arguments", "output")
+
+
+_TEXT_FIELDS_BACKWARDS = tuple(reversed(_TEXT_FIELDS))
 
 
 def texts_in(value: Any) -> list[str]:
@@ -260,7 +270,14 @@ def texts_in(value: Any) -> list[str]:
         elif isinstance(item, list):
             stack.extend(reversed(item))
         elif isinstance(item, dict):
-            stack.extend(item.get(f) for f in reversed(_TEXT_FIELDS))
+            content = item.get("content")
+            if isinstance(content, str):  # the common message: its text is all there is
+                found.append(content)
+                continue
+            for field in _TEXT_FIELDS_BACKWARDS:
+                inner = item.get(field)
+                if inner is not None:
+                    stack.append(inner)
     return found
 
 
