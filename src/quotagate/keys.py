@@ -94,8 +94,14 @@ class KeyRing:
         self.store = store
         self.size = size
         self._records: OrderedDict[str, tuple[KeyRecord, GatewayKey] | None] = OrderedDict()
+        self._verified: dict[str, str] = {}  # presented keys already checked against their digest -> id
 
     async def verify(self, raw: str) -> GatewayKey | None:
+        known = self._verified.get(raw)
+        if known is not None:
+            entry = self._records.get(known)
+            if entry is not None:  # still cached: not forgotten since (a revocation forgets it)
+                return entry[1] if entry[0].active else None
         parts = split_key(raw)
         if parts is None:
             return None
@@ -106,6 +112,9 @@ class KeyRing:
         record, key = entry
         if not hmac.compare_digest(_digest(record.salt, secret), record.digest):
             return None
+        if len(self._verified) >= self.size:
+            self._verified.clear()
+        self._verified[raw] = key_id
         return key if record.active else None
 
     async def _lookup(self, key_id: str) -> tuple[KeyRecord, GatewayKey] | None:
