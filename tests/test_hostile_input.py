@@ -145,7 +145,25 @@ def test_very_long_and_unicode_user_ids(gateway: Gateway, upstream: FakeUpstream
     assert upstream.count() == 4
 
 
-METACHARACTERS = ["x" * 200, "x" * 201, "a:b", "a", "a:b:c", "{x}", "x}", "{", "*", "?", "a*?", "a\nb", "a\r\nb", "", " ", "%", "a b"]
+METACHARACTERS = [
+    "x" * 200,
+    "x" * 201,
+    "a:b",
+    "a",
+    "a:b:c",
+    "{x}",
+    "x}",
+    "{",
+    "*",
+    "?",
+    "a*?",
+    "a\nb",
+    "a\r\nb",
+    "",
+    " ",
+    "%",
+    "a b",
+]
 
 
 def test_store_metacharacters_never_collide_two_budgets(
