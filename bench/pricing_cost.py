@@ -54,9 +54,9 @@ def main() -> None:
     calls = int(sys.argv[1]) if len(sys.argv) > 1 else 4000
     pricer = Pricer()
     for provider, model, usage in CASES:
-        ours, theirs = pricer.cost(provider, model, usage), library_microcents(provider, model, usage)
-        assert ours == theirs, f"{model}: Pricer {ours} µ¢, genai-prices {theirs} µ¢"
-        print(f"{model:<20} {ours / 1e6:>12.6f} cents (both agree)")
+        mine, theirs = pricer.cost(provider, model, usage), library_microcents(provider, model, usage)
+        assert mine is not None and mine == theirs, f"{model}: Pricer {mine} µ¢, genai-prices {theirs} µ¢"
+        print(f"{model:<20} {mine / 1e6:>12.6f} cents (both agree)")
     library = per_call(library_microcents, calls // 10)
     ours = per_call(pricer.cost, calls)
     print(f"genai_prices.calc_price: {library * 1e6:8.1f} µs per call ({calls // 10} calls)")
