@@ -119,10 +119,13 @@ class SQLiteStore:
         return db
 
     async def _execute_steps(self, items: list[Admit | Charge]) -> list[Any]:
-        """Run a batch on the event loop itself when the write lock is free at once (a batch takes
-        a fraction of a millisecond, less than a hand-off to a thread); when another process holds
-        the lock, on the store thread, which waits for it without holding up the event loop."""
-        if not self._waiting:
+        """Run a batch on the event loop itself when the write lock is free (a batch takes a fraction
+        of a millisecond, less than a hand-off to a thread). When another process holds the lock,
+        try again a few times after sub-millisecond pauses (SQLite's own busy handler sleeps a
+        millisecond or more); past that, on the store thread, which waits without holding up the
+        event loop."""
+        pause = 0.0002
+        while not self._waiting and pause < 0.05:
             try:
                 if self._inline is None:
                     self._inline = self._open(busy_ms=0)
@@ -132,6 +135,8 @@ class SQLiteStore:
                     raise StoreError(f"SQLite store {self.path}: {exc}") from exc
             except sqlite3.Error as exc:
                 raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+            await asyncio.sleep(pause)
+            pause *= 2
         self._waiting += 1
         try:
             return await self._run(self._run_steps, items)
