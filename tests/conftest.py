@@ -175,18 +175,61 @@ def sqlite_url(tmp_path: Path) -> str:
 STORES = ["sqlite", "redis", "cluster"]
 
 
-@pytest.fixture(params=STORES)
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Every store, for the behaviour suite: a SQLite file, a Redis server, a Redis Cluster."""
-    if request.param == "sqlite":
+def empty_store(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> str:
+    """The URL of an empty store of this kind: a new SQLite file, the session's Redis db, its Cluster."""
+    if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'quotagate.db'}"
-    if request.param == "redis":
+    if kind == "redis":
         url = str(request.getfixturevalue("redis_url"))
         flush_redis(url)
         return url
     cluster = request.getfixturevalue("redis_cluster")
     cluster.flush()
     return str(cluster.url)
+
+
+@pytest.fixture(params=STORES)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every store, for the behaviour suite: a SQLite file, a Redis server, a Redis Cluster."""
+    return empty_store(request, request.param, tmp_path)
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The stores several gateway instances can share: a Redis server, a Redis Cluster."""
+    return empty_store(request, request.param, tmp_path)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def gw(make_gateway: Callable[..., Gateway], store_url: str, clock: FakeClock) -> Gateway:
+    """An in-process gateway on every store, with the store's clock in the test's hands."""
+    return make_gateway(store_url=store_url, clock=clock)
+
+
+def concurrent_calls(gateways: list[Gateway], key: str, policy: str, count: int) -> list[int]:
+    """`count` concurrent chat completions spread round-robin over the gateways; their statuses."""
+    clients = [g.async_openai(key, **{"Helicone-RateLimit-Policy": policy}) for g in gateways]
+
+    async def one(client: AsyncOpenAI) -> int:
+        try:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=CHAT)
+            return 200
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    async def run() -> list[int]:
+        try:
+            return await asyncio.gather(*(one(clients[i % len(clients)]) for i in range(count)))
+        finally:
+            for client in clients:
+                await client.close()
+
+    return asyncio.run(run())
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ The store's clock is injected (FakeClock), so windows pass without sleeping.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import anthropic
 import openai
@@ -17,16 +16,6 @@ from quotagate.fake_upstream import FakeUpstream
 from .conftest import CHAT, CLAUDE, FakeClock, Gateway
 
 POLICY = "Helicone-RateLimit-Policy"
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def gw(make_gateway: Callable[..., Gateway], store_url: str, clock: FakeClock) -> Gateway:
-    return make_gateway(store_url=store_url, clock=clock)
 
 
 def call(client: openai.OpenAI, **headers: str) -> tuple[int, dict[str, str]]:

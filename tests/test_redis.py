@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,41 +14,9 @@ import pytest
 from quotagate.fake_upstream import FakeUpstream
 
 from .cluster import RedisServer, make_tls_files
-from .conftest import CHAT, Gateway, cli, flush_redis, httpx
+from .conftest import Gateway, cli, concurrent_calls, httpx
 
 POLICY = "Helicone-RateLimit-Policy"
-
-
-def spread(gateways: list[Gateway], key: str, policy: str, count: int) -> list[int]:
-    """`count` concurrent chat completions spread round-robin over the gateways; their statuses."""
-    clients = [g.async_openai(key, **{POLICY: policy}) for g in gateways]
-
-    async def one(client: openai.AsyncOpenAI) -> int:
-        try:
-            await client.chat.completions.create(model="gpt-4o-mini", messages=CHAT)
-            return 200
-        except openai.APIStatusError as exc:
-            return exc.status_code
-
-    async def run() -> list[int]:
-        try:
-            return await asyncio.gather(*(one(clients[i % len(clients)]) for i in range(count)))
-        finally:
-            for client in clients:
-                await client.close()
-
-    return asyncio.run(run())
-
-
-@pytest.fixture(params=["redis", "cluster"])
-def shared_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "redis":
-        url = str(request.getfixturevalue("redis_url"))
-        flush_redis(url)
-        return url
-    cluster = request.getfixturevalue("redis_cluster")
-    cluster.flush()
-    return str(cluster.url)
 
 
 def test_three_instances_share_one_budget_exactly(
@@ -57,7 +24,7 @@ def test_three_instances_share_one_budget_exactly(
 ) -> None:
     gateways = [serve("--workers", "1", store_url=shared_url) for _ in range(3)]
     key = gateways[0].key("fleet")
-    statuses = spread(gateways, key, "20;w=60", 200)
+    statuses = concurrent_calls(gateways, key, "20;w=60", 200)
     assert statuses.count(200) == 20 and statuses.count(429) == 180
     assert upstream.count("/chat/completions") == 20
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 import subprocess
@@ -16,24 +15,7 @@ import pytest
 from quotagate.config import Settings
 from quotagate.fake_upstream import FakeUpstream
 
-from .conftest import CHAT, Gateway, cli, free_port, quotagate_command, stop_process, wait_ready
-
-
-def burst(gateway: Gateway, key: str, policy: str, count: int) -> list[int]:
-    client = gateway.async_openai(key, **{"Helicone-RateLimit-Policy": policy})
-
-    async def one() -> int:
-        try:
-            await client.chat.completions.create(model="gpt-4o-mini", messages=CHAT)
-            return 200
-        except openai.APIStatusError as exc:
-            return exc.status_code
-
-    async def run() -> list[int]:
-        async with client:
-            return await asyncio.gather(*(one() for _ in range(count)))
-
-    return asyncio.run(run())
+from .conftest import Gateway, cli, concurrent_calls, free_port, quotagate_command, stop_process, wait_ready
 
 
 def test_keys_create_list_revoke(sqlite_url: str, tmp_path: Path) -> None:
@@ -71,7 +53,7 @@ def test_revoked_key_gets_401_at_once(serve: Callable[..., Gateway], upstream: F
 def test_two_workers_share_one_sqlite_file_exactly(serve: Callable[..., Gateway], upstream: FakeUpstream) -> None:
     gateway = serve("--workers", "2")
     key = gateway.key()
-    statuses = burst(gateway, key, "10;w=60", 60)
+    statuses = concurrent_calls([gateway], key, "10;w=60", 60)
     assert statuses.count(200) == 10 and statuses.count(429) == 50
     assert upstream.count("/chat/completions") == 10
     logs = [orjson.loads(line) for line in gateway.log_lines() if line.startswith("{")]
@@ -85,11 +67,11 @@ def test_counts_survive_a_restart(serve: Callable[..., Gateway], upstream: FakeU
     port = free_port()
     first = serve("--workers", "1", store_url=sqlite_url, port=port)
     key = first.key()
-    assert burst(first, key, "3;w=3600", 2) == [200, 200]
+    assert concurrent_calls([first], key, "3;w=3600", 2) == [200, 200]
     assert first.process is not None
     stop_process(first.process)
     second = serve("--workers", "1", store_url=sqlite_url, port=port)
-    assert sorted(burst(second, key, "3;w=3600", 2)) == [200, 429]
+    assert sorted(concurrent_calls([second], key, "3;w=3600", 2)) == [200, 429]
     assert upstream.count() == 3
 
 

@@ -51,16 +51,6 @@ def usage_headers(prompt: int, completion: int = 0, cached: int = 0, cache_write
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def gw(make_gateway: Callable[..., Gateway], store_url: str, clock: FakeClock) -> Gateway:
-    return make_gateway(store_url=store_url, clock=clock)
-
-
-@pytest.fixture
 def served(upstream: FakeUpstream, store_url: str, clock: FakeClock) -> Iterator[Callable[[bool], Gateway]]:
     """Gateways in either of aiohttp's modes: `served(True)` cancels a handler whose client went away
     (as the in-process test gateways do), `served(False)` does not (as `quotagate serve` does)."""
