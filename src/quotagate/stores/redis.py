@@ -445,10 +445,9 @@ def _text(value: Any) -> str:
 
 
 def _states(flat: Sequence[Any], count: int) -> list[CounterState]:
-    return [
-        CounterState(int(flat[i * 4]), int(flat[i * 4 + 1]), int(flat[i * 4 + 2]), int(flat[i * 4 + 3]))
-        for i in range(count)
-    ]
+    """Four integers per budget (the script's numbers arrive as integer replies)."""
+    numbers = iter(flat[: count * 4])
+    return list(map(CounterState, numbers, numbers, numbers, numbers))
 
 
 def _admission(raw: Sequence[Any], count: int) -> Admission:
@@ -493,7 +492,7 @@ def _usage_from_hash(budget_id: str, raw: dict[bytes, bytes], now: float, names:
     window = int(meta["window"])
     buckets = [k[1:] for k in h if k[0] == "l" and k[1:].isdigit()]  # l<index>: a bucket's latest unit
     used = sum(int(h.get(f"a{i}", 0)) for i in buckets if float(h[f"l{i}"]) > now - window)
-    held = int(h.get("hd", 0))
+    held = int(h["s"].split(":", 2)[1]) if "s" in h else 0  # s = "t:hd:..." (see lua/common.lua)
     quota = int(h["q"])
     return BudgetUsage(
         key_id=meta["key_id"],

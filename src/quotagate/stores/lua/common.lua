@@ -1,14 +1,16 @@
 -- quotagate: the window algorithm of quotagate/limiter.py, on one budget's Redis hash.
---   scalars: t = units in the window, hd = units held by calls in flight,
---            o / n = oldest / newest bucket index, ol = time of the oldest bucket's latest unit,
---            na = newest bucket's amount, he = earliest expiry of a hold,
---            q = strictest quota, p = policies (JSON), m = meta (JSON, long values only), ld = last denial
+--   s = the scalars, packed in one field "t:hd:o:n:na:ol:he": units in the window, units held by
+--       calls in flight, oldest / newest bucket index, newest bucket's amount, time of the oldest
+--       bucket's latest unit (o..ol empty without buckets), earliest expiry of a hold (empty
+--       without holds)
+--   q = strictest quota, p = policies (JSON), m = meta (JSON, long values only), ld = last denial
 --   buckets: a<i> / l<i> = amount / time of the latest unit of bucket i
 --   holds:   r<reservation> = "<amount>:<expiry>"
--- A step reads the scalars with one HMGET and writes them back with one HSET: redis.call costs
--- more than the commands themselves here, so a budget costs three or four calls per step.
+-- A step reads a budget with one HMGET and writes it back with one HSET. Inside a script each
+-- redis.call, and each string.format, costs more than the work it does (a microsecond or more
+-- here), so the scalars travel as one field, formatted once.
 local function num(v)
-  if v then return tonumber(v) end
+  if v and v ~= '' then return tonumber(v) end
   return nil
 end
 
@@ -39,14 +41,12 @@ local function expire_buckets(s, window, now)
     if latest then
       if latest > horizon then s.ol = latest break end
       s.t = s.t - (num(b[2]) or 0)
-      table.insert(gone, 'a' .. s.o) table.insert(gone, 'l' .. s.o)
+      gone[#gone + 1] = 'a' .. s.o
+      gone[#gone + 1] = 'l' .. s.o
     end
     s.o = s.o + 1
   end
-  if not s.ol then
-    s.o, s.n, s.na = nil, nil, nil
-    table.insert(gone, 'o') table.insert(gone, 'n') table.insert(gone, 'ol') table.insert(gone, 'na')
-  end
+  if not s.ol then s.o, s.n, s.na = nil, nil, nil end
   if #gone > 0 then redis.call('HDEL', s.h, unpack(gone)) end
   s.dirty = true
 end
@@ -61,7 +61,7 @@ local function expire_holds(s, now)
       local amount, expiry = hold_parts(all[i + 1])
       if expiry <= now then
         s.hd = s.hd - amount
-        table.insert(gone, all[i])
+        gone[#gone + 1] = all[i]
         if all[i] == 'r' .. s.res then s.r = nil end  -- already gone: not to be released twice
       elseif not earliest or expiry < earliest then
         earliest = expiry
@@ -70,16 +70,22 @@ local function expire_holds(s, now)
   end
   if #gone > 0 then redis.call('HDEL', s.h, unpack(gone)) end
   s.he = earliest
-  if not earliest then redis.call('HDEL', s.h, 'he') end
   s.dirty = true
 end
 
 -- the budget's state, brought up to `now`; `reservation` also reads that call's hold
 local function load(h, window, now, reservation)
-  local v = redis.call('HMGET', h, 'o', 'n', 't', 'hd', 'ol', 'na', 'he', 'q', 'p', 'r' .. (reservation or ''))
-  local s = {h = h, o = num(v[1]), n = num(v[2]), t = num(v[3]) or 0, hd = num(v[4]) or 0, ol = num(v[5]),
-             na = num(v[6]), he = num(v[7]), q = v[8], p = v[9], r = v[10], res = reservation or '', w = {},
-             dirty = false}
+  local v
+  if reservation then
+    v = redis.call('HMGET', h, 's', 'q', 'p', 'r' .. reservation)
+  else
+    v = redis.call('HMGET', h, 's', 'q', 'p')
+  end
+  local s = {h = h, t = 0, hd = 0, q = v[2], p = v[3], r = v[4], res = reservation or '', w = {}, dirty = false}
+  if v[1] then
+    local t, hd, o, n, na, ol, he = string.match(v[1], '^([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
+    s.t, s.hd, s.o, s.n, s.na, s.ol, s.he = tonumber(t), tonumber(hd), num(o), num(n), num(na), num(ol), num(he)
+  end
   expire_buckets(s, window, now)
   expire_holds(s, now)
   return s
@@ -88,21 +94,21 @@ end
 -- write the scalars and the pending fields back in one call
 local function save(s)
   local f = s.w
-  table.insert(f, 't') table.insert(f, int(s.t))
-  table.insert(f, 'hd') table.insert(f, int(s.hd))
+  local he = s.he and string.format('%.3f', s.he) or ''
+  f[#f + 1] = 's'
   if s.o then
-    table.insert(f, 'o') table.insert(f, int(s.o))
-    table.insert(f, 'n') table.insert(f, int(s.n))
-    table.insert(f, 'ol') table.insert(f, string.format('%.6f', s.ol))
-    table.insert(f, 'na') table.insert(f, int(s.na))
+    f[#f + 1] = string.format('%d:%d:%d:%d:%d:%.6f:%s', s.t, s.hd, s.o, s.n, s.na, s.ol, he)
+  else
+    f[#f + 1] = string.format('%d:%d:::::%s', s.t, s.hd, he)
   end
-  if s.he then table.insert(f, 'he') table.insert(f, string.format('%.3f', s.he)) end
   redis.call('HSET', s.h, unpack(f))
 end
 
-local function add(s, g, now, amount)
+-- `stamp` is `now` as written in l<i>, formatted once per script
+local function add(s, g, now, stamp, amount)
   if amount <= 0 then return end
   local i = math.floor(now / g)
+  local f = s.w
   if s.n and i < s.n then  -- a clock that went back: count it in its own bucket
     redis.call('HINCRBY', s.h, 'a' .. i, int(amount))
   else
@@ -111,9 +117,11 @@ local function add(s, g, now, amount)
     else
       s.n, s.na = i, amount
     end
-    table.insert(s.w, 'a' .. i) table.insert(s.w, int(s.na))
+    f[#f + 1] = 'a' .. i
+    f[#f + 1] = int(s.na)
   end
-  table.insert(s.w, 'l' .. i) table.insert(s.w, string.format('%.6f', now))
+  f[#f + 1] = 'l' .. i
+  f[#f + 1] = stamp
   if not s.o or i < s.o then s.o, s.ol = i, now elseif i == s.o then s.ol = now end
   if not s.n then s.n, s.na = i, amount end
   s.t = s.t + amount
@@ -121,7 +129,9 @@ local function add(s, g, now, amount)
 end
 
 local function hold(s, reservation, amount, expiry)
-  table.insert(s.w, 'r' .. reservation) table.insert(s.w, int(amount) .. ':' .. string.format('%.3f', expiry))
+  local f = s.w
+  f[#f + 1] = 'r' .. reservation
+  f[#f + 1] = string.format('%d:%.3f', amount, expiry)
   s.hd = s.hd + amount
   if not s.he or expiry < s.he then s.he = expiry end
   s.dirty = true
@@ -136,8 +146,8 @@ local function release_hold(s, reservation)
   end
 end
 
--- used, held, reset, and (when denied) seconds until the request would fit
-local function view(s, window, now, quota, amount, holds, denied)
+-- append used, held, reset, and (when denied) seconds until the request would fit to `out`
+local function view(out, s, window, now, quota, amount, holds, denied)
   local reset, retry = 0, 0
   if s.ol then reset = math.max(1, math.ceil(s.ol + window - now)) elseif s.hd > 0 then reset = 1 end
   if denied then
@@ -157,5 +167,6 @@ local function view(s, window, now, quota, amount, holds, denied)
       end
     end
   end
-  return {s.t, s.hd, reset, retry}
+  local k = #out
+  out[k + 1], out[k + 2], out[k + 3], out[k + 4] = s.t, s.hd, reset, retry
 end

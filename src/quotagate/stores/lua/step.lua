@@ -12,6 +12,7 @@
 --       Returns {now, then per budget: used, held, reset, retry}.
 -- (Few arguments, each one string: packing arguments is the client's main cost per call.)
 local now = clock(ARGV[1])
+local stamp = string.format('%.6f', now)
 local arg, key = 3, 1
 local results = {}
 
@@ -28,7 +29,7 @@ local function admit_one()
   for b = 1, count do
     local window, g, quota, amount, holds, meta, policies =
       string.match(ARGV[arg], '^(%d+):(%d+):(%d+):(%d+):(%d):(%d):(.*)$')
-    local x = {h = KEYS[key], window = tonumber(window), g = tonumber(g), quota = tonumber(quota),
+    local x = {h = KEYS[key], window = tonumber(window), g = tonumber(g), quota = tonumber(quota), q = quota,
                amount = tonumber(amount), holds = holds == '1', policies = policies, meta = ''}
     key, arg = key + 1, arg + 1
     if meta == '1' then x.meta, arg = ARGV[arg], arg + 1 end
@@ -45,20 +46,19 @@ local function admit_one()
   for _, x in ipairs(budgets) do
     local s = x.s
     if allowed then
-      if x.holds then hold(s, reservation, x.amount, now + ttl) else add(s, x.g, now, x.amount) end
+      if x.holds then hold(s, reservation, x.amount, now + ttl) else add(s, x.g, now, stamp, x.amount) end
     elseif not x.fits then
-      table.insert(s.w, 'ld') table.insert(s.w, string.format('%.3f', now))
+      s.w[#s.w + 1] = 'ld'
+      s.w[#s.w + 1] = stamp
     end
-    if s.q ~= int(x.quota) or s.p ~= x.policies then
-      table.insert(s.w, 'q') table.insert(s.w, int(x.quota))
-      table.insert(s.w, 'p') table.insert(s.w, x.policies)
+    if s.q ~= x.q or s.p ~= x.policies then
+      local f = s.w
+      f[#f + 1], f[#f + 2], f[#f + 3], f[#f + 4] = 'q', x.q, 'p', x.policies
     end
-    if x.meta ~= '' then table.insert(s.w, 'm') table.insert(s.w, x.meta) end
+    if x.meta ~= '' then s.w[#s.w + 1] = 'm' s.w[#s.w + 2] = x.meta end
     if s.dirty or #s.w > 0 then save(s) end
     redis.call('PEXPIRE', x.h, math.ceil((x.window + (x.holds and ttl or 0)) * 1000))
-    for _, v in ipairs(view(s, x.window, now, x.quota, x.amount, x.holds, not allowed)) do
-      table.insert(out, v)
-    end
+    view(out, s, x.window, now, x.quota, x.amount, x.holds, not allowed)
   end
   return out
 end
@@ -77,7 +77,7 @@ local function settle_one()
     local s = load(h, window, now, reservation)
     release_hold(s, reservation)
     if mode == 'charge' then
-      add(s, g, now, amount)
+      add(s, g, now, stamp, amount)
     elseif not holds then
       local i = math.floor(tonumber(taken) / g)
       local a = num(redis.call('HGET', h, 'a' .. i))
@@ -90,9 +90,7 @@ local function settle_one()
       end
     end
     if s.dirty then save(s) end
-    for _, v in ipairs(view(s, window, now, quota, 0, holds, false)) do
-      table.insert(out, v)
-    end
+    view(out, s, window, now, quota, 0, holds, false)
   end
   return out
 end
