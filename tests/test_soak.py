@@ -34,8 +34,8 @@ from quotagate.stores.redis import RedisStore
 from .cluster import RedisServer
 from .conftest import Gateway
 
-pytestmark = pytest.mark.soak
 SECONDS = float(os.environ.get("QUOTAGATE_SOAK_SECONDS", "240"))
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(SECONDS + 300)]  # the suite's 120 s is for ordinary tests
 KINDS = ("plain", "spend", "stream", "cut", "tight")
 POLICIES = {
     "plain": "1000000;w=3600;s=user",
