@@ -49,6 +49,15 @@ def test_remaining_counts_down_then_429(gw: Gateway, upstream: FakeUpstream) -> 
     assert upstream.count() == 3
 
 
+def test_the_largest_quotas_count_exactly(gw: Gateway, upstream: FakeUpstream) -> None:
+    client = gw.openai(gw.key(), **{POLICY: "999999999999999;w=60, 9007199254.740991;w=60;u=cents"})
+    results = [call(client) for _ in range(2)]
+    assert [s for s, _ in results] == [200, 200]
+    remaining = [[item.split(";")[1] for item in h["ratelimit"].split(", ")] for _, h in results]
+    assert remaining == [["r=999999999999998", "r=9007199254"], ["r=999999999999997", "r=9007199254"]]
+    assert upstream.count() == 2
+
+
 def test_denial_body_and_sdk_exceptions(gw: Gateway, upstream: FakeUpstream) -> None:
     key = gw.key()
     client = gw.openai(key, **{POLICY: "1;w=60"})

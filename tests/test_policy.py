@@ -83,6 +83,9 @@ def test_normal_form(text: str, normal: str) -> None:
         ("10;w", "not name=value"),
         ("10;w=60;", "empty parameter"),
         ("10;;w=60", "empty parameter"),
+        ("1000000000000000;w=60", "too large: at most 999999999999999 for u=request"),
+        ("9223372036854775808;w=60;u=token", "too large: at most 999999999999999 for u=token"),
+        ("9007199254.740992;w=60;u=cents", "too large: at most 9007199254.740991 for u=cents"),
     ],
 )
 def test_malformed_policies_are_rejected_with_the_problem_named(text: str, problem: str) -> None:
@@ -94,6 +97,11 @@ def test_malformed_policies_are_rejected_with_the_problem_named(text: str, probl
 def test_too_many_policies() -> None:
     with pytest.raises(PolicyError, match="at most 20"):
         parse_policies(",".join(["1;w=60"] * 21))
+
+
+def test_the_largest_quotas_are_kept_exactly() -> None:
+    assert parse_policy("999999999999999;w=60").scaled_quota == 999_999_999_999_999
+    assert parse_policy("9007199254.740991;w=60;u=cents").scaled_quota == 2**53 - 1
 
 
 def test_scaled_quota_rounds_down() -> None:

@@ -29,6 +29,7 @@ MALFORMED = {
     "bad segment": ("10;w=60;s=org/name", "segment"),
     "empty parameter": ("10;w=60;", "empty parameter"),
     "valueless parameter": ("10;w", "not name=value"),
+    "quota too large to count exactly": ("10000000000000;w=120;u=cents", "too large"),
     "one bad among good": ("10;w=60, 5;w=5", "outside 60..31536000"),
 }
 

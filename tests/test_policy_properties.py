@@ -42,6 +42,8 @@ def reference(header: str) -> list[tuple[Decimal, int, str, str | None]] | None:
             return None
         if unit not in ("request", "cents", "token") or (segment is not None and "." in segment):
             return None
+        if quota > 10**15 - 1 or quota * (10**6 if unit == "cents" else 1) > 2**53 - 1:
+            return None  # counted exactly only up to 2**53 (micro-cents), and at most 15 digits
         out.append((quota, int(window), unit, segment.lower() if segment else None))
     return out
 

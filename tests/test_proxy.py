@@ -93,10 +93,11 @@ def test_anthropic_messages_streamed_and_not(gateway: Gateway, upstream: FakeUps
 def test_query_string_and_method_pass_through(gateway: Gateway, upstream: FakeUpstream) -> None:
     key = gateway.key()
     with gateway.http() as http:
-        response = http.get("/v1/models?limit=2&after=x%20y", headers={"Helicone-Auth": f"Bearer {key}"})
+        response = http.get("/v1/models?limit=2&after=x%20y+z&b=%2F&d=%7E", headers={"Helicone-Auth": f"Bearer {key}"})
     assert response.status_code == 200
     assert upstream.received[0].method == "GET"
     assert upstream.received[0].path == "/v1/models"
+    assert upstream.received[0].target == "/v1/models?limit=2&after=x%20y+z&b=%2F&d=%7E"  # byte for byte
 
 
 @pytest.mark.parametrize("header", [None, "Bearer", "Bearer qg_nope", "Basic abc", "Bearer qg_0123456789ab_wrong"])

@@ -65,7 +65,7 @@ def test_usage_for_one_key_and_a_limit(gateway: Gateway) -> None:
     assert [" ".join(r[:3]) for r in rows] == ["partner org acme"]
     limited = cli("usage", "--store", gateway.store_url, "--limit", "2", env=WIDE).stdout
     assert [r[:3] for r in table_rows(limited)] == [["support-bot", "user", "alice"], ["partner", "org", "acme"]]
-    assert "raise --limit" in limited
+    assert "raise --limit" in limited and "the 2 budgets closest to their limits" in limited
 
 
 def test_usage_errors_and_empty_store(sqlite_url: str) -> None:

@@ -48,6 +48,7 @@ class Received:
     path: str
     headers: CIMultiDict[str]
     body: bytes
+    target: str = ""  # the request line's target as it arrived: path and query, escapes kept
 
     def json(self) -> Any:
         return orjson.loads(self.body) if self.body else None
@@ -399,7 +400,8 @@ class FakeUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.loop = asyncio.get_running_loop()
         raw = await request.read()
-        self.received.append(Received(request.method, request.path, CIMultiDict(request.headers), raw))
+        headers = CIMultiDict(request.headers)
+        self.received.append(Received(request.method, request.path, headers, raw, request.raw_path))
         try:
             body = orjson.loads(raw) if raw else {}
         except orjson.JSONDecodeError:

@@ -26,6 +26,11 @@ GRAMMAR = (
 MIN_WINDOW = 60
 MAX_WINDOW = 31_536_000
 MAX_POLICIES = 20
+# Quotas are counted as integers in the unit's scale (micro-cents for cents). The stores hold them
+# exactly up to 2**53 (Redis scripts count in doubles), and the IETF headers carry them as
+# structured-field integers, at most 15 digits: a larger quota is refused, not rounded.
+MAX_SCALED_QUOTA = 2**53 - 1
+MAX_QUOTA = Decimal(10**15 - 1)
 
 _QUOTA = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _WINDOW = re.compile(r"[0-9]+")
@@ -139,10 +144,14 @@ def parse_policy(text: str) -> Policy:
     values = _parse_params(params, item)
     if "w" not in values:
         raise PolicyError("missing required parameter w (the time window in seconds)", item)
+    unit = _parse_unit(values.get("u"), item)
+    largest = min(MAX_QUOTA, Decimal(MAX_SCALED_QUOTA) / _SCALES[unit])
+    if quota > largest:
+        raise PolicyError(f"quota {quota_text} is too large: at most {format_quota(largest)} for u={unit.value}", item)
     return Policy(
         quota=quota,
         window=_parse_window(values["w"], item),
-        unit=_parse_unit(values.get("u"), item),
+        unit=unit,
         segment=_parse_segment(values.get("s"), item),
     )
 

@@ -11,6 +11,7 @@ Errors become responses in one place (`errors.error_response`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from . import metrics
 from .config import Settings, Upstream
@@ -382,16 +384,19 @@ class Proxy:
         return orjson.dumps(body), True
 
     @staticmethod
-    def _url(upstream: Upstream, path: str, query: str) -> str:
-        base = upstream.base_url.rstrip("/")
+    def _url(upstream: Upstream, path: str, query: str) -> URL:
+        """The upstream URL: the base, then the path and query as the client sent them, escapes
+        kept byte for byte (a target that is not plain ASCII is escaped, as it must be on the wire)."""
+        base = _encoded_base(upstream.base_url)
         if base.endswith("/v1") and (path == "/v1" or path.startswith("/v1/")):
             path = path[3:]
-        return f"{base}{path}?{query}" if query else f"{base}{path}"
+        url = f"{base}{path}?{query}" if query else f"{base}{path}"
+        return URL(url, encoded=True) if url.isascii() else URL(url)
 
     async def _forward(self, request: web.Request, call: Call, upstream: Upstream, path: str) -> web.StreamResponse:
         assert self.session is not None
         body, strip = self._upstream_body(call, path)
-        url = self._url(upstream, path, request.query_string)
+        url = self._url(upstream, path, request.raw_path.partition("?")[2])
         sent = time.perf_counter()
         try:
             async with self.session.request(
@@ -579,6 +584,11 @@ async def _write(out: web.StreamResponse, data: bytes) -> bool:
     except (ConnectionError, RuntimeError):
         return False
     return True
+
+
+@functools.lru_cache(maxsize=64)
+def _encoded_base(base_url: str) -> str:
+    return str(URL(base_url.rstrip("/")))
 
 
 def _media_type(response: aiohttp.ClientResponse) -> str:

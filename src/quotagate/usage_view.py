@@ -130,7 +130,9 @@ def render(items: list[BudgetUsage], now: float | None = None, more: bool = Fals
     near = sum(1 for e in entities if e.ratio >= NEAR)
     title = Text.assemble(
         ("quotagate", "bold"),
-        f" · {len(items)} budget{'s' if len(items) != 1 else ''} in use · ",
+        f" · the {len(items)} budgets closest to their limits · "
+        if more
+        else f" · {len(items)} budget{'s' if len(items) != 1 else ''} in use · ",
         (f"{near} at 80 % or more", "yellow" if near else ""),
         f" · {time.strftime('%H:%M:%S', time.localtime(now))}",
     )
