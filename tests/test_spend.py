@@ -642,3 +642,21 @@ def test_cents_headers_count_whole_cents_left(gw: Gateway) -> None:
     # claude-sonnet-4-5: 10,000 * $3 + 1,000 * $15 per million = $0.045 = 4.5 cents; 95.5 left
     assert raw.headers["helicone-ratelimit-remaining"] == "95"
     assert raw.headers["ratelimit"].startswith('"p1";r=95;t=')
+
+
+def test_absurd_usage_is_charged_as_the_largest_amount(gw: Gateway, upstream: FakeUpstream) -> None:
+    """An upstream that reports more tokens than any budget can hold: the call is still answered,
+    and its budgets are charged the largest amount a store counts exactly (so exhausted), never a
+    500 or an overflowed counter."""
+    key = gw.key()
+    client = gw.openai(key, **{POLICY: ROOMY})
+    absurd = usage_headers(10**19, 10**18)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=CHAT, max_tokens=5, extra_headers=absurd
+    )
+    assert raw.http_response.status_code == 200
+    assert remaining(raw.http_response.headers) == [0, 0]
+    assert ledger(gw, key) == {"cents": (2**53 - 1, 0), "token": (2**53 - 1, 0)}
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=5)
+    assert upstream.count() == 1

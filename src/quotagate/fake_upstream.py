@@ -73,7 +73,8 @@ class Plan:
 
     @property
     def words(self) -> list[str]:
-        return [f" word{i}" for i in range(self.completion)]
+        """The reply's text: a word per completion token, up to 4,096 (usage may claim more)."""
+        return [f" word{i}" for i in range(min(self.completion, 4096))]
 
 
 def _plan(request: web.Request, body: dict[str, Any]) -> Plan:

@@ -44,7 +44,7 @@ from .errors import (
 )
 from .keys import GatewayKey, KeyRing
 from .limiter import Admission, Budget, CounterState, budgets_for, rate_limit_headers, reports
-from .policy import GRAMMAR, USER, Policy, PolicyError, Unit, join_header_lines, parse_policies
+from .policy import GRAMMAR, MAX_SCALED_QUOTA, USER, Policy, PolicyError, Unit, join_header_lines, parse_policies
 from .pricing import Pricer
 from .stores import Store, StoreError
 from .usage import (
@@ -105,6 +105,7 @@ class Call:
     upstream_status: int | None = None
     upstream_seconds: float = 0.0
     outcome: str = "complete"
+    streaming: bool = False  # the response's headers have left
 
     def json(self) -> dict[str, Any] | None:
         """The request body as a JSON object, parsed once; None if it is not one."""
@@ -195,6 +196,11 @@ class Proxy:
             response = await self._proxy(request, call)
         except GatewayError as exc:
             response = error_response(exc, call.headers())
+        except Exception:
+            if call.streaming:
+                raise  # the response has begun: aiohttp closes the connection
+            log.exception("internal error on %s %s", request.method, request.path)
+            response = error_response(GatewayError("internal error in the gateway (logged)"), call.headers())
         self._record(request, call, response, time.perf_counter() - started)
         return response
 
@@ -314,9 +320,9 @@ class Proxy:
         usage = Usage(call.prompt_tokens, output * completions_requested(body))
         for budget in call.holding:
             if budget.unit is Unit.TOKEN:
-                budget.amount = usage.total_tokens
+                budget.amount = min(usage.total_tokens, MAX_SCALED_QUOTA)
             else:
-                budget.amount = self._cost(call, usage) or 0
+                budget.amount = min(self._cost(call, usage) or 0, MAX_SCALED_QUOTA)
 
     async def _admit(self, call: Call) -> None:
         assert call.key is not None
@@ -438,6 +444,7 @@ class Proxy:
         """Chunk by chunk as the upstream sends; charged before the stream's terminal event."""
         out = web.StreamResponse(status=response.status, headers=self._response_headers(call, response))
         await out.prepare(request)
+        call.streaming = True
         if _is_sse(response):
             call.tracker = StreamUsage(track_text=bool(call.holding), strip_usage_chunk=strip)
         tracker = call.tracker
@@ -505,11 +512,13 @@ class Proxy:
         call.states = [by_id.get(b.id, s) for b, s in zip(call.budgets, call.states, strict=True)]
 
     def _amount(self, call: Call, budget: Budget, usage: Usage | None) -> int:
+        """What a call is charged, at most the largest amount the stores count exactly (an
+        upstream may report any usage)."""
         if usage is None:
             return 0
         if budget.unit is Unit.TOKEN:
-            return usage.total_tokens
-        return call.cost or 0
+            return min(usage.total_tokens, MAX_SCALED_QUOTA)
+        return min(call.cost or 0, MAX_SCALED_QUOTA)
 
     def _cost(self, call: Call, usage: Usage) -> int | None:
         upstream = self.upstreams.get(call.route)
