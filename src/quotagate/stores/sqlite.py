@@ -1,14 +1,17 @@
 """SQLite store: one file, shared by every worker process, one transaction per step.
 
-Every step runs on one dedicated thread per process (so the event loop never waits on a lock),
-inside `BEGIN IMMEDIATE`, which takes SQLite's write lock up front: the check and the take of an
-admission are one atomic step across all processes sharing the file. The window algorithm is the
-one in `quotagate.limiter`; each counter's state is a small JSON document in its row.
+A step runs inside `BEGIN IMMEDIATE`, which takes SQLite's write lock up front: the check and the
+take of an admission are one atomic step across all processes sharing the file. While the lock is
+free a step runs on the event loop itself (a fraction of a millisecond); when another process
+holds it, on one dedicated thread per process, so the event loop never waits on a lock, and WAL
+checkpoints (which write and sync the database file) run on that thread too. The window algorithm
+is the one in `quotagate.limiter`; each counter's state is a small JSON document in its row.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +28,8 @@ from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
 from .batch import Admit, Batcher, Charge
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+CHECKPOINT_COMMITS = 64  # ~1 MB of WAL for new budgets (a commit writes about 16 KB of pages)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -99,6 +104,9 @@ class SQLiteStore:
         self._seen_version: tuple[int, int] | None = None
         self._states_known: dict[str, dict] = {}
         self._keys_known: dict[str, bool] = {}
+        # the WAL is checkpointed on the store thread, never by a commit on the event loop
+        self._commits = 0  # on the event loop since the last checkpoint
+        self._checkpointing = False
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -106,6 +114,24 @@ class SQLiteStore:
         if self._db is None:
             self._db = self._open(busy_ms=30000)
         return self._db
+
+    def _checkpoint_soon(self) -> None:
+        """After commits on the event loop (whose connection never checkpoints: a checkpoint
+        writes the database file and syncs it, milliseconds the loop would stall), copy the WAL
+        back on the store thread every CHECKPOINT_COMMITS commits, so that it stays small."""
+        self._commits += 1
+        if self._checkpointing or self._commits < CHECKPOINT_COMMITS:
+            return
+        self._checkpointing, self._commits = True, 0
+        self._executor.submit(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        try:
+            self._connect().execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        except sqlite3.Error as exc:  # busy with another process's checkpoint: the next one will do
+            log.debug("WAL checkpoint skipped: %s", exc)
+        finally:
+            self._checkpointing = False
 
     def _open(self, busy_ms: int) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +155,10 @@ class SQLiteStore:
             try:
                 if self._inline is None:
                     self._inline = self._open(busy_ms=0)
-                return self._guarded(self._inline, self._run_steps, items)
+                    self._inline.execute("PRAGMA wal_autocheckpoint=0")
+                results = self._guarded(self._inline, self._run_steps, items)
+                self._checkpoint_soon()
+                return results
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise StoreError(f"SQLite store {self.path}: {exc}") from exc
