@@ -1,6 +1,6 @@
 """Resource bounds: a million distinct users on a per-user policy, and the store's bytes per budget.
 
-    .venv/bin/python bench/memory.py                  # 1,000,000 users (about 8 minutes)
+    .venv/bin/python bench/memory.py                  # 1,000,000 users (about 15 minutes)
     .venv/bin/python bench/memory.py --users 100000   # quicker
 
 1. Gateway memory: `quotagate serve --workers 1` on a private redis-server, driven by wrk
