@@ -304,6 +304,16 @@ def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout
     raise AssertionError(f"gateway at {url} did not become healthy")
 
 
+def wait_listening(log_path: Path, workers: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = log_path.read_text(errors="replace").splitlines()
+        if sum(1 for line in lines if line.startswith("{") and "listening on http" in line) >= workers:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {workers} workers listening after 30 s: {log_path.read_text()[-2000:]}")
+
+
 @pytest.fixture
 def serve(upstream: FakeUpstream, tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     """`quotagate serve` subprocesses: `serve("--workers", "2", store_url=...)`."""
@@ -334,6 +344,8 @@ def serve(upstream: FakeUpstream, tmp_path: Path) -> Iterator[Callable[..., Gate
         processes.append(process)
         gateway_url = f"http://127.0.0.1:{port}"
         wait_ready(gateway_url, process)
+        workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+        wait_listening(log_path, workers)  # the port answers as soon as the first worker listens
         return Gateway(gateway_url, Settings(port=port, store=url), url, process=process, log_path=log_path)
 
     yield start

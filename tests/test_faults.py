@@ -159,6 +159,9 @@ def test_a_worker_that_dies_is_replaced(serve: Callable[..., Gateway], upstream:
         lines = [orjson.loads(line) for line in gateway.log_lines() if line.startswith("{")]
         return [line["pid"] for line in lines if "listening on http" in line["msg"]]
 
+    deadline = time.monotonic() + 20
+    while len(workers()) < 2 and time.monotonic() < deadline:  # the port answers once one listens
+        time.sleep(0.05)
     first = workers()
     assert len(first) == 2
     os.kill(first[0], signal.SIGKILL)

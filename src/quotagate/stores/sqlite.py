@@ -107,6 +107,7 @@ class SQLiteStore:
         # the WAL is checkpointed on the store thread, never by a commit on the event loop
         self._commits = 0  # on the event loop since the last checkpoint
         self._checkpointing = False
+        self._checkpointer: sqlite3.Connection | None = None  # on the store thread only
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -123,11 +124,19 @@ class SQLiteStore:
         if self._checkpointing or self._commits < CHECKPOINT_COMMITS:
             return
         self._checkpointing, self._commits = True, 0
-        self._executor.submit(self._checkpoint)
+        try:
+            self._executor.submit(self._checkpoint)
+        except RuntimeError:  # the store is closing
+            self._checkpointing = False
 
     def _checkpoint(self) -> None:
+        """RESTART, so that the next commit starts the WAL over instead of growing it. While it runs
+        it holds writers off; its own connection waits at most 50 ms for readers, then leaves the
+        rest to the next checkpoint."""
         try:
-            self._connect().execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            if self._checkpointer is None:
+                self._checkpointer = self._open(busy_ms=50)
+            self._checkpointer.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
         except sqlite3.Error as exc:  # busy with another process's checkpoint: the next one will do
             log.debug("WAL checkpoint skipped: %s", exc)
         finally:
@@ -207,6 +216,9 @@ class SQLiteStore:
         if self._db is not None:
             await self._run(_close)
         self._executor.shutdown(wait=True)
+        if self._checkpointer is not None:  # its thread is done
+            self._checkpointer.close()
+            self._checkpointer = None
 
     # -- counters ----------------------------------------------------------------------------
 
