@@ -73,15 +73,18 @@ local function expire_holds(s, now)
   s.dirty = true
 end
 
--- the budget's state, brought up to `now`; `reservation` also reads that call's hold
+-- the budget's state, brought up to `now`; `reservation` also reads that call's hold, an
+-- admission (no reservation) the time of the last denial
 local function load(h, window, now, reservation)
-  local v
+  local v, s
   if reservation then
     v = redis.call('HMGET', h, 's', 'q', 'p', 'r' .. reservation)
+    s = {r = v[4], res = reservation}
   else
-    v = redis.call('HMGET', h, 's', 'q', 'p')
+    v = redis.call('HMGET', h, 's', 'q', 'p', 'ld')
+    s = {ld = num(v[4]), res = ''}
   end
-  local s = {h = h, t = 0, hd = 0, q = v[2], p = v[3], r = v[4], res = reservation or '', w = {}, dirty = false}
+  s.h, s.t, s.hd, s.q, s.p, s.w, s.dirty, s.fresh = h, 0, 0, v[2], v[3], {}, false, not v[1]
   if v[1] then
     local t, hd, o, n, na, ol, he = string.match(v[1], '^([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):([^:]*):(.*)$')
     s.t, s.hd, s.o, s.n, s.na, s.ol, s.he = tonumber(t), tonumber(hd), num(o), num(n), num(na), num(ol), num(he)

@@ -47,7 +47,7 @@ local function admit_one()
     local s = x.s
     if allowed then
       if x.holds then hold(s, reservation, x.amount, now + ttl) else add(s, x.g, now, stamp, x.amount) end
-    elseif not x.fits then
+    elseif not x.fits and (not s.ld or now - s.ld >= 1) then  -- the dashboard needs no finer time
       s.w[#s.w + 1] = 'ld'
       s.w[#s.w + 1] = stamp
     end
@@ -57,7 +57,9 @@ local function admit_one()
     end
     if x.meta ~= '' then s.w[#s.w + 1] = 'm' s.w[#s.w + 2] = x.meta end
     if s.dirty or #s.w > 0 then save(s) end
-    redis.call('PEXPIRE', x.h, math.ceil((x.window + (x.holds and ttl or 0)) * 1000))
+    if allowed or s.fresh then  -- a denial adds nothing that outlives what the hash holds
+      redis.call('PEXPIRE', x.h, math.ceil((x.window + (x.holds and ttl or 0)) * 1000))
+    end
     view(out, s, x.window, now, x.quota, x.amount, x.holds, not allowed)
   end
   return out
