@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import socket
 import subprocess
@@ -25,12 +24,8 @@ import time
 
 import redis
 
-from quotagate.keys import KeyRecord
-from quotagate.limiter import budgets_for
-from quotagate.policy import parse_policies
 from quotagate.stores.redis import RedisStore
-
-POLICIES = "1000000;w=60;s=user, 100000000;w=60;u=cents;s=user, 1000000000;w=60;u=token;s=user"
+from store_steps import add_key, admit_and_charge
 
 
 def free_port() -> int:
@@ -48,19 +43,11 @@ async def measure(url: str, requests: int, users: int, batch: int) -> None:
     client = redis.Redis.from_url(url)
     client.flushdb()
     store = RedisStore(url)
-    await store.create_key(KeyRecord("k1", "bench", b"salt", b"digest", "", time.time(), None))
-    policies = parse_policies(POLICIES)
+    await add_key(store)
     client.config_resetstat()
     before, started = cpu(client), time.perf_counter()
     for first in range(0, requests, batch):
-        calls = []
-        for n in range(first, min(first + batch, requests)):
-            budgets = budgets_for("k1", policies, {None: None, "user": f"user{n % users}"})
-            for budget in budgets:
-                budget.amount = budget.amount if not budget.holds else 500
-            calls.append((budgets, os.urandom(8).hex()))
-        await asyncio.gather(*(store.admit("k1", b, r, 660.0) for b, r in calls))
-        await asyncio.gather(*(store.charge([x for x in b if x.holds], r, [300, 300]) for b, r in calls))
+        await admit_and_charge(store, [f"user{n % users}" for n in range(first, min(first + batch, requests))])
     used, wall = cpu(client) - before, time.perf_counter() - started
     stats = client.info("commandstats")
     evalsha = stats.get("cmdstat_evalsha", {})

@@ -38,13 +38,13 @@ from pathlib import Path
 
 import spy
 from report import RATES, Phase, Row, Scenario, Stream, X, mark, markdown, merge, percentile, raw
+from store_steps import THREE_POLICIES
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PYTHON = sys.executable
 TICK = os.sysconf("SC_CLK_TCK")
 USERS = 10_000
-THREE_POLICIES = "1000000;w=60;s=user, 100000000;w=60;u=cents;s=user, 1000000000;w=60;u=token;s=user"
 EXHAUSTED = "1;w=3600, 100000000;w=60;u=cents;s=user, 1000000000;w=60;u=token;s=user"
 BODY = (
     b'{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant."},'

@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import tempfile
 import time
 
-from quotagate.keys import KeyRecord
-from quotagate.limiter import budgets_for
-from quotagate.policy import parse_policies
 from quotagate.stores.sqlite import SQLiteStore
-
-POLICIES = "1000000;w=60;s=user, 100000000;w=60;u=cents;s=user, 1000000000;w=60;u=token;s=user"
+from store_steps import add_key, admit_and_charge
 
 
 def percentiles(values: list[float]) -> str:
@@ -38,8 +33,7 @@ def percentiles(values: list[float]) -> str:
 async def measure(requests: int, batch: int) -> None:
     folder = tempfile.mkdtemp(prefix="qg-sqlite-stall-")
     store = SQLiteStore(f"sqlite:///{folder}/stall.db")
-    await store.create_key(KeyRecord("k1", "bench", b"salt", b"digest", "", time.time(), None))
-    policies = parse_policies(POLICIES)
+    await add_key(store)
     lags: list[float] = []
     running = True
 
@@ -52,15 +46,8 @@ async def measure(requests: int, batch: int) -> None:
     tick = asyncio.ensure_future(ticker())
     times: list[float] = []
     for first in range(0, requests, batch):
-        calls = []
-        for n in range(first, min(first + batch, requests)):
-            budgets = budgets_for("k1", policies, {None: None, "user": f"user{n}"})
-            for budget in budgets:
-                budget.amount = 500 if budget.holds else budget.amount
-            calls.append((budgets, os.urandom(8).hex()))
         started = time.perf_counter()
-        await asyncio.gather(*(store.admit("k1", b, r, 660.0) for b, r in calls))
-        await asyncio.gather(*(store.charge([x for x in b if x.holds], r, [300, 300]) for b, r in calls))
+        await admit_and_charge(store, [f"user{n}" for n in range(first, min(first + batch, requests))])
         times.append(time.perf_counter() - started)
     running = False
     await tick

@@ -55,6 +55,7 @@ class Unit(enum.Enum):
 
 _SCALES = {Unit.REQUEST: 1, Unit.CENTS: 1_000_000, Unit.TOKEN: 1}
 _IETF_UNITS = {Unit.REQUEST: None, Unit.CENTS: "cents", Unit.TOKEN: "tokens"}
+_LARGEST = {unit: min(MAX_QUOTA, Decimal(MAX_SCALED_QUOTA) / scale) for unit, scale in _SCALES.items()}
 
 
 class PolicyError(ValueError):
@@ -145,7 +146,7 @@ def parse_policy(text: str) -> Policy:
     if "w" not in values:
         raise PolicyError("missing required parameter w (the time window in seconds)", item)
     unit = _parse_unit(values.get("u"), item)
-    largest = min(MAX_QUOTA, Decimal(MAX_SCALED_QUOTA) / _SCALES[unit])
+    largest = _LARGEST[unit]
     if quota > largest:
         raise PolicyError(f"quota {quota_text} is too large: at most {format_quota(largest)} for u={unit.value}", item)
     return Policy(

@@ -1,0 +1,36 @@
+"""What the store-only benchmarks (redis_step.py, sqlite_stall.py) send: the requests of
+bench/run.py's "3 policies" rows, straight to a store, without HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterable
+
+from quotagate.keys import KeyRecord
+from quotagate.limiter import budgets_for
+from quotagate.policy import parse_policies
+from quotagate.stores import Store
+
+THREE_POLICIES = "1000000;w=60;s=user, 100000000;w=60;u=cents;s=user, 1000000000;w=60;u=token;s=user"
+KEY_ID = "k1"
+_POLICIES = parse_policies(THREE_POLICIES)
+
+
+async def add_key(store: Store) -> None:
+    await store.create_key(KeyRecord(KEY_ID, "bench", b"salt", b"digest", "", time.time(), None))
+
+
+async def admit_and_charge(store: Store, users: Iterable[str]) -> None:
+    """One request per user, together (as the micro-batcher groups one event-loop turn): the
+    admission of a request, a cents and a token budget (the last two holding 500), then the charge
+    of the two holds (300 each)."""
+    calls = []
+    for user in users:
+        budgets = budgets_for(KEY_ID, _POLICIES, {None: None, "user": user})
+        for budget in budgets:
+            budget.amount = 500 if budget.holds else budget.amount
+        calls.append((budgets, os.urandom(8).hex()))
+    await asyncio.gather(*(store.admit(KEY_ID, b, r, 660.0) for b, r in calls))
+    await asyncio.gather(*(store.charge([x for x in b if x.holds], r, [300, 300]) for b, r in calls))
