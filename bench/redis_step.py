@@ -15,23 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 
 import redis
 
 from quotagate.stores.redis import RedisStore
-from store_steps import add_key, admit_and_charge
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from store_steps import add_key, admit_and_charge, private_redis
 
 
 def cpu(client: redis.Redis) -> float:
@@ -71,28 +61,8 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=10000)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
-    binary = shutil.which("redis-server")
-    if binary is None:
-        print("redis-server is not installed (apt-get install redis-server)", file=sys.stderr)
-        return 2
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", tmp],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            probe = redis.Redis(port=port)
-            for _ in range(100):
-                try:
-                    probe.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            asyncio.run(measure(f"redis://127.0.0.1:{port}/0", args.requests, args.users, args.batch))
-        finally:
-            server.terminate()
-            server.wait(10)
+    with private_redis() as url:
+        asyncio.run(measure(url, args.requests, args.users, args.batch))
     return 0
 
 

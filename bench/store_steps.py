@@ -4,9 +4,16 @@ bench/run.py's "3 policies" rows, straight to a store, without HTTP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+
+import redis
 
 from quotagate.keys import KeyRecord
 from quotagate.limiter import budgets_for
@@ -34,3 +41,29 @@ async def admit_and_charge(store: Store, users: Iterable[str]) -> None:
         calls.append((budgets, os.urandom(8).hex()))
     await asyncio.gather(*(store.admit(KEY_ID, b, r, 660.0) for b, r in calls))
     await asyncio.gather(*(store.charge([x for x in b if x.holds], r, [300, 300]) for b, r in calls))
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A redis-server of its own on a free port (no persistence); yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", tmp]
+        server = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        try:
+            probe = redis.Redis(port=port)
+            for _ in range(100):
+                try:
+                    probe.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            server.terminate()
+            server.wait(10)

@@ -38,6 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .. import limiter
 from ..limiter import Admission, Budget, CounterState
 from ..policy import Policy
+from . import resp
 from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
 from .batch import Admit, Batcher
 
@@ -121,6 +122,11 @@ class RedisStore:
         self.url = url
         self.clock = clock
         self._client_url, self.cluster = _client_url(url)
+        self._pipelined = (
+            resp.PipelinedRedis(self._client_url)
+            if not self.cluster and resp.PipelinedRedis.supports(self._client_url)
+            else None
+        )
         self._client: Any = None
         self._script: Any = None
         self._touched: dict[str, tuple[float, float]] = {}  # index entries to write
@@ -176,6 +182,8 @@ class RedisStore:
                 await self._flush()
             await self._client.aclose()
             self._client = None
+        if self._pipelined is not None:
+            await self._pipelined.close()
             self._initialized = False
 
     # -- admission and charge ----------------------------------------------------------------
@@ -232,14 +240,17 @@ class RedisStore:
 
     async def _evalsha(self, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA of the step script. On a single server the command is packed here, in one
-        `bytes.join`, and sent on a pooled connection: redis-py's general packing of each argument
-        cost more than the rest of the call (`python bench/run.py --profile`)."""
+        `bytes.join` (redis-py's general packing of each argument cost more than the rest of the
+        call), and sent on the pipelined connection (`resp.py`), or on a pooled redis-py
+        connection for a URL that one cannot open."""
         client = self._redis()
         if self.cluster:
             return await client.evalsha(self._script.sha, len(keys), *keys, *args)
         parts = [b"EVALSHA", self._script.sha.encode(), b"%d" % len(keys), *(k.encode() for k in keys)]
         parts += [a if isinstance(a, bytes) else str(a).encode() for a in args]
-        packed = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+        packed = resp.pack(parts)
+        if self._pipelined is not None:
+            return await self._pipelined.execute(packed)
         pool = client.connection_pool
         connection = await pool.get_connection()
         try:

@@ -1,0 +1,162 @@
+"""The pipelined Redis connection of the hot path, against real redis-servers: replies reach their
+own callers, a caller that gives up keeps the order, a server that stops answering or goes away
+fails the calls in flight, and the next call connects again."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from quotagate.stores.resp import PipelinedRedis, pack
+
+from .cluster import RedisServer
+from .conftest import run
+
+
+def echo(text: str) -> bytes:
+    return pack([b"ECHO", text.encode()])
+
+
+def pause(url: str, milliseconds: int) -> None:
+    """Make the server hold every client's commands for a while (CLIENT PAUSE, from another connection)."""
+    redis.Redis.from_url(url).execute_command("CLIENT", "PAUSE", milliseconds, "ALL")
+
+
+def test_concurrent_calls_each_get_their_own_reply(redis_url: str) -> None:
+    async def main() -> list[bytes]:
+        client = PipelinedRedis(redis_url)
+        try:
+            return await asyncio.gather(*(client.execute(echo(f"call {i}")) for i in range(500)))
+        finally:
+            await client.close()
+
+    assert run(main()) == [f"call {i}".encode() for i in range(500)]
+
+
+def test_select_and_errors_as_redis_py_raises_them(redis_url: str) -> None:
+    db = int(redis_url.rsplit("/", 1)[1])
+    redis.Redis.from_url(redis_url).set("resp-test", "in my db")
+
+    async def main() -> None:
+        client = PipelinedRedis(redis_url)
+        try:
+            assert await client.execute(pack([b"GET", b"resp-test"])) == b"in my db"  # SELECTed the URL's db
+            assert (await client.execute(pack([b"CLIENT", b"INFO"]))).decode().count(f" db={db} ") == 1
+            with pytest.raises(NoScriptError):
+                await client.execute(pack([b"EVALSHA", b"0" * 40, b"0"]))
+            with pytest.raises(ResponseError, match="unknown command"):
+                await client.execute(pack([b"NO-SUCH-COMMAND"]))
+            assert await client.execute(echo("still in step")) == b"still in step"
+        finally:
+            await client.close()
+
+    run(main())
+
+
+def test_a_caller_that_gives_up_does_not_shift_the_replies(tmp_path: Path) -> None:
+    with RedisServer(tmp_path, appendonly=False) as server:
+
+        async def main() -> None:
+            client = PipelinedRedis(server.url)
+            try:
+                assert await client.execute(echo("connected")) == b"connected"
+                pause(server.url, 300)
+                first = asyncio.ensure_future(client.execute(echo("first")))
+                second = asyncio.ensure_future(client.execute(echo("second")))
+                await asyncio.sleep(0.05)
+                first.cancel()
+                assert await second == b"second"
+                assert await client.execute(echo("third")) == b"third"
+                assert first.cancelled()
+            finally:
+                await client.close()
+
+        run(main())
+
+
+def test_a_server_that_stops_answering_times_out_and_the_next_call_reconnects(tmp_path: Path) -> None:
+    with RedisServer(tmp_path, appendonly=False) as server:
+
+        async def main() -> None:
+            client = PipelinedRedis(server.url, reply_timeout=0.2)
+            try:
+                assert await client.execute(echo("before")) == b"before"
+                pause(server.url, 1000)
+                calls = [asyncio.ensure_future(client.execute(echo(str(i)))) for i in range(3)]
+                for call in calls:
+                    with pytest.raises(RedisTimeoutError, match=r"did not answer within 0\.2 s"):
+                        await call
+                await asyncio.sleep(1.0)  # the pause ends
+                assert await client.execute(echo("after")) == b"after"
+            finally:
+                await client.close()
+
+        run(main())
+
+
+def test_a_server_that_goes_away_fails_the_calls_and_is_found_again(tmp_path: Path) -> None:
+    with RedisServer(tmp_path, appendonly=False) as server:
+
+        async def main() -> None:
+            client = PipelinedRedis(server.url)
+            try:
+                assert await client.execute(pack([b"SET", b"k", b"v"])) == b"OK"
+                pause(server.url, 5000)
+                held = asyncio.ensure_future(client.execute(echo("held")))
+                await asyncio.sleep(0.05)
+                server.kill()
+                with pytest.raises(RedisConnectionError, match="connection to Redis lost"):
+                    await held
+                with pytest.raises(RedisConnectionError, match="cannot connect to Redis"):
+                    await client.execute(echo("while down"))
+                server.start()
+                assert await client.execute(echo("back")) == b"back"
+                assert await client.execute(pack([b"GET", b"k"])) is None  # a new server, no persistence
+            finally:
+                await client.close()
+
+        run(main())
+
+
+def test_password_from_the_url(tmp_path: Path) -> None:
+    with RedisServer(tmp_path, appendonly=False) as server:
+        port = str(server.port)
+        subprocess.run(["redis-cli", "-p", port, "CONFIG", "SET", "requirepass", "s3cret"], check=True)
+
+        async def main() -> None:
+            good = PipelinedRedis(f"redis://:s3cret@127.0.0.1:{port}/2")
+            bad = PipelinedRedis(f"redis://:wrong@127.0.0.1:{port}/0")
+            anonymous = PipelinedRedis(f"redis://127.0.0.1:{port}/0")
+            try:
+                assert await good.execute(echo("in")) == b"in"
+                with pytest.raises(ResponseError, match=r"WRONGPASS|invalid password"):
+                    await bad.execute(echo("no"))
+                with pytest.raises(ResponseError, match="NOAUTH"):
+                    await anonymous.execute(echo("no"))
+            finally:
+                for client in (good, bad, anonymous):
+                    await client.close()
+
+        run(main())
+
+
+@pytest.mark.parametrize(
+    ("url", "supported"),
+    [
+        ("redis://127.0.0.1:6379/0", True),
+        ("redis://user:pw@127.0.0.1:6379/3", True),
+        ("rediss://127.0.0.1:6380/0?ssl_ca_certs=/tmp/ca.crt&ssl_cert_reqs=required", True),
+        ("unix:///run/redis.sock", False),
+        ("redis://127.0.0.1:6379/0?protocol=3", False),
+        ("redis://127.0.0.1:6379/0?client_name=gw", False),
+    ],
+)
+def test_which_urls_the_connection_opens_itself(url: str, supported: bool) -> None:
+    assert PipelinedRedis.supports(url) is supported
