@@ -189,3 +189,37 @@ def test_unknown_key_while_the_store_is_down_is_503(
     assert response.status_code == 503
     assert orjson.loads(response.content)["error"]["code"] == "store_unavailable"
     assert upstream.count() == 0
+
+
+def test_a_server_that_forgot_the_script_gets_it_again_on_an_open_connection(tmp_path: Path) -> None:
+    """SCRIPT FLUSH (or a failover to a replica without it) while the gateway's connection stays
+    open: the batch that meets NOSCRIPT loads the script and runs once, nothing is counted twice."""
+    import asyncio
+
+    import redis
+
+    from quotagate.keys import create_key
+    from quotagate.limiter import budgets_for
+    from quotagate.policy import parse_policies
+    from quotagate.stores import open_store
+
+    with RedisServer(tmp_path, appendonly=False) as server:
+
+        async def main() -> list[bool]:
+            store = open_store(server.url)
+            try:
+                _, key = await create_key(store, "flush", [])
+                allowed = []
+                for round_ in range(3):
+                    if round_ == 1:
+                        redis.Redis.from_url(server.url).script_flush()
+                    batch = [budgets_for(key.id, parse_policies("4;w=60"), {None: None}) for _ in range(2)]
+                    admissions = await asyncio.gather(
+                        *(store.admit(key.id, b, f"r{round_}{i}", 60.0) for i, b in enumerate(batch))
+                    )
+                    allowed += [a.allowed for a in admissions]
+                return allowed
+            finally:
+                await store.close()
+
+        assert asyncio.run(main()) == [True, True, True, True, False, False]

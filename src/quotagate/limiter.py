@@ -84,11 +84,16 @@ def encode_value(value: str) -> str:
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
 
-@functools.lru_cache(maxsize=16384)
 def budget_id(key_id: str, unit: Unit, window: int, segment: str | None, value: str | None) -> str:
+    return _budget_prefix(key_id, unit, window, segment) + ("" if value is None else encode_value(value))
+
+
+@functools.lru_cache(maxsize=4096)
+def _budget_prefix(key_id: str, unit: Unit, window: int, segment: str | None) -> str:
+    """The part of a budget id without its segment value: few of them (a cache of whole ids held
+    too few of a busy gateway's users: 30,000 budgets for 10,000 users of three policies)."""
     seg = "-" if segment is None else ("u" if segment == "user" else "p." + segment)
-    val = "" if value is None else encode_value(value)
-    return f"{key_id}:{unit.value}:{window}:{seg}:{val}"
+    return f"{key_id}:{unit.value}:{window}:{seg}:"
 
 
 def parse_budget_id(text: str) -> dict[str, Any]:

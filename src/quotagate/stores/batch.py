@@ -10,6 +10,7 @@ lone request waits for nothing: the batch leaves at the end of the current loop 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -41,8 +42,18 @@ Result = TypeVar("Result")
 
 
 class Batcher(Generic[Item, Result]):
-    def __init__(self, run: Callable[[list[Item]], Awaitable[Sequence[Result]]], max_size: int = 64) -> None:
+    """`run` sends a batch and waits for its results, in a task of its own. `start`, if given, may
+    instead send a batch at once and return a future of its results (None: it cannot now, `run`
+    is used): no task, no coroutine frames, the results handed out from the future's callback."""
+
+    def __init__(
+        self,
+        run: Callable[[list[Item]], Awaitable[Sequence[Result]]],
+        max_size: int = 64,
+        start: Callable[[list[Item]], asyncio.Future[Sequence[Result]] | None] | None = None,
+    ) -> None:
         self._run = run
+        self._start = start
         self.max_size = max_size
         self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
         self._scheduled = False
@@ -61,6 +72,16 @@ class Batcher(Generic[Item, Result]):
         self._scheduled = False
         while self._queue:
             batch, self._queue = self._queue[: self.max_size], self._queue[self.max_size :]
+            if self._start is not None:
+                try:
+                    started = self._start([item for item, _ in batch])
+                except Exception as exc:  # every waiter learns of it (this runs in a loop callback)
+                    for _, future in batch:
+                        future.set_exception(exc)
+                    continue
+                if started is not None:
+                    started.add_done_callback(functools.partial(_hand_out, batch))
+                    continue
             task = asyncio.ensure_future(self._execute(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -78,3 +99,16 @@ class Batcher(Generic[Item, Result]):
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
+
+
+def _hand_out(batch: list[tuple[Item, asyncio.Future[Result]]], started: asyncio.Future[Sequence[Result]]) -> None:
+    """A started batch is done: each waiter gets its result, or the batch's exception."""
+    exc: BaseException | None = asyncio.CancelledError() if started.cancelled() else started.exception()
+    if exc is not None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
+        return
+    for (_, future), result in zip(batch, started.result(), strict=True):
+        if not future.done():
+            future.set_result(result)

@@ -22,7 +22,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -134,7 +134,8 @@ class RedisStore:
         self._denials: list[bytes] = []
         self._flusher: asyncio.Task[None] | None = None
         self._init_lock = asyncio.Lock()
-        self._steps: Batcher[Admit | _Settle, Any] = Batcher(self._step)
+        self._steps: Batcher[Admit | _Settle, Any] = Batcher(self._step, start=self._start)
+        self._retries: set[asyncio.Future[Any]] = set()
         self._initialized = False
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -221,6 +222,15 @@ class RedisStore:
     async def _step(self, items: Sequence[Admit | _Settle], check_key: bool = True) -> list[Any]:
         """One script call for a batch of admissions and settlements, each on its own, in order;
         the script is loaded again if the server forgot it (a restart)."""
+        keys, args = self._step_arguments(items, check_key)
+        try:
+            raws = await self._evalsha(keys, args)
+        except NoScriptError:
+            self._script.sha = await self._redis().script_load(self._script.script)
+            raws = await self._evalsha(keys, args)
+        return _decode_step(items, raws)
+
+    def _step_arguments(self, items: Sequence[Admit | _Settle], check_key: bool) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
         args: list[Any] = [self._now_arg(), len(items)]
         for item in items:
@@ -228,27 +238,22 @@ class RedisStore:
                 _admit_arguments(item, check_key, keys, args)
             else:
                 _settle_arguments(item, keys, args)
-        try:
-            raws = await self._evalsha(keys, args)
-        except NoScriptError:
-            self._script.sha = await self._redis().script_load(self._script.script)
-            raws = await self._evalsha(keys, args)
-        return [
-            _admission(raw, len(item.budgets)) if isinstance(item, Admit) else _states(raw[1:], len(item.budgets))
-            for raw, item in zip(raws, items, strict=True)
-        ]
+        return keys, args
+
+    def _packed_evalsha(self, keys: list[str], args: list[Any]) -> bytes:
+        """EVALSHA of the step script, packed here in one `bytes.join`: redis-py's general packing
+        of each argument cost more than the rest of the call (`python bench/run.py --profile`)."""
+        parts = [b"EVALSHA", self._script.sha.encode(), b"%d" % len(keys), *(k.encode() for k in keys)]
+        parts += [a if isinstance(a, bytes) else str(a).encode() for a in args]
+        return resp.pack(parts)
 
     async def _evalsha(self, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA of the step script. On a single server the command is packed here, in one
-        `bytes.join` (redis-py's general packing of each argument cost more than the rest of the
-        call), and sent on the pipelined connection (`resp.py`), or on a pooled redis-py
-        connection for a URL that one cannot open."""
+        """The step script's call: on the pipelined connection (`resp.py`) on a single server, on a
+        pooled redis-py connection for a URL that one cannot open, through redis-py on a Cluster."""
         client = self._redis()
         if self.cluster:
             return await client.evalsha(self._script.sha, len(keys), *keys, *args)
-        parts = [b"EVALSHA", self._script.sha.encode(), b"%d" % len(keys), *(k.encode() for k in keys)]
-        parts += [a if isinstance(a, bytes) else str(a).encode() for a in args]
-        packed = resp.pack(parts)
+        packed = self._packed_evalsha(keys, args)
         if self._pipelined is not None:
             return await self._pipelined.execute(packed)
         pool = client.connection_pool
@@ -261,6 +266,35 @@ class RedisStore:
             raise
         finally:
             await pool.release(connection)
+
+    def _start(self, items: list[Admit | _Settle]) -> asyncio.Future[Sequence[Any]] | None:
+        """The batcher's way without a task: on an open pipelined connection, the batch's script
+        call is written at once and decoded in the reply's callback (a gateway at 200 requests/s
+        spent ~40 us a request on the two steps' tasks and coroutines). None when the connection
+        is not open: `_step` connects."""
+        protocol = self._pipelined.ready() if self._pipelined is not None else None
+        if protocol is None or self._script is None:
+            return None
+        results: asyncio.Future[Sequence[Any]] = asyncio.get_running_loop().create_future()
+        keys, args = self._step_arguments(items, True)
+        reply = protocol.send(self._packed_evalsha(keys, args))
+        reply.add_done_callback(functools.partial(self._started, items, results))
+        return results
+
+    def _started(self, items: list[Admit | _Settle], results: asyncio.Future[Sequence[Any]], reply: Any) -> None:
+        exc = reply.exception()
+        if isinstance(exc, NoScriptError):  # the server restarted: load the script, call again
+            retry = asyncio.ensure_future(self._step(items))
+            self._retries.add(retry)
+            retry.add_done_callback(functools.partial(_copy_outcome, results))
+            retry.add_done_callback(self._retries.discard)
+        elif exc is not None:
+            results.set_exception(exc)
+        else:
+            try:
+                results.set_result(_decode_step(items, reply.result()))
+            except Exception as error:  # a reply the script cannot have sent
+                results.set_exception(RedisError(f"unexpected reply from the step script: {error!r}"))
 
     async def _admit_cluster(self, item: Admit) -> Admission:
         """Budgets in different slots: each slot's group in its own script call, in parallel; if
@@ -339,6 +373,16 @@ class RedisStore:
         touched, self._touched = self._touched, {}
         denials, self._denials = self._denials, []
         if not touched and not denials:
+            return
+        if self._pipelined is not None:  # packed here: redis-py's encoding of a big ZADD cost ~15 us an entry
+            commands = []
+            if touched:
+                commands.append(_zadd(INDEX, ((v[0], k) for k, v in touched.items())))
+                commands.append(_zadd(INDEX_EXPIRY, ((v[1], k) for k, v in touched.items())))
+            if denials:
+                commands.append(resp.pack([b"LPUSH", DENIALS.encode(), *denials]))
+                commands.append(resp.pack([b"LTRIM", DENIALS.encode(), b"0", b"%d" % (DENIALS_KEPT - 1)]))
+            await asyncio.gather(*(self._pipelined.execute(c) for c in commands))
             return
         pipe = self._redis().pipeline(transaction=False)
         if touched:
@@ -449,6 +493,31 @@ class RedisStore:
 
 
 # --- decoding what the scripts and hashes return -----------------------------------------------
+
+
+def _zadd(key: str, entries: Iterable[tuple[float, str]]) -> bytes:
+    parts = [b"ZADD", key.encode()]
+    for score, member in entries:
+        parts += (repr(score).encode(), member.encode())
+    return resp.pack(parts)
+
+
+def _decode_step(items: Sequence[Admit | _Settle], raws: Sequence[Any]) -> list[Any]:
+    return [
+        _admission(raw, len(item.budgets)) if isinstance(item, Admit) else _states(raw[1:], len(item.budgets))
+        for raw, item in zip(raws, items, strict=True)
+    ]
+
+
+def _copy_outcome(target: asyncio.Future[Any], source: asyncio.Future[Any]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())
 
 
 def _text(value: Any) -> str:

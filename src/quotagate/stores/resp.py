@@ -156,6 +156,11 @@ class PipelinedRedis:
             return False
         return all(k in _PLAIN_OPTIONS or k in _SSL_OPTIONS for k in parse_url(url))
 
+    def ready(self) -> _Protocol | None:
+        """The open connection, if there is one (calls can be sent on it without waiting)."""
+        protocol = self._protocol
+        return protocol if protocol is not None and protocol.lost is None else None
+
     async def execute(self, packed: bytes) -> Any:
         """Send one packed command (`pack`) and wait for its reply; Redis errors are raised as
         redis-py's exceptions (`NoScriptError`, `ResponseError`, `ConnectionError`, `TimeoutError`)."""
