@@ -223,3 +223,34 @@ def test_a_server_that_forgot_the_script_gets_it_again_on_an_open_connection(tmp
                 await store.close()
 
         assert asyncio.run(main()) == [True, True, True, True, False, False]
+
+
+def test_the_index_of_many_budgets_is_written_in_chunks_and_lists_them_all(redis_url: str) -> None:
+    """More budgets in one flush than one ZADD carries (INDEX_CHUNK): every one is listed."""
+    import asyncio
+
+    from quotagate.keys import create_key
+    from quotagate.limiter import budgets_for
+    from quotagate.policy import parse_policies
+    from quotagate.stores import open_store
+    from quotagate.stores.redis import INDEX_CHUNK
+
+    users = 2 * INDEX_CHUNK + 37
+
+    async def main() -> dict[str | None, float]:
+        store = open_store(redis_url)
+        try:
+            _, key = await create_key(store, "many", [])
+            policies = parse_policies("10;w=60;s=user")
+            for n in range(users):
+                for _ in range(1 + n % 3):
+                    budgets = budgets_for(key.id, policies, {None: None, "user": f"user {n}"})
+                    assert (await store.admit(key.id, budgets, f"r{n}", 60.0)).allowed
+            listed = await store.usage(key_id=key.id, limit=users + 10)
+            return {u.value: u.ratio for u in listed}
+        finally:
+            await store.close()
+
+    ratios = asyncio.run(main())
+    assert len(ratios) == users
+    assert all(ratios[f"user {n}"] == pytest.approx((1 + n % 3) / 10) for n in range(users))
