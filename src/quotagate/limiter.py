@@ -24,7 +24,7 @@ import functools
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -51,14 +51,11 @@ class Budget:
     value: str | None
     quota: int  # scaled, the smallest quota of the policies naming this counter
     amount: int = 0  # request: 1 taken; cents/token: the estimate held while in flight
-    policies: list[Policy] = field(default_factory=list)
+    policies: tuple[Policy, ...] = ()
     holds: bool = False  # cents and tokens hold an estimate while in flight; requests take at once
 
-    def __post_init__(self) -> None:
-        self.holds = self.unit is not Unit.REQUEST
 
-
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class CounterState:
     """What a store reports about one counter after an admission or a charge."""
 
@@ -116,25 +113,35 @@ def policies_json(policies: tuple[Policy, ...]) -> bytes:
 
 def budgets_for(key_id: str, policies: Iterable[Policy], values: Mapping[str | None, str | None]) -> list[Budget]:
     """Group policies into counters: a request takes from each counter once."""
-    by_kind: dict[tuple[Unit, int, str | None], Budget] = {}
+    return [
+        Budget(
+            id=_budget_prefix(key_id, unit, window, segment) + ("" if value is None else encode_value(value)),
+            key_id=key_id,
+            unit=unit,
+            window=window,
+            segment=segment,
+            value=value,
+            quota=quota,
+            amount=0 if unit is not Unit.REQUEST else 1,
+            policies=grouped,
+            holds=unit is not Unit.REQUEST,
+        )
+        for unit, window, segment, quota, grouped in _groups(tuple(policies))
+        for value in (values.get(segment),)
+    ]
+
+
+@functools.lru_cache(maxsize=4096)
+def _groups(policies: tuple[Policy, ...]) -> tuple[tuple[Unit, int, str | None, int, tuple[Policy, ...]], ...]:
+    """The counters a list of policies names, worked out once per list: policies differing only
+    in quota share one, held to the smallest quota."""
+    kinds: dict[tuple[Unit, int, str | None], list[Policy]] = {}
     for policy in policies:
-        budget = by_kind.get(policy.budget_kind)
-        if budget is None:
-            value = values.get(policy.segment)
-            budget = Budget(
-                id=budget_id(key_id, policy.unit, policy.window, policy.segment, value),
-                key_id=key_id,
-                unit=policy.unit,
-                window=policy.window,
-                segment=policy.segment,
-                value=value,
-                quota=policy.scaled_quota,
-                amount=0 if policy.unit is not Unit.REQUEST else 1,
-            )
-            by_kind[policy.budget_kind] = budget
-        budget.quota = min(budget.quota, policy.scaled_quota)
-        budget.policies.append(policy)
-    return list(by_kind.values())
+        kinds.setdefault(policy.budget_kind, []).append(policy)
+    return tuple(
+        (unit, window, segment, min(p.scaled_quota for p in grouped), tuple(grouped))
+        for (unit, window, segment), grouped in kinds.items()
+    )
 
 
 # --- the window algorithm, on a plain dict so that stores can serialize it as they like ----------

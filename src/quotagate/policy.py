@@ -43,6 +43,10 @@ class Unit(enum.Enum):
     CENTS = "cents"
     TOKEN = "token"
 
+    # members are singletons compared by identity: hash them by identity too, in C (Enum's own
+    # __hash__ is Python code, and policies and budget kinds are hashed on every request)
+    __hash__ = object.__hash__
+
     @property
     def scale(self) -> int:
         """Stored amounts are integers: micro-cents for cents, whole tokens and requests."""
@@ -83,9 +87,14 @@ class Policy:
     budget_kind: tuple[Unit, int, str | None] = field(init=False, compare=False, repr=False)
     quota_text: str = field(init=False, compare=False, repr=False)
     normal: str = field(init=False, compare=False, repr=False)
+    hashed: int = field(init=False, compare=False, repr=False)  # policies key caches on every request
+
+    def __hash__(self) -> int:
+        return self.hashed
 
     def __post_init__(self) -> None:
         derived = {
+            "hashed": hash((self.quota, self.window, self.unit, self.segment)),
             "scale": _SCALES[self.unit],
             "scaled_quota": int(self.quota * _SCALES[self.unit]),
             "budget_kind": (self.unit, self.window, self.segment),  # policies differing only in quota share it

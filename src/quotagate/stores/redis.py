@@ -78,7 +78,7 @@ def _admit_arguments(item: Admit, check_key: bool, keys: list[str], args: list[A
     for b in item.budgets:
         keys.append(budget_key(b.id))
         meta = _meta(b)
-        head, tail = _spec(b.window, b.quota, b.holds, tuple(b.policies), bool(meta))
+        head, tail = _spec(b.window, b.quota, b.holds, b.policies, bool(meta))
         args.append(f"{head}{b.amount}{tail}")
         if meta:
             args.append(meta)

@@ -326,7 +326,7 @@ class SQLiteStore:
         for budget, state, view in zip(budgets, states, views, strict=True):
             refused = now if denied and not limiter.fits(state, budget) else None
             expires = now + budget.window + (hold_ttl if budget.holds else 0)
-            policies = limiter.policies_json(tuple(budget.policies)).decode()
+            policies = limiter.policies_json(budget.policies).decode()
             ratio = round((view.used + view.held) / budget.quota, 2) if budget.quota else 1.0
             row, blob = state["_row"], _dump(state)
             state["_row"] = (ratio, budget.quota, policies)
