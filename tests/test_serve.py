@@ -152,3 +152,16 @@ def test_demo_shows_limits_at_work() -> None:
     statuses = [line.split()[3] for line in lines if line.startswith("call ")]
     assert statuses == ["200", "200", "200", "429", "429"]
     assert "Helicone-RateLimit-Remaining: 0" in result.stdout and "Retry-After:" in result.stdout
+
+
+def test_a_worker_freezes_its_startup_objects_and_collects_young_garbage_less_often() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import gc; from quotagate.server import settle_garbage_collector, GC_YOUNG_THRESHOLD;"
+        "before = gc.get_freeze_count(); settle_garbage_collector();"
+        "print(before, gc.get_freeze_count() > 1000, gc.get_threshold()[0] == GC_YOUNG_THRESHOLD)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "True", "True"]
