@@ -1,5 +1,6 @@
-"""What the store-only benchmarks (redis_step.py, sqlite_stall.py) send: the requests of
-bench/run.py's "3 policies" rows, straight to a store, without HTTP."""
+"""What the store-only benchmarks (redis_step.py, redis_client.py, sqlite_stall.py) send: the
+requests of bench/run.py's "3 policies" rows, straight to a store, without HTTP; and the private
+redis-server the Redis ones run against."""
 
 from __future__ import annotations
 
