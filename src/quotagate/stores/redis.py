@@ -1,9 +1,11 @@
 """Redis store (also Valkey and Redis Cluster): several gateway instances share every budget.
 
-An admission is one Lua script round trip (`lua/admit.lua`), a charge another (`lua/settle.lua`);
-the scripts mirror `quotagate.limiter` and read the time from the Redis server, so instances need
-no synchronized clocks. Each budget's keys carry its own hash tag (key id, unit, window, segment
-and segment value), so that one busy customer does not make one hot Cluster slot.
+An admission is one call of the step script (`lua/step.lua`), a charge another; the admissions
+and charges of one event-loop turn share a call (`batch.py`). The script mirrors
+`quotagate.limiter` and reads the time from the Redis server, so instances need no synchronized
+clocks. On a single server the calls go over one pipelined connection per worker (`resp.py`).
+Each budget's keys carry its own hash tag (key id, unit, window, segment and segment value), so
+that one busy customer does not make one hot Cluster slot.
 
 On a single server every budget of a request, and the key's revocation check, go into one script
 call: one atomic step. On a Cluster, budgets in different slots cannot share a script: each slot's
@@ -12,7 +14,7 @@ says no, the groups that said yes are refunded. A budget is therefore never over
 requests racing for the last units of different budgets may both be refused.
 
 The dashboard's index of budgets (sorted sets by usage ratio, with expiry) and the list of recent
-denials are written in the background, batched once a second, off the request path.
+denials are written in the background, batched once a second, in chunks, off the request path.
 """
 
 from __future__ import annotations
