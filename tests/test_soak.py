@@ -54,6 +54,7 @@ class Truth:
     calls: int = 0
     admitted: int = 0  # answered with rate-limit headers: counted by the store
     unlimited: int = 0  # answered without them: the store was down (fail-open)
+    unlimited_at_kill: int = 0  # of those, in flight when Redis died: counted if its write beat the kill
     denied: int = 0
     tokens_low: int = 0
     tokens_high: int = 0
@@ -105,6 +106,7 @@ async def one_call(
         return
     if not counted:
         truth.unlimited += 1
+        truth.unlimited_at_kill += overlapped
         return
     truth.admitted += 1
     exact = usage is not None and kind != "cut" and not overlapped
@@ -173,7 +175,10 @@ def test_soak_against_redis_with_a_restart(
         kind = user.split("-")[0]
         requests = budgets.get((user, "request"))
         if kind in ("plain", "spend", "tight"):
-            assert requests is not None and requests[0] == truth.admitted, (user, requests, truth)
+            # Redis may die after it wrote an admission (AOF) but before its reply left: that call
+            # went through unlimited (fail-open) and is counted once, never twice
+            assert requests is not None, (user, truth)
+            assert truth.admitted <= requests[0] <= truth.admitted + truth.unlimited_at_kill, (user, requests, truth)
         if kind == "tight":
             assert truth.admitted <= 2
         if kind in ("spend", "stream", "cut") and truth.admitted:

@@ -115,7 +115,7 @@ def budgets_for(key_id: str, policies: Iterable[Policy], values: Mapping[str | N
     """Group policies into counters: a request takes from each counter once."""
     return [
         Budget(
-            id=_budget_prefix(key_id, unit, window, segment) + ("" if value is None else encode_value(value)),
+            id=budget_id(key_id, unit, window, segment, value),
             key_id=key_id,
             unit=unit,
             window=window,

@@ -77,7 +77,8 @@ class Batcher(Generic[Item, Result]):
                     started = self._start([item for item, _ in batch])
                 except Exception as exc:  # every waiter learns of it (this runs in a loop callback)
                     for _, future in batch:
-                        future.set_exception(exc)
+                        if not future.done():
+                            future.set_exception(exc)
                     continue
                 if started is not None:
                     started.add_done_callback(functools.partial(_hand_out, batch))
