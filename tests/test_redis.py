@@ -225,8 +225,9 @@ def test_a_server_that_forgot_the_script_gets_it_again_on_an_open_connection(tmp
         assert asyncio.run(main()) == [True, True, True, True, False, False]
 
 
-def test_the_index_of_many_budgets_is_written_in_chunks_and_lists_them_all(redis_url: str) -> None:
-    """More budgets in one flush than one ZADD carries (INDEX_CHUNK): every one is listed."""
+def test_the_index_of_many_budgets_is_written_in_chunks_and_lists_them_all(shared_url: str) -> None:
+    """More budgets in one flush than one ZADD carries (INDEX_CHUNK): every one is listed, whether
+    written on the pipelined connection (a server) or through redis-py (a Cluster)."""
     import asyncio
 
     from quotagate.keys import create_key
@@ -238,7 +239,7 @@ def test_the_index_of_many_budgets_is_written_in_chunks_and_lists_them_all(redis
     users = 2 * INDEX_CHUNK + 37
 
     async def main() -> dict[str | None, float]:
-        store = open_store(redis_url)
+        store = open_store(shared_url)
         try:
             _, key = await create_key(store, "many", [])
             policies = parse_policies("10;w=60;s=user")

@@ -5,7 +5,9 @@ fails the calls in flight, and the next call connects again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,15 @@ from .cluster import RedisServer
 from .conftest import run
 
 
+@contextlib.asynccontextmanager
+async def connected(url: str, reply_timeout: float = 5.0) -> AsyncIterator[PipelinedRedis]:
+    client = PipelinedRedis(url, reply_timeout=reply_timeout)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
 def echo(text: str) -> bytes:
     return pack([b"ECHO", text.encode()])
 
@@ -31,11 +42,8 @@ def pause(url: str, milliseconds: int) -> None:
 
 def test_concurrent_calls_each_get_their_own_reply(redis_url: str) -> None:
     async def main() -> list[bytes]:
-        client = PipelinedRedis(redis_url)
-        try:
+        async with connected(redis_url) as client:
             return await asyncio.gather(*(client.execute(echo(f"call {i}")) for i in range(500)))
-        finally:
-            await client.close()
 
     assert run(main()) == [f"call {i}".encode() for i in range(500)]
 
@@ -45,8 +53,7 @@ def test_select_and_errors_as_redis_py_raises_them(redis_url: str) -> None:
     redis.Redis.from_url(redis_url).set("resp-test", "in my db")
 
     async def main() -> None:
-        client = PipelinedRedis(redis_url)
-        try:
+        async with connected(redis_url) as client:
             assert await client.execute(pack([b"GET", b"resp-test"])) == b"in my db"  # SELECTed the URL's db
             assert (await client.execute(pack([b"CLIENT", b"INFO"]))).decode().count(f" db={db} ") == 1
             with pytest.raises(NoScriptError):
@@ -54,8 +61,6 @@ def test_select_and_errors_as_redis_py_raises_them(redis_url: str) -> None:
             with pytest.raises(ResponseError, match="unknown command"):
                 await client.execute(pack([b"NO-SUCH-COMMAND"]))
             assert await client.execute(echo("still in step")) == b"still in step"
-        finally:
-            await client.close()
 
     run(main())
 
@@ -64,8 +69,7 @@ def test_a_caller_that_gives_up_does_not_shift_the_replies(tmp_path: Path) -> No
     with RedisServer(tmp_path, appendonly=False) as server:
 
         async def main() -> None:
-            client = PipelinedRedis(server.url)
-            try:
+            async with connected(server.url) as client:
                 assert await client.execute(echo("connected")) == b"connected"
                 pause(server.url, 300)
                 first = asyncio.ensure_future(client.execute(echo("first")))
@@ -75,8 +79,6 @@ def test_a_caller_that_gives_up_does_not_shift_the_replies(tmp_path: Path) -> No
                 assert await second == b"second"
                 assert await client.execute(echo("third")) == b"third"
                 assert first.cancelled()
-            finally:
-                await client.close()
 
         run(main())
 
@@ -85,8 +87,7 @@ def test_a_server_that_stops_answering_times_out_and_the_next_call_reconnects(tm
     with RedisServer(tmp_path, appendonly=False) as server:
 
         async def main() -> None:
-            client = PipelinedRedis(server.url, reply_timeout=0.2)
-            try:
+            async with connected(server.url, reply_timeout=0.2) as client:
                 assert await client.execute(echo("before")) == b"before"
                 pause(server.url, 1000)
                 calls = [asyncio.ensure_future(client.execute(echo(str(i)))) for i in range(3)]
@@ -95,8 +96,6 @@ def test_a_server_that_stops_answering_times_out_and_the_next_call_reconnects(tm
                         await call
                 await asyncio.sleep(1.0)  # the pause ends
                 assert await client.execute(echo("after")) == b"after"
-            finally:
-                await client.close()
 
         run(main())
 
@@ -105,8 +104,7 @@ def test_a_server_that_goes_away_fails_the_calls_and_is_found_again(tmp_path: Pa
     with RedisServer(tmp_path, appendonly=False) as server:
 
         async def main() -> None:
-            client = PipelinedRedis(server.url)
-            try:
+            async with connected(server.url) as client:
                 assert await client.execute(pack([b"SET", b"k", b"v"])) == b"OK"
                 pause(server.url, 5000)
                 held = asyncio.ensure_future(client.execute(echo("held")))
@@ -119,8 +117,6 @@ def test_a_server_that_goes_away_fails_the_calls_and_is_found_again(tmp_path: Pa
                 server.start()
                 assert await client.execute(echo("back")) == b"back"
                 assert await client.execute(pack([b"GET", b"k"])) is None  # a new server, no persistence
-            finally:
-                await client.close()
 
         run(main())
 

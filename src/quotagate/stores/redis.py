@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -373,39 +373,25 @@ class RedisStore:
             log.warning("could not update the budget index: %s", exc)
 
     async def _flush(self) -> None:
+        """The index entries and denials gathered since the last flush, in commands of at most
+        INDEX_CHUNK entries, packed one at a time with the event loop free between them: one ZADD
+        of the 3,000 entries a busy worker gathers in a second took ~11 ms to pack, a stall that
+        every request in flight waited out."""
         touched, self._touched = self._touched, {}
         denials, self._denials = self._denials, []
         if not touched and not denials:
             return
-        if self._pipelined is not None:
-            await self._flush_pipelined(self._pipelined, touched, denials)
-            return
-        pipe = self._redis().pipeline(transaction=False)
-        if touched:
-            pipe.zadd(INDEX, {k: v[0] for k, v in touched.items()})
-            pipe.zadd(INDEX_EXPIRY, {k: v[1] for k, v in touched.items()})
-        if denials:
-            pipe.lpush(DENIALS, *denials)
-            pipe.ltrim(DENIALS, 0, DENIALS_KEPT - 1)
-        await pipe.execute()
-
-    @staticmethod
-    async def _flush_pipelined(
-        pipelined: resp.PipelinedRedis, touched: dict[str, tuple[float, float]], denials: list[bytes]
-    ) -> None:
-        """The index entries in chunks, packed here (redis-py's encoding cost ~15 us an entry), the
-        event loop free between chunks: one ZADD of the 3,000 entries a busy worker gathers in a
-        second took ~11 ms to pack, a stall that every request in flight waited out."""
+        pipelined = self._pipelined
         replies = []
-        items = list(touched.items())
-        for first in range(0, len(items), INDEX_CHUNK):
-            chunk = items[first : first + INDEX_CHUNK]
-            replies.append(pipelined.execute(_zadd(INDEX, ((v[0], k) for k, v in chunk))))
-            replies.append(pipelined.execute(_zadd(INDEX_EXPIRY, ((v[1], k) for k, v in chunk))))
+        pipe = None if pipelined is not None else self._redis().pipeline(transaction=False)
+        for command in _index_commands(touched, denials):
+            if pipelined is not None:
+                replies.append(pipelined.execute(resp.pack(command)))
+            else:
+                pipe.execute_command(command[0].decode(), *command[1:])  # type: ignore[union-attr]
             await asyncio.sleep(0)
-        if denials:
-            replies.append(pipelined.execute(resp.pack([b"LPUSH", DENIALS.encode(), *denials])))
-            replies.append(pipelined.execute(resp.pack([b"LTRIM", DENIALS.encode(), b"0", b"%d" % (DENIALS_KEPT - 1)])))
+        if pipe is not None:
+            await pipe.execute()
         await asyncio.gather(*replies)
 
     async def usage(
@@ -510,11 +496,19 @@ class RedisStore:
 # --- decoding what the scripts and hashes return -----------------------------------------------
 
 
-def _zadd(key: str, entries: Iterable[tuple[float, str]]) -> bytes:
-    parts = [b"ZADD", key.encode()]
-    for score, member in entries:
-        parts += (repr(score).encode(), member.encode())
-    return resp.pack(parts)
+def _index_commands(touched: dict[str, tuple[float, float]], denials: list[bytes]) -> Iterator[list[bytes]]:
+    """The index's ZADDs, INDEX_CHUNK entries each, then the denials' LPUSH and LTRIM."""
+    items = list(touched.items())
+    for first in range(0, len(items), INDEX_CHUNK):
+        chunk = items[first : first + INDEX_CHUNK]
+        for key, score in ((INDEX, 0), (INDEX_EXPIRY, 1)):
+            command = [b"ZADD", key.encode()]
+            for member, entry in chunk:
+                command += (repr(entry[score]).encode(), member.encode())
+            yield command
+    if denials:
+        yield [b"LPUSH", DENIALS.encode(), *denials]
+        yield [b"LTRIM", DENIALS.encode(), b"0", b"%d" % (DENIALS_KEPT - 1)]
 
 
 def _decode_step(items: Sequence[Admit | _Settle], raws: Sequence[Any]) -> list[Any]:
