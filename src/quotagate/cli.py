@@ -13,7 +13,7 @@ import sys
 import tempfile
 import typing
 from collections.abc import Callable, Coroutine
-from dataclasses import MISSING, Field
+from dataclasses import MISSING, Field, fields
 from typing import Any, TypeVar
 
 import click
@@ -35,7 +35,8 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
             values = load_file(value)
         except ConfigError as exc:
             raise click.BadParameter(str(exc)) from None
-        ctx.meta["file_extras"] = {k: values.pop(k) for k in ("upstreams", "prices") if k in values}
+        extras = [f.name for f in fields(Settings) if not f.metadata["flag"]]  # no option to default
+        ctx.meta["file_extras"] = {k: values.pop(k) for k in extras if k in values}
         ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
 

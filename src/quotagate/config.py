@@ -16,6 +16,8 @@ from typing import Any
 
 import platformdirs
 
+from .routing import Endpoint, Pattern, endpoint, patterns
+
 ENV_PREFIX = "QUOTAGATE_"
 RESERVED_ROUTES = {"v1", "anthropic", "admin", "dashboard", "metrics", "healthz", "readyz", "static"}
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
@@ -47,6 +49,7 @@ class Upstream:
     base_url: str
     provider: str = "openai"  # "openai" (OpenAI-compatible) or "anthropic"
     api_key: str | None = None
+    api_key_endpoints: tuple[str, ...] | None = None  # what api_key may reach; None: inference endpoints
 
 
 @dataclass(slots=True, frozen=True)
@@ -57,6 +60,18 @@ class PriceOverride:
     output_mtok: Decimal
     cache_read_mtok: Decimal | None = None
     cache_write_mtok: Decimal | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class CallPrice:
+    """What one call of an endpoint the gateway cannot meter costs: US cents and/or tokens."""
+
+    cents: Decimal | None = None
+    tokens: int | None = None
+
+    @property
+    def microcents(self) -> int | None:
+        return None if self.cents is None else int((self.cents * 1_000_000).to_integral_value(rounding="ROUND_CEILING"))
 
 
 @dataclass(slots=True)
@@ -92,6 +107,15 @@ class Settings:
     log_level: str = setting("info", "Logging level: debug, info, warning, error.")
     upstreams: dict[str, Upstream] = setting(dict, "Further upstreams ([upstreams.NAME]).", flag=False)
     prices: dict[str, PriceOverride] = setting(dict, "Per-model price overrides ([prices.MODEL]).", flag=False)
+    openai_api_key_endpoints: tuple[str, ...] | None = setting(
+        None, "'METHOD /path' patterns openai_api_key may reach (default: the inference endpoints).", flag=False
+    )
+    anthropic_api_key_endpoints: tuple[str, ...] | None = setting(
+        None, "'METHOD /path' patterns anthropic_api_key may reach (default: the inference endpoints).", flag=False
+    )
+    call_prices: dict[str, CallPrice] = setting(
+        dict, "Per-call prices of endpoints the gateway cannot meter ([call_prices]).", flag=False
+    )
 
     def __post_init__(self) -> None:
         if self.on_store_error not in ("open", "closed"):
@@ -102,12 +126,24 @@ class Settings:
             raise ConfigError(f"max_body_bytes must be positive, not {self.max_body_bytes}")
         for name in ("openai_base_url", "anthropic_base_url"):
             _check_url(getattr(self, name), name)
+        for name in ("openai_api_key_endpoints", "anthropic_api_key_endpoints"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _endpoint_list(getattr(self, name), name))
+        _check_routes(self.routes(), self.call_prices)
 
     def routes(self) -> dict[str, Upstream]:
         """Route prefix (first path segment) to upstream."""
         routes = {
-            "v1": Upstream("openai", self.openai_base_url, "openai", self.openai_api_key),
-            "anthropic": Upstream("anthropic", self.anthropic_base_url, "anthropic", self.anthropic_api_key),
+            "v1": Upstream(
+                "openai", self.openai_base_url, "openai", self.openai_api_key, self.openai_api_key_endpoints
+            ),
+            "anthropic": Upstream(
+                "anthropic",
+                self.anthropic_base_url,
+                "anthropic",
+                self.anthropic_api_key,
+                self.anthropic_api_key_endpoints,
+            ),
         }
         routes.update(self.upstreams)
         return routes
@@ -144,6 +180,11 @@ def load_file(path: str | Path) -> dict[str, Any]:
     try:
         values["upstreams"] = _upstreams(values.get("upstreams", {}))
         values["prices"] = _prices(values.get("prices", {}))
+        values["call_prices"] = _call_prices(values.get("call_prices", {}))
+        for name in ("openai_api_key_endpoints", "anthropic_api_key_endpoints"):
+            if name in values:
+                values[name] = _endpoint_list(values[name], name)
+        _check_routes(_file_routes(values), values["call_prices"])
     except ConfigError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
     return values
@@ -158,15 +199,89 @@ def _upstreams(raw: dict[str, Any]) -> dict[str, Upstream]:
             )
         if not isinstance(spec, dict) or "base_url" not in spec:
             raise ConfigError(f"upstream {name!r} needs a base_url")
-        unknown = set(spec) - {"base_url", "api_key", "provider"}
+        unknown = set(spec) - {"base_url", "api_key", "provider", "api_key_endpoints"}
         if unknown:
             raise ConfigError(f"upstream {name!r}: unknown keys {sorted(unknown)}")
         _check_url(spec["base_url"], f"upstream {name!r}")
         provider = spec.get("provider", "openai")
         if provider not in ("openai", "anthropic"):
             raise ConfigError(f"upstream {name!r}: provider must be 'openai' or 'anthropic'")
-        out[name] = Upstream(name, spec["base_url"], provider, spec.get("api_key"))
+        scope = spec.get("api_key_endpoints")
+        if scope is not None:
+            scope = _endpoint_list(scope, f"upstream {name!r}: api_key_endpoints")
+        out[name] = Upstream(name, spec["base_url"], provider, spec.get("api_key"), scope)
     return out
+
+
+def _endpoint_list(raw: Any, where: str) -> tuple[str, ...]:
+    try:
+        return tuple(p.text for p in patterns(raw))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _file_routes(values: dict[str, Any]) -> dict[str, Upstream]:
+    """The routes a config file declares, for checking its patterns before the settings exist."""
+    routes = {
+        "v1": Upstream("openai", "", "openai", None, values.get("openai_api_key_endpoints")),
+        "anthropic": Upstream("anthropic", "", "anthropic", None, values.get("anthropic_api_key_endpoints")),
+    }
+    return {**routes, **values["upstreams"]}
+
+
+def _scope_name(prefix: str, upstream: Upstream) -> str:
+    if prefix in ("v1", "anthropic"):
+        return f"{upstream.provider}_api_key_endpoints"
+    return f"upstream {prefix!r}: api_key_endpoints"
+
+
+def _check_routes(routes: dict[str, Upstream], call_prices: dict[str, CallPrice]) -> None:
+    """Every pattern names a path of its route: one that never matches is a mistake."""
+    for prefix, upstream in routes.items():
+        for text in upstream.api_key_endpoints or ():
+            first = Pattern.parse(text).parts[:1]
+            if first not in ((prefix,), ("*",), ("**",)):
+                raise ConfigError(f"{_scope_name(prefix, upstream)}: {text!r} is not a path under /{prefix}/")
+    for text in call_prices:
+        pattern = Pattern.parse(text)
+        head = pattern.parts[0] if pattern.parts else "/"
+        if head not in routes and head not in ("*", "**"):
+            raise ConfigError(f"call_prices: {text!r} is not under a route ({', '.join('/' + r for r in routes)})")
+        if pattern.literal and head in routes:
+            rest = pattern.parts if head == "v1" else pattern.parts[1:]
+            kind = endpoint(routes[head].provider, pattern.method, rest)
+            if kind is not Endpoint.OTHER:
+                raise ConfigError(
+                    f"call_prices: {text!r} is metered from the usage its answers report ({kind.value}); "
+                    "call_prices is for endpoints the gateway cannot meter"
+                )
+
+
+def _call_prices(raw: Any) -> dict[str, CallPrice]:
+    if not isinstance(raw, dict):
+        raise ConfigError('call_prices must be a table of "METHOD /path" = cents, or = { cents = ..., tokens = ... }')
+    out = {}
+    for text, spec in raw.items():
+        try:
+            Pattern.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"call_prices: entry {text!r}: {exc}") from None
+        out[text] = _call_price(text, spec if isinstance(spec, dict) else {"cents": spec})
+    return out
+
+
+def _call_price(text: str, spec: dict[str, Any]) -> CallPrice:
+    unknown = set(spec) - {"cents", "tokens"}
+    if unknown or not spec:
+        raise ConfigError(f"call_prices: entry {text!r} takes cents and/or tokens, not {sorted(unknown) or 'nothing'}")
+    cents, tokens = spec.get("cents"), spec.get("tokens")
+    if cents is not None:
+        if isinstance(cents, bool) or not isinstance(cents, int | float) or not 0 <= cents <= 1_000_000_000:
+            raise ConfigError(f"call_prices: entry {text!r}: cents must be a number from 0 to 1e9, not {cents!r}")
+        cents = Decimal(str(cents))
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens < 2**53):
+        raise ConfigError(f"call_prices: entry {text!r}: tokens must be a whole number from 0 to 2^53-1, not {tokens}")
+    return CallPrice(cents, tokens)
 
 
 def _prices(raw: dict[str, Any]) -> dict[str, PriceOverride]:

@@ -41,6 +41,28 @@ class NotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "unknown_route"
 
 
+class BadPath(GatewayError):
+    status, type, code = 400, "invalid_request_error", "invalid_path"
+
+
+class BadBody(GatewayError):
+    """A body the gateway must read to meter a call, which it cannot read as the upstream would."""
+
+    status, type, code = 400, "invalid_request_error", "invalid_body"
+
+
+class EndpointNotAllowed(GatewayError):
+    """An endpoint the gateway's own provider key may not reach."""
+
+    status, type, code = 403, "permission_error", "endpoint_not_allowed"
+
+
+class UnmeteredEndpoint(GatewayError):
+    """An endpoint whose cost the gateway cannot read, under a cents or token budget."""
+
+    status, type, code = 403, "permission_error", "unmetered_endpoint"
+
+
 class BodyTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 

@@ -14,12 +14,10 @@ import asyncio
 import functools
 import logging
 import os
-import re
 import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
 
 import aiohttp
 import orjson
@@ -28,16 +26,20 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import metrics
-from .config import Settings, Upstream
+from .config import CallPrice, Settings, Upstream
 from .errors import (
+    BadBody,
+    BadPath,
     BadPolicy,
     BodyTooLarge,
+    EndpointNotAllowed,
     GatewayError,
     MissingSegment,
     NotFound,
     RateLimited,
     StoreUnavailable,
     Unauthorized,
+    UnmeteredEndpoint,
     UpstreamTimeout,
     UpstreamUnreachable,
     error_response,
@@ -46,6 +48,7 @@ from .keys import GatewayKey, KeyRing
 from .limiter import Admission, Budget, CounterState, budgets_for, rate_limit_headers, reports
 from .policy import GRAMMAR, MAX_SCALED_QUOTA, USER, Policy, PolicyError, Unit, join_header_lines, parse_policies
 from .pricing import Pricer
+from .routing import Endpoint, Pattern, Route, RouteError, misread_field, resolve
 from .stores import Store, StoreError
 from .usage import (
     StreamUsage,
@@ -76,7 +79,7 @@ HOP_BY_HOP = frozenset(
 _DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 POLICY_HEADER = "Helicone-RateLimit-Policy"
-_DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")  # would climb out of an upstream's path prefix
+_CREDENTIALS = ("authorization", "x-api-key", "api-key")  # a client's own provider credentials
 PROPERTY_PREFIX = "Helicone-Property-"
 
 
@@ -106,6 +109,11 @@ class Call:
     upstream_seconds: float = 0.0
     outcome: str = "complete"
     streaming: bool = False  # the response's headers have left
+    endpoint: Endpoint = Endpoint.OTHER
+    path: str | None = None  # the normalised path the call was routed on
+    price: CallPrice | None = None  # a per-call price from the config (an endpoint without usage)
+    rewritten: bytes | None = None  # the body as metered, to forward instead of the client's bytes
+    strip: bool = False  # the gateway asked the upstream for a stream's usage: drop it on the way back
 
     def json(self) -> dict[str, Any] | None:
         """The request body as a JSON object, parsed once; None if it is not one."""
@@ -168,6 +176,8 @@ class Proxy:
         self.pricer = pricer or Pricer(settings.prices)
         self.routes = settings.routes()
         self.upstreams = {u.name: u for u in self.routes.values()}
+        self.scopes = {u.name: [Pattern.parse(p) for p in u.api_key_endpoints or ()] for u in self.routes.values()}
+        self.call_prices = [(Pattern.parse(text), price) for text, price in settings.call_prices.items()]
         self.hold_ttl = settings.upstream_timeout + 60
         self.timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout, sock_read=settings.upstream_timeout
@@ -205,30 +215,49 @@ class Proxy:
         return response
 
     async def _proxy(self, request: web.Request, call: Call) -> web.StreamResponse:
-        upstream, path = self._route(request, call)
+        route = self._route(request, call)
         call.key = await self._authenticate(request)
+        self._check_key_scope(request, route)
         call.body = await self._read_body(request)
         policies = self._policies(request, call.key)
         values = self._segment_values(request, policies, call)
         call.budgets = budgets_for(call.key.id, policies, values)
         if call.holding:
-            self._estimate(call, path)
+            self._hold(call, route)
         await self._admit(call)
-        return await self._forward(request, call, upstream, path)
+        return await self._forward(request, call, route.upstream, route.path)
 
-    def _route(self, request: web.Request, call: Call) -> tuple[Upstream, str]:
-        path = request.raw_path.split("?", 1)[0]
-        first, _, rest = path[1:].partition("/")
-        upstream = self.routes.get(first)
-        if upstream is None:
-            raise NotFound(
-                f"no route for {path!r}: use /v1/... (OpenAI), /anthropic/... or a configured "
-                f"upstream ({', '.join('/' + r for r in self.routes)})"
-            )
-        if _DOT_SEGMENT.search(unquote(path)):
-            raise NotFound(f"path {path!r} has '.' or '..' segments: the gateway forwards only plain paths")
-        call.route, call.provider = upstream.name, upstream.provider
-        return upstream, path if first == "v1" else "/" + rest
+    def _route(self, request: web.Request, call: Call) -> Route:
+        """Decide on the decoded, normalised path; the same path is what is forwarded."""
+        try:
+            route = resolve(self.routes, request.method, request.rel_url.raw_path)
+        except RouteError as exc:
+            raise (NotFound if exc.unknown else BadPath)(str(exc)) from None
+        call.route, call.provider = route.upstream.name, route.upstream.provider
+        call.endpoint, call.path = route.endpoint, route.name.partition(" ")[2]
+        return route
+
+    def _check_key_scope(self, request: web.Request, route: Route) -> None:
+        """The gateway's own provider key reaches only the endpoints its upstream allows it."""
+        upstream = route.upstream
+        if self._gateway_key(request, upstream) is None:
+            return
+        scope = self.scopes[upstream.name]
+        if any(p.matches(route.method, route.segments) for p in scope) or (not scope and route.endpoint.inference):
+            return
+        where = (
+            f"{upstream.provider}_api_key_endpoints"
+            if route.prefix in ("v1", "anthropic")
+            else f"api_key_endpoints of [upstreams.{route.prefix}]"
+        )
+        header = "x-api-key" if upstream.provider == "anthropic" else "Authorization"
+        raise EndpointNotAllowed(
+            f"{route.name}: the gateway's own provider key for this route reaches only "
+            f"{'the endpoints configured in ' + where if scope else 'inference endpoints'}. "
+            f"Send your own provider credentials ({header}), or ask the operator to allow it "
+            f"({where} in the config file)",
+            endpoint=route.name,
+        )
 
     async def _authenticate(self, request: web.Request) -> GatewayKey:
         header = request.headers.get("Helicone-Auth", "")
@@ -309,12 +338,51 @@ class Proxy:
             user = body.get("user")
         return user if isinstance(user, str) and user else None
 
-    def _estimate(self, call: Call, path: str) -> None:
+    def _hold(self, call: Call, route: Route) -> None:
+        """What a call holds against cents and token budgets in flight, if the gateway can meter it:
+        from its usage (a body it reads as the upstream does), a per-call price, or free."""
+        if route.endpoint.metered:
+            self._check_body(call)
+            self._estimate(call, route.endpoint)
+        elif not route.endpoint.free:
+            call.price = next((price for p, price in self.call_prices if p.matches(route.method, route.segments)), None)
+            for budget in call.holding:
+                amount = _price_amount(call.price, budget.unit)
+                if amount is None:
+                    raise UnmeteredEndpoint(self._unmetered(route, budget), endpoint=route.name)
+                budget.amount = min(amount, MAX_SCALED_QUOTA)
+
+    @staticmethod
+    def _unmetered(route: Route, budget: Budget) -> str:
+        unit, what = budget.unit.value, ("cents" if budget.unit is Unit.CENTS else "tokens")
+        return (
+            f"{route.name}: the gateway cannot read what this endpoint costs from its answers, so a "
+            f"u={unit} budget ({budget.policies[0].normal_form()}) cannot bound it. Call it without a "
+            f"u={unit} policy, or ask the operator to give it a per-call price: "
+            f'[call_prices] "{route.name}" = {{ {what} = ... }}'
+        )
+
+    @staticmethod
+    def _check_body(call: Call) -> None:
+        """A body metered under a budget must be one the gateway reads as the upstream would."""
+        body = call.json()
+        if body is None:
+            raise BadBody(
+                "the request body is not a JSON object: under a cents or token budget the gateway reads "
+                "the body to meter the call, and it cannot read this one"
+            )
+        misread = misread_field(call.endpoint, body)
+        if misread is not None:
+            name, expected = misread
+            raise BadBody(f"'{name}' must be {expected} (it decides how the call is metered)", param=name)
+        call.rewritten, call.strip = _upstream_body(call, body)
+
+    def _estimate(self, call: Call, endpoint: Endpoint) -> None:
         """What a call will cost at most, held against cents and token budgets while in flight."""
         body = call.json() or {}
         call.model = body.get("model") if isinstance(body.get("model"), str) else None
         call.prompt_tokens = prompt_tokens(body)
-        output = 0 if path.endswith("/embeddings") else requested_output(body)
+        output = requested_output(body) if endpoint.generates else 0
         if output is None:
             output = self.settings.default_max_tokens
         usage = Usage(call.prompt_tokens, output * completions_requested(body))
@@ -369,30 +437,29 @@ class Proxy:
                 continue
             headers.add(name, value)
         headers["Accept-Encoding"] = "identity"
-        if upstream.api_key and "Authorization" not in headers and "x-api-key" not in headers:
+        key = self._gateway_key(request, upstream)
+        if key is not None:
             if upstream.provider == "anthropic":
-                headers["x-api-key"] = upstream.api_key
+                headers["x-api-key"] = key
             else:
-                headers["Authorization"] = f"Bearer {upstream.api_key}"
+                headers["Authorization"] = f"Bearer {key}"
         return headers
 
-    def _upstream_body(self, call: Call, path: str) -> tuple[bytes, bool]:
-        """Ask an OpenAI stream for its usage when a budget needs it; True if the client did not."""
-        if not call.holding or call.provider != "openai" or not path.endswith("completions"):
-            return call.body, False
-        body = call.json()
-        if body is None or body.get("stream") is not True:
-            return call.body, False
-        options = body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
-            return call.body, False
-        body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
-        return orjson.dumps(body), True
+    @staticmethod
+    def _gateway_key(request: web.Request, upstream: Upstream) -> str | None:
+        """The gateway's own provider key, if it sends it: configured, and the client forwards none
+        of its own (a credential header named in `Connection` is not forwarded)."""
+        if not upstream.api_key:
+            return None
+        connection = request.headers.get("Connection", "")
+        listed = {t.strip().lower() for t in connection.split(",")}
+        sent = any(name in request.headers and name not in listed for name in _CREDENTIALS)
+        return None if sent else upstream.api_key
 
     @staticmethod
     def _url(upstream: Upstream, path: str, query: str) -> URL:
-        """The upstream URL: the base, then the path and query as the client sent them, escapes
-        kept byte for byte (a target that is not plain ASCII is escaped, as it must be on the wire)."""
+        """The upstream URL: the base, the normalised path the gateway decided on, and the query
+        as the client sent it (a query that is not plain ASCII is escaped, as it must be on the wire)."""
         base = _encoded_base(upstream.base_url)
         if base.endswith("/v1") and (path == "/v1" or path.startswith("/v1/")):
             path = path[3:]
@@ -401,8 +468,8 @@ class Proxy:
 
     async def _forward(self, request: web.Request, call: Call, upstream: Upstream, path: str) -> web.StreamResponse:
         assert self.session is not None
-        body, strip = self._upstream_body(call, path)
-        url = self._url(upstream, path, request.raw_path.partition("?")[2])
+        body, strip = (call.rewritten, call.strip) if call.rewritten is not None else (call.body, False)
+        url = self._url(upstream, path, request.rel_url.raw_query_string)
         sent = time.perf_counter()
         try:
             async with self.session.request(
@@ -500,6 +567,9 @@ class Proxy:
         holding = call.holding
         if usage is not None:
             self._count_usage(call, usage)
+        elif call.price is not None and call.price.microcents is not None and _succeeded(call):
+            call.cost = call.price.microcents
+            metrics.CHARGED_CENTS.inc(call.cost / 1_000_000)
         if not holding or not call.states:
             return
         amounts = [self._amount(call, b, usage) for b in holding]
@@ -513,7 +583,10 @@ class Proxy:
 
     def _amount(self, call: Call, budget: Budget, usage: Usage | None) -> int:
         """What a call is charged, at most the largest amount the stores count exactly (an
-        upstream may report any usage)."""
+        upstream may report any usage); a per-call price when the upstream answered with success."""
+        if call.price is not None:
+            amount = _price_amount(call.price, budget.unit) if _succeeded(call) else 0
+            return min(amount or 0, MAX_SCALED_QUOTA)
         if usage is None:
             return 0
         if budget.unit is Unit.TOKEN:
@@ -549,7 +622,7 @@ class Proxy:
             extra={
                 "fields": {
                     "method": request.method,
-                    "path": request.path,
+                    "path": call.path or request.path,
                     "route": call.route,
                     "key": call.key.name if call.key else None,
                     "user": call.user,
@@ -621,6 +694,37 @@ def _decoded(body: bytes, encoding: str | None) -> bytes:
         return zlib.decompress(body, 47)  # 32 + 15: gzip or zlib header, detected
     except zlib.error:
         return b""
+
+
+_USAGE_OPTION = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})  # OpenAI streams report usage if asked
+
+
+def _upstream_body(call: Call, body: dict[str, Any]) -> tuple[bytes, bool]:
+    """A metered body as the gateway read it (a duplicate key cannot mean something else
+    upstream), an OpenAI stream asked for its usage; True if the gateway asked (the client did not)."""
+    options = body.get("stream_options")
+    asks = body.get("stream") is True and call.provider == "openai" and call.endpoint in _USAGE_OPTION
+    if asks and not (isinstance(options, dict) and options.get("include_usage") is True):
+        return _dumps({**body, "stream_options": {**(options or {}), "include_usage": True}}), True
+    return _dumps(body), False
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:  # nested deeper than the serializer goes (254 levels)
+        raise BadBody("the request body is nested too deeply to be metered (254 levels at most)") from None
+
+
+def _price_amount(price: CallPrice | None, unit: Unit) -> int | None:
+    """A per-call price in a budget's stored unit (micro-cents, tokens); None if it has none."""
+    if price is None:
+        return None
+    return price.microcents if unit is Unit.CENTS else price.tokens
+
+
+def _succeeded(call: Call) -> bool:
+    return call.upstream_status is not None and 200 <= call.upstream_status < 300
 
 
 def _segment_kind(segment: str | None) -> str:
