@@ -368,6 +368,27 @@ def message_events(plan: Plan) -> list[bytes]:
     return events
 
 
+# --- endpoints without a usage block --------------------------------------------------------
+
+
+def _other(method: str, path: str, plan: Plan) -> dict[str, Any] | None:
+    """Token counting, a model, images, files and batches: answers that report no usage."""
+    head, _, last = path.rpartition("/")
+    if method == "POST" and path.endswith(("/messages/count_tokens", "/responses/input_tokens")):
+        return {"input_tokens": plan.prompt}
+    if method == "GET" and head.endswith("/models"):
+        return {"id": last, "object": "model", "created": 1715367049, "owned_by": "system"}
+    if method == "POST" and path.endswith("/images/generations"):
+        return {"created": int(time.time()), "data": [{"url": "https://example.invalid/fake.png"}]}
+    if method == "GET" and path.endswith("/files"):
+        return {"object": "list", "data": [], "has_more": False}
+    if method == "DELETE" and head.endswith("/files"):
+        return {"id": last, "object": "file", "deleted": True}
+    if method == "POST" and path.endswith("/batches"):
+        return {"id": f"batch_fake{next(_ids)}", "object": "batch", "status": "validating"}
+    return None
+
+
 # --- the server ------------------------------------------------------------------------------
 
 
@@ -444,6 +465,9 @@ class FakeUpstream:
             return _json(message(plan))
         if path.endswith("/models") and request.method == "GET":
             return _json(models())
+        answer = _other(request.method, path, plan)
+        if answer is not None:
+            return _json(answer)
         return _error(404, "invalid_request_error", f"Unknown request URL: {request.method} {path}")
 
     async def _stream(self, request: web.Request, events: list[bytes], plan: Plan) -> web.StreamResponse:

@@ -73,7 +73,7 @@ def build_app(settings: Settings, store: Store) -> web.Application:
     from .admin import add_admin_routes
 
     add_admin_routes(app, settings, store)
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", proxy.handle)  # every path, an encoded newline too
     return app
 
 
