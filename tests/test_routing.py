@@ -382,6 +382,8 @@ def test_the_key_scope_is_configurable_per_upstream(
         clock=clock,
         openai_api_key=GATEWAY_OPENAI_KEY,
         openai_api_key_endpoints=["POST /v1/images/generations", "get /v1/models/**"],
+        anthropic_api_key=GATEWAY_ANTHROPIC_KEY,
+        anthropic_api_key_endpoints=[],  # nothing
         upstreams={"groq": groq},
     )
     key = gw.key()
@@ -392,6 +394,8 @@ def test_the_key_scope_is_configurable_per_upstream(
     assert send(gw, "POST", "/groq/v1/chat/completions", auth(key), {**CHAT_STREAM, "stream": False})[0] == 200
     status, _, raw = send(gw, "GET", "/groq/v1/models", auth(key))
     assert status == 403 and "api_key_endpoints of [upstreams.groq]" in error(raw)["message"]
+    status, _, raw = send(gw, "POST", "/anthropic/v1/messages", auth(key), {"model": "claude-haiku-4-5"})
+    assert status == 403 and "anthropic_api_key_endpoints" in error(raw)["message"]
     assert [r.path for r in upstream.received] == [
         "/v1/images/generations",
         "/v1/models",

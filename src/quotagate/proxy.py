@@ -176,7 +176,10 @@ class Proxy:
         self.pricer = pricer or Pricer(settings.prices)
         self.routes = settings.routes()
         self.upstreams = {u.name: u for u in self.routes.values()}
-        self.scopes = {u.name: [Pattern.parse(p) for p in u.api_key_endpoints or ()] for u in self.routes.values()}
+        self.scopes = {  # route prefix -> the patterns its provider key may reach; None: inference endpoints
+            prefix: None if u.api_key_endpoints is None else [Pattern.parse(p) for p in u.api_key_endpoints]
+            for prefix, u in self.routes.items()
+        }
         self.call_prices = [(Pattern.parse(text), price) for text, price in settings.call_prices.items()]
         self.hold_ttl = settings.upstream_timeout + 60
         self.timeout = aiohttp.ClientTimeout(
@@ -242,8 +245,10 @@ class Proxy:
         upstream = route.upstream
         if self._gateway_key(request, upstream) is None:
             return
-        scope = self.scopes[upstream.name]
-        if any(p.matches(route.method, route.segments) for p in scope) or (not scope and route.endpoint.inference):
+        scope = self.scopes[route.prefix]
+        if scope is None and route.endpoint.inference:
+            return
+        if scope is not None and any(p.matches(route.method, route.segments) for p in scope):
             return
         where = (
             f"{upstream.provider}_api_key_endpoints"
@@ -253,7 +258,7 @@ class Proxy:
         header = "x-api-key" if upstream.provider == "anthropic" else "Authorization"
         raise EndpointNotAllowed(
             f"{route.name}: the gateway's own provider key for this route reaches only "
-            f"{'the endpoints configured in ' + where if scope else 'inference endpoints'}. "
+            f"{'inference endpoints' if scope is None else 'the endpoints listed in ' + where}. "
             f"Send your own provider credentials ({header}), or ask the operator to allow it "
             f"({where} in the config file)",
             endpoint=route.name,
