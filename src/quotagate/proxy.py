@@ -181,6 +181,7 @@ class Proxy:
             for prefix, u in self.routes.items()
         }
         self.call_prices = [(Pattern.parse(text), price) for text, price in settings.call_prices.items()]
+        self.resolve = functools.lru_cache(maxsize=4096)(functools.partial(resolve, self.routes))
         self.hold_ttl = settings.upstream_timeout + 60
         self.timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout, sock_read=settings.upstream_timeout
@@ -233,7 +234,7 @@ class Proxy:
     def _route(self, request: web.Request, call: Call) -> Route:
         """Decide on the decoded, normalised path; the same path is what is forwarded."""
         try:
-            route = resolve(self.routes, request.method, request.rel_url.raw_path)
+            route = self.resolve(request.method, request.rel_url.raw_path)
         except RouteError as exc:
             raise (NotFound if exc.unknown else BadPath)(str(exc)) from None
         call.route, call.provider = route.upstream.name, route.upstream.provider
