@@ -540,3 +540,25 @@ def test_serve_refuses_a_bad_endpoint_setting(tmp_path: Path) -> None:
     config.write_text('[call_prices]\n"POST /v1/images/generations" = "free"\n')
     result = cli("serve", "--config", str(config), check=False)
     assert result.returncode != 0 and str(config) in result.stderr and "call_prices" in result.stderr
+
+
+def test_serve_applies_the_endpoint_settings_of_its_config_file(
+    serve: Callable[..., Gateway], upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    config = tmp_path / "quotagate.toml"
+    config.write_text(
+        f'openai_api_key = "{GATEWAY_OPENAI_KEY}"\n'
+        'openai_api_key_endpoints = ["GET /v1/files", "POST /v1/images/generations"]\n'
+        "[call_prices]\n"
+        '"POST /v1/images/generations" = 2.5\n'
+    )
+    gateway = serve("--workers", "1", "--config", str(config))
+    key = gateway.key()
+    assert send(gateway, "GET", "/v1/files", auth(key))[0] == 200
+    assert send(gateway, "POST", "/v1/chat/completions", auth(key), CHAT_STREAM)[0] == 403
+    headers = auth(key, **{POLICY: "10;w=60;u=cents"})
+    status, response, _ = send(gateway, "POST", "/v1/images/generations", headers, {"prompt": "a cat"})
+    assert status == 200 and response["helicone-ratelimit-remaining"] == "7"  # 10 - 2.5, rounded down
+    assert send(gateway, "GET", "/v1/files", headers)[0] == 403  # unpriced under a cents budget
+    assert [r.path for r in upstream.received] == ["/v1/files", "/v1/images/generations"]
+    assert upstream.received[0].headers["Authorization"] == f"Bearer {GATEWAY_OPENAI_KEY}"
