@@ -238,7 +238,7 @@ class Proxy:
         except RouteError as exc:
             raise (NotFound if exc.unknown else BadPath)(str(exc)) from None
         call.route, call.provider = route.upstream.name, route.upstream.provider
-        call.endpoint, call.path = route.endpoint, route.name.partition(" ")[2]
+        call.endpoint, call.path = route.endpoint, route.gateway_path
         return route
 
     def _check_key_scope(self, request: web.Request, route: Route) -> None:
@@ -571,11 +571,10 @@ class Proxy:
             return
         call.charged = True
         holding = call.holding
-        if usage is not None:
+        if call.price is not None:
+            self._count_price(call)
+        elif usage is not None:
             self._count_usage(call, usage)
-        elif call.price is not None and call.price.microcents is not None and _succeeded(call):
-            call.cost = call.price.microcents
-            metrics.CHARGED_CENTS.inc(call.cost / 1_000_000)
         if not holding or not call.states:
             return
         amounts = [self._amount(call, b, usage) for b in holding]
@@ -602,6 +601,14 @@ class Proxy:
     def _cost(self, call: Call, usage: Usage) -> int | None:
         upstream = self.upstreams.get(call.route)
         return self.pricer.cost(call.provider, call.model, usage, upstream.base_url if upstream else None)
+
+    @staticmethod
+    def _count_price(call: Call) -> None:
+        """A call charged its per-call price: its cost for the log line and the metric."""
+        cents = call.price.microcents if call.price is not None and _succeeded(call) else 0
+        call.cost = cents
+        if cents:
+            metrics.CHARGED_CENTS.inc(cents / 1_000_000)
 
     def _count_usage(self, call: Call, usage: Usage) -> None:
         metrics.CHARGED_TOKENS.inc(usage.total_tokens)

@@ -181,9 +181,14 @@ class Route:
     endpoint: Endpoint
 
     @property
+    def gateway_path(self) -> str:
+        """The path as a client called it, normalised and decoded."""
+        return "/" + "/".join(self.segments)
+
+    @property
     def name(self) -> str:
-        """`METHOD /path` as a client called it (normalised), for messages and patterns."""
-        return f"{self.method} /{'/'.join(self.segments)}"
+        """`METHOD /path`, for messages and the log line."""
+        return f"{self.method} {self.gateway_path}"
 
 
 def resolve(routes: dict[str, Upstream], method: str, raw_path: str) -> Route:
