@@ -219,20 +219,26 @@ def patterns(raw: Any) -> tuple[Pattern, ...]:
     return tuple(parsed)
 
 
+_BOOLEAN = (bool, type(None))
+_INTEGER = (int, type(None))
+_OBJECT = (dict, type(None))
+_COUNTS = ("n", "best_of", "max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
 def misread_field(kind: Endpoint, body: dict[str, Any]) -> tuple[str, str] | None:
     """A field the gateway decides on whose value an upstream could read otherwise ("stream": 1,
     "n": "5"): its name and what it must be; None when every such field is plain."""
     if not kind.generates:
         return None
-    if not isinstance(body.get("stream"), bool | None):
+    if not isinstance(body.get("stream"), _BOOLEAN):
         return "stream", "true, false or null"
-    for name in ("n", "best_of", "max_tokens", "max_completion_tokens", "max_output_tokens"):
+    for name in _COUNTS:
         value = body.get(name)
-        if isinstance(value, bool) or not isinstance(value, int | None):
+        if value is not None and (value.__class__ is bool or not isinstance(value, _INTEGER)):
             return name, "an integer or null"
     options = body.get("stream_options")
-    if not isinstance(options, dict | None):
+    if not isinstance(options, _OBJECT):
         return "stream_options", "an object or null"
-    if options is not None and not isinstance(options.get("include_usage"), bool | None):
+    if options is not None and not isinstance(options.get("include_usage"), _BOOLEAN):
         return "stream_options.include_usage", "true, false or null"
     return None
