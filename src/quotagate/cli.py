@@ -160,7 +160,9 @@ def keys_create(name: str, policies: tuple[str, ...], store: str) -> None:
 
     try:
         raw, record = _run(_with_store(store, create))
-    except (keymod.KeyError_, PolicyError) as exc:
+    except PolicyError as exc:
+        raise click.BadParameter(str(exc), param_hint="--policy") from None
+    except keymod.KeyError_ as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(
         f"created key {record.name!r} (id {record.id})"
@@ -203,6 +205,16 @@ def keys_revoke(name_or_id: str, store: str) -> None:
     click.echo(f"revoked key {record.name!r} (id {record.id})")
 
 
+def _bounded(value: float, low: float, high: float) -> float:
+    """click's FloatRange lets NaN through (every comparison with it is false), and a long digit
+    string becomes infinity."""
+    from .bounded import finite_between
+
+    if not finite_between(value, low, high):
+        raise click.BadParameter(f"{value} is not a number from {low:g} to {high:g}")
+    return value
+
+
 def _when(ts: float | None) -> str:
     import datetime
 
@@ -218,8 +230,9 @@ def _when(ts: float | None) -> str:
     "--interval",
     default=2.0,
     show_default=True,
-    type=click.FloatRange(min=0.1),
-    help="Seconds between refreshes with --watch.",
+    type=float,
+    callback=lambda _ctx, _param, value: _bounded(value, 0.1, 3600.0),
+    help="Seconds between refreshes with --watch (0.1 to 3600).",
 )
 @click.option(
     "--limit",
@@ -237,7 +250,7 @@ def usage(key_name: str | None, watch: bool, interval: float, limit: int, store:
 
 
 @main.command()
-@click.option("--calls", default=6, show_default=True, help="Calls in the burst.")
+@click.option("--calls", default=6, show_default=True, type=click.IntRange(1, 1000), help="Calls in the burst.")
 def demo(calls: int) -> None:
     """See it work without a provider account: a burst through the OpenAI SDK to a fake provider."""
     from .demo import run_demo
