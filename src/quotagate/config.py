@@ -20,6 +20,7 @@ from typing import Any
 import platformdirs
 
 from .bounded import finite_between
+from .redact import redact_url
 
 ENV_PREFIX = "QUOTAGATE_"
 RESERVED_ROUTES = {"v1", "anthropic", "admin", "dashboard", "metrics", "healthz", "readyz", "static"}
@@ -164,7 +165,7 @@ def env_name(name: str) -> str:
 
 def _check_url(url: str, where: str) -> None:
     if not re.match(r"https?://[^/\s]+", url):
-        raise ConfigError(f"{where}: {url!r} is not an http:// or https:// URL")
+        raise ConfigError(f"{where}: {redact_url(url)!r} is not an http:// or https:// URL")
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

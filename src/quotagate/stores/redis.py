@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.cluster import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import limiter
@@ -190,7 +190,7 @@ class RedisStore:
             if self.cluster and not self._initialized:
                 await self._initialize()
             return await coro
-        except (RedisError, OSError, RuntimeError) as exc:  # RuntimeError: a transport closed under it
+        except (RedisError, RedisClusterException, OSError, RuntimeError) as exc:  # RuntimeError: a transport closed
             raise StoreError(f"Redis store {redact_url(self.url)} ({operation}): {exc!r}") from exc
         finally:
             if hasattr(coro, "close"):
