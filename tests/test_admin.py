@@ -4,7 +4,6 @@ stats, keys. Traffic goes through the gateway with the official SDK; the store's
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from .config import Settings
 from .fake_upstream import BackgroundServer, FakeUpstream
 from .keys import create_key
-from .server import build_app
 from .redact import redact_url
+from .server import build_app
 from .stores import open_store
 
 POLICY = "3;w=60, 2;w=60;u=cents;s=user"
