@@ -164,9 +164,11 @@ def keys_create(name: str, policies: tuple[str, ...], store: str) -> None:
         raise click.BadParameter(str(exc), param_hint="--policy") from None
     except keymod.KeyError_ as exc:
         raise click.ClickException(str(exc)) from None
+    from .terminal import inert
+
     click.echo(
-        f"created key {record.name!r} (id {record.id})"
-        + (f" with policies: {record.policies}" if record.policies else ""),
+        f"created key '{inert(record.name)}' (id {record.id})"
+        + (f" with policies: {inert(record.policies)}" if record.policies else ""),
         err=True,
     )
     click.echo("store it now: it is not shown again", err=True)
@@ -179,12 +181,21 @@ def keys_list(store: str) -> None:
     """List gateway keys (never their secrets)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from .terminal import inert_text
 
     records = _run(_with_store(store, lambda s: s.list_keys()))
     table = Table("id", "name", "policies", "created", "status")
-    for record in records:
+    for record in records:  # every value as Text: escaped, never read as markup
         status = "active" if record.active else f"revoked {_when(record.revoked_at)}"
-        table.add_row(record.id, record.name, record.policies or "-", _when(record.created_at), status)
+        table.add_row(
+            inert_text(record.id),
+            inert_text(record.name),
+            inert_text(record.policies or "-"),
+            Text(_when(record.created_at)),
+            Text(status),
+        )
     Console().print(table)
 
 
@@ -202,7 +213,9 @@ def keys_revoke(name_or_id: str, store: str) -> None:
         record = _run(_with_store(store, revoke))
     except keymod.KeyError_ as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"revoked key {record.name!r} (id {record.id})")
+    from .terminal import inert
+
+    click.echo(f"revoked key '{inert(record.name)}' (id {inert(record.id)})")
 
 
 def _bounded(value: float, low: float, high: float) -> float:

@@ -26,6 +26,7 @@ from .config import Settings
 from .proxy import Proxy
 from .redact import redact_url
 from .stores import Store, StoreError, open_store
+from .terminal import json_inert
 from .usage import count_tokens
 
 log = logging.getLogger("quotagate")
@@ -48,7 +49,7 @@ class JsonFormatter(logging.Formatter):
             line.update((k, v) for k, v in fields.items() if v is not None)
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False, default=str)
+        return json_inert(json.dumps(line, ensure_ascii=False, default=str))
 
 
 def setup_logging(level: str) -> None:
