@@ -289,3 +289,17 @@ def test_the_throttle_holds_across_worker_processes(
 
     statuses = run(attempts())
     assert statuses.count(401) == ALLOWANCE and statuses.count(429) == 2 * ALLOWANCE
+
+
+def test_tokens_that_are_not_text_are_wrong_tokens(make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(admin_token=TOKEN)
+    with gw.http() as http:
+        lone = http.post(
+            "/admin/session", content=b'{"token": "\\ud800"}', headers={"Content-Type": "application/json"}
+        )
+        assert lone.status_code == 401
+        for raw in (b"Bearer \xff\xfe", b"Bearer \xc3\x28", "Bearer Zoë".encode()):
+            response = http.get("/admin/keys", headers={"Authorization": raw})
+            assert response.status_code == 401 and response.json()["error"]["code"] == "admin_token_invalid"
+        upper = {**BEARER, "Content-Type": "Application/JSON"}
+        assert http.post("/admin/keys", content=b'{"name": "upper"}', headers=upper).status_code == 201

@@ -34,7 +34,8 @@ class GatewayKey:
 
 
 def _digest(salt: bytes, secret: str) -> bytes:
-    return hmac.digest(salt, secret.encode(), hashlib.sha256)
+    # surrogatepass: a header's bytes that are not UTF-8 arrive as lone surrogates; such a key is wrong
+    return hmac.digest(salt, secret.encode("utf-8", "surrogatepass"), hashlib.sha256)
 
 
 def split_key(raw: str) -> tuple[str, str] | None:
