@@ -299,7 +299,7 @@ def test_tokens_that_are_not_text_are_wrong_tokens(make_gateway: Callable[..., G
         )
         assert lone.status_code == 401
         for raw in (b"Bearer \xff\xfe", b"Bearer \xc3\x28", "Bearer Zoë".encode()):
-            response = http.get("/admin/keys", headers={"Authorization": raw})
+            response = http.get("/admin/keys", headers={b"Authorization": raw})
             assert response.status_code == 401 and response.json()["error"]["code"] == "admin_token_invalid"
         upper = {**BEARER, "Content-Type": "Application/JSON"}
         assert http.post("/admin/keys", content=b'{"name": "upper"}', headers=upper).status_code == 201

@@ -152,6 +152,6 @@ def test_a_gateway_key_that_is_not_text_is_a_401(gateway: Gateway, upstream: Fak
     key_id = gateway.key().split("_")[1]
     with gateway.http() as http:
         for raw in (b"Bearer qg_" + key_id.encode() + b"_\xff\xfe", b"Bearer qg_" + key_id.encode() + b"_\xc3\x28x"):
-            response = http.get("/v1/models", headers={"Helicone-Auth": raw})
+            response = http.get("/v1/models", headers={b"Helicone-Auth": raw})
             assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_gateway_key"
     assert upstream.count() == 0
