@@ -3,11 +3,12 @@
 Without an admin token the whole surface answers 404: it is off. With one, every /admin/ route
 wants either `Authorization: Bearer <admin token>` or the dashboard's session cookie, which
 `POST /admin/session` sets in exchange for the token: HttpOnly (page scripts never hold the token),
-SameSite=Strict (other sites cannot make the browser use it), signed with the token and expiring,
-so changing the token ends every session.
+SameSite=Strict (other sites cannot make the browser use it), a session kept in the store (see
+`adminauth`: signing out ends it everywhere; failed sign-ins are throttled per client address).
+State-changing requests must be JSON (415 otherwise).
 
     GET    /admin/session            200 while the session cookie (or bearer token) is good
-    POST   /admin/session            {"token": ...} -> sets the cookie; DELETE clears it
+    POST   /admin/session            {"token": ...} -> sets the cookie; DELETE ends the session
     GET    /admin/budgets            budgets in use, closest to their limit first (filters, paging)
     GET    /admin/denials            recent 429s, newest first
     GET    /admin/stats              allowed vs denied requests over the last minutes
