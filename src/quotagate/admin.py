@@ -3,11 +3,12 @@
 Without an admin token the whole surface answers 404: it is off. With one, every /admin/ route
 wants either `Authorization: Bearer <admin token>` or the dashboard's session cookie, which
 `POST /admin/session` sets in exchange for the token: HttpOnly (page scripts never hold the token),
-SameSite=Strict (other sites cannot make the browser use it), signed with the token and expiring,
-so changing the token ends every session.
+SameSite=Strict (other sites cannot make the browser use it), a session kept in the store (see
+`adminauth`: signing out ends it everywhere; failed sign-ins are throttled per client address).
+State-changing requests must be JSON (415 otherwise).
 
     GET    /admin/session            200 while the session cookie (or bearer token) is good
-    POST   /admin/session            {"token": ...} -> sets the cookie; DELETE clears it
+    POST   /admin/session            {"token": ...} -> sets the cookie; DELETE ends the session
     GET    /admin/budgets            budgets in use, closest to their limit first (filters, paging)
     GET    /admin/denials            recent 429s, newest first
     GET    /admin/stats              allowed vs denied requests over the last minutes
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,14 +32,15 @@ from typing import Any
 from aiohttp import web
 
 from . import keys
+from .adminauth import COOKIE, SESSION_SECONDS, Gatekeeper, error, json_required
+from .bounded import shown, whole_number
 from .config import Settings
 from .metrics import RequestHistory
 from .policy import USER, PolicyError, Unit, format_quota
 from .stores import GLOBAL, BudgetUsage, Denial, KeyRecord, Store, StoreError
 
-COOKIE = "quotagate_admin"
-SESSION_SECONDS = 12 * 3600
 PAGE_MAX = 500
+OFFSET_MAX = 10**9  # far beyond any list; SQLite refuses offsets over 2**63
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 PROPERTY_PREFIX = "property:"
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -66,36 +66,7 @@ class AdminError(Exception):
 
 
 def _error(status: int, message: str, code: str) -> web.Response:
-    kind = "authentication_error" if status == 401 else "invalid_request_error"
-    body = {"error": {"message": message, "type": kind, "code": code}}
-    return web.json_response(body, status=status, headers=_NO_STORE)
-
-
-# --- the admin token and the dashboard's session cookie -------------------------------------------
-
-
-def session_value(token: str, expires: int) -> str:
-    """`<expiry>.<HMAC(token, expiry)>`: checkable by every worker, useless once the token changes."""
-    mac = hmac.new(token.encode(), f"quotagate-session:{expires}".encode(), hashlib.sha256).hexdigest()
-    return f"{expires}.{mac}"
-
-
-def session_ok(value: str, token: str, now: float | None = None) -> bool:
-    expires, _, _ = value.partition(".")
-    if not (expires.isascii() and expires.isdigit()) or int(expires) <= (time.time() if now is None else now):
-        return False
-    return hmac.compare_digest(value.encode(), session_value(token, int(expires)).encode())
-
-
-def token_matches(request: web.Request, token: str | None) -> bool:
-    """The request carries the admin token as a bearer header, or a valid dashboard session cookie."""
-    if not token:
-        return False
-    header = request.headers.get("Authorization", "")
-    if header[:7].lower() == "bearer ":
-        return hmac.compare_digest(header[7:].strip().encode(), token.encode())
-    cookie = request.cookies.get(COOKIE)
-    return cookie is not None and session_ok(cookie, token)
+    return error(status, message, code)
 
 
 # --- JSON shapes ----------------------------------------------------------------------------------
@@ -145,14 +116,14 @@ def key_json(record: KeyRecord) -> dict[str, Any]:
     }
 
 
-def _int_param(request: web.Request, name: str, default: int, low: int, high: int | None = None) -> int:
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < low or (high is not None and int(raw) > high):
-        bounds = f"{low}..{high}" if high is not None else f">= {low}"
-        raise AdminError(400, f"{name} must be a whole number {bounds}, not {raw!r}", "invalid_parameter")
-    return int(raw)
+    value = whole_number(raw, high)
+    if value is None or value < low:
+        raise AdminError(400, f"{name} must be a whole number {low}..{high}, not {shown(raw)}", "invalid_parameter")
+    return value
 
 
 # --- routes ---------------------------------------------------------------------------------------
@@ -160,8 +131,13 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+GATEKEEPER = web.AppKey("gatekeeper", Gatekeeper)
+__all__ = ["COOKIE", "GATEKEEPER", "SESSION_SECONDS", "add_admin_routes"]
+
+
 def add_admin_routes(app: web.Application, settings: Settings, store: Store) -> None:
     api = AdminApi(settings, store)
+    app[GATEKEEPER] = api.gate
     app.router.add_get("/dashboard", api.dashboard)
     app.router.add_get("/dashboard/", api.dashboard)
     app.router.add_get("/dashboard/{asset}", api.asset)
@@ -184,6 +160,7 @@ class AdminApi:
         self.settings = settings
         self.store = store
         self.history = RequestHistory()
+        self.gate = Gatekeeper(settings, store)
 
     async def sample_history(self, _app: web.Application) -> AsyncIterator[None]:
         """Sample the requests counter twice per chart bucket, so that no bucket goes unsampled."""
@@ -205,12 +182,9 @@ class AdminApi:
         async def guarded_handler(request: web.Request) -> web.StreamResponse:
             if not self.settings.admin_token:
                 return _error(404, "the admin surface is off: start the gateway with --admin-token", "admin_off")
-            if not token_matches(request, self.settings.admin_token):
-                return _error(
-                    401,
-                    "admin token required: send 'Authorization: Bearer <admin token>' or sign in at /dashboard",
-                    "admin_token_required",
-                )
+            refusal = await self.gate.check(request) or json_required(request)
+            if refusal is not None:
+                return refusal
             try:
                 return await handler(request)
             except AdminError as exc:
@@ -226,22 +200,27 @@ class AdminApi:
     # -- session ----------------------------------------------------------------------------
 
     async def session(self, request: web.Request) -> web.Response:
-        expires = request.cookies.get(COOKIE, "").partition(".")[0]
-        expires_at = int(expires) if expires.isascii() and expires.isdigit() else None
-        return web.json_response({"authenticated": True, "expires_at": expires_at}, headers=_NO_STORE)
+        expires = await self.gate.session_expiry(request)
+        return web.json_response({"authenticated": True, "expires_at": expires}, headers=_NO_STORE)
 
     async def login(self, request: web.Request) -> web.Response:
-        token = self.settings.admin_token
-        if not token:
+        """The admin token for a session cookie: a sign-in attempt, throttled per client address."""
+        if not self.settings.admin_token:
             return _error(404, "the admin surface is off: start the gateway with --admin-token", "admin_off")
         presented = await _presented_token(request)
-        if not hmac.compare_digest(presented.encode(), token.encode()):
-            return _error(401, "wrong admin token", "admin_token_invalid")
-        expires = int(time.time()) + SESSION_SECONDS
+        if isinstance(presented, web.Response):
+            return presented
+        refusal = await self.gate.verify(request, presented)
+        if refusal is not None:
+            return refusal
+        try:
+            value, expires = await self.gate.start_session()
+        except StoreError as exc:
+            return _error(503, f"cannot start a session: {exc}", "store_unavailable")
         response = web.json_response({"authenticated": True, "expires_at": expires}, headers=_NO_STORE)
         response.set_cookie(
             COOKIE,
-            session_value(token, expires),
+            value,
             max_age=SESSION_SECONDS,
             path="/",
             httponly=True,
@@ -251,8 +230,16 @@ class AdminApi:
         return response
 
     async def logout(self, request: web.Request) -> web.Response:
+        """Ends the session in the store: its cookie is worthless from now on, wherever it is."""
         if not self.settings.admin_token:
             return _error(404, "the admin surface is off", "admin_off")
+        refusal = json_required(request)
+        if refusal is not None:
+            return refusal
+        try:
+            await self.gate.end_session(request)
+        except StoreError as exc:
+            return _error(503, f"cannot end the session: {exc}", "store_unavailable")
         response = web.json_response({"authenticated": False}, headers=_NO_STORE)
         response.del_cookie(COOKIE, path="/", httponly=True, samesite="Strict")
         return response
@@ -261,7 +248,7 @@ class AdminApi:
 
     async def budgets(self, request: web.Request) -> web.Response:
         limit = _int_param(request, "limit", 100, 1, PAGE_MAX)
-        offset = _int_param(request, "offset", 0, 0)
+        offset = _int_param(request, "offset", 0, 0, OFFSET_MAX)
         sort = request.query.get("sort", "ratio")
         if sort != "ratio":
             raise AdminError(400, f"sort must be 'ratio' (closest to its limit first), not {sort!r}", "invalid_sort")
@@ -387,17 +374,19 @@ def _segment_param(raw: str | None) -> str | None:
     return name.lower()
 
 
-async def _presented_token(request: web.Request) -> str:
-    """The token from a JSON body {"token": ...} or a form field `token`."""
-    if request.content_type == "application/json":
-        try:
-            data = await request.json()
-        except ValueError:
-            data = None
-        token = data.get("token") if isinstance(data, dict) else None
-    else:
-        token = (await request.post()).get("token")
-    return token if isinstance(token, str) else ""
+async def _presented_token(request: web.Request) -> str | web.Response:
+    """The token from a JSON body {"token": ...}; else the answer (415, 400)."""
+    refusal = json_required(request)
+    if refusal is not None:
+        return refusal
+    try:
+        data = await request.json()
+    except ValueError:
+        data = None
+    token = data.get("token") if isinstance(data, dict) else None
+    if not isinstance(token, str):
+        return _error(400, 'body must be JSON: {"token": "<admin token>"}', "invalid_body")
+    return token
 
 
 def _asset(name: str) -> bytes:

@@ -161,11 +161,15 @@ def keys_create(name: str, policies: tuple[str, ...], store: str) -> None:
 
     try:
         raw, record = _run(_with_store(store, create))
-    except (keymod.KeyError_, PolicyError) as exc:
+    except PolicyError as exc:
+        raise click.BadParameter(str(exc), param_hint="--policy") from None
+    except keymod.KeyError_ as exc:
         raise click.ClickException(str(exc)) from None
+    from .terminal import inert
+
     click.echo(
-        f"created key {record.name!r} (id {record.id})"
-        + (f" with policies: {record.policies}" if record.policies else ""),
+        f"created key '{inert(record.name)}' (id {record.id})"
+        + (f" with policies: {inert(record.policies)}" if record.policies else ""),
         err=True,
     )
     click.echo("store it now: it is not shown again", err=True)
@@ -178,12 +182,21 @@ def keys_list(store: str) -> None:
     """List gateway keys (never their secrets)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from .terminal import inert_text
 
     records = _run(_with_store(store, lambda s: s.list_keys()))
     table = Table("id", "name", "policies", "created", "status")
-    for record in records:
+    for record in records:  # every value as Text: escaped, never read as markup
         status = "active" if record.active else f"revoked {_when(record.revoked_at)}"
-        table.add_row(record.id, record.name, record.policies or "-", _when(record.created_at), status)
+        table.add_row(
+            inert_text(record.id),
+            inert_text(record.name),
+            inert_text(record.policies or "-"),
+            Text(_when(record.created_at)),
+            Text(status),
+        )
     Console().print(table)
 
 
@@ -201,7 +214,19 @@ def keys_revoke(name_or_id: str, store: str) -> None:
         record = _run(_with_store(store, revoke))
     except keymod.KeyError_ as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"revoked key {record.name!r} (id {record.id})")
+    from .terminal import inert
+
+    click.echo(f"revoked key '{inert(record.name)}' (id {inert(record.id)})")
+
+
+def _bounded(value: float, low: float, high: float) -> float:
+    """click's FloatRange lets NaN through (every comparison with it is false), and a long digit
+    string becomes infinity."""
+    from .bounded import finite_between
+
+    if not finite_between(value, low, high):
+        raise click.BadParameter(f"{value} is not a number from {low:g} to {high:g}")
+    return value
 
 
 def _when(ts: float | None) -> str:
@@ -219,8 +244,9 @@ def _when(ts: float | None) -> str:
     "--interval",
     default=2.0,
     show_default=True,
-    type=click.FloatRange(min=0.1),
-    help="Seconds between refreshes with --watch.",
+    type=float,
+    callback=lambda _ctx, _param, value: _bounded(value, 0.1, 3600.0),
+    help="Seconds between refreshes with --watch (0.1 to 3600).",
 )
 @click.option(
     "--limit",
@@ -238,7 +264,7 @@ def usage(key_name: str | None, watch: bool, interval: float, limit: int, store:
 
 
 @main.command()
-@click.option("--calls", default=6, show_default=True, help="Calls in the burst.")
+@click.option("--calls", default=6, show_default=True, type=click.IntRange(1, 1000), help="Calls in the burst.")
 def demo(calls: int) -> None:
     """See it work without a provider account: a burst through the OpenAI SDK to a fake provider."""
     from .demo import run_demo

@@ -6,9 +6,12 @@ Precedence: command-line flag > environment variable > config file > default.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import re
 import tomllib
+import typing
 from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -16,11 +19,24 @@ from typing import Any
 
 import platformdirs
 
+from .bounded import finite_between
+from .redact import redact_url
 from .routing import Endpoint, Pattern, endpoint, patterns
 
 ENV_PREFIX = "QUOTAGATE_"
 RESERVED_ROUTES = {"v1", "anthropic", "admin", "dashboard", "metrics", "healthz", "readyz", "static"}
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+# what each numeric setting may be: anything beyond is a ConfigError at load, never a crash later
+NUMBER_BOUNDS: dict[str, tuple[float, float]] = {
+    "port": (1, 65535),
+    "workers": (1, 1024),
+    "max_body_bytes": (1, 2**40),
+    "upstream_timeout": (0.001, 86400),
+    "connect_timeout": (0.001, 3600),
+    "default_max_tokens": (1, 10_000_000),
+    "admin_failed_signins": (1, 100_000),
+}
+MAX_PRICE = Decimal(1_000_000)  # US dollars per million tokens
 
 
 class ConfigError(ValueError):
@@ -97,6 +113,9 @@ class Settings:
     )
     admin_token: str | None = setting(None, "Token for /admin/ and /dashboard (off without one).")
     metrics_require_token: bool = setting(False, "Require the admin token on /metrics too.")
+    admin_failed_signins: int = setting(
+        20, "Failed admin sign-ins (wrong admin token) allowed per client address per minute; 429 beyond."
+    )
     max_body_bytes: int = setting(32 * 1024 * 1024, "Largest request body accepted (413 beyond).")
     upstream_timeout: float = setting(600.0, "Seconds to wait for the upstream's next byte (504 beyond).")
     connect_timeout: float = setting(10.0, "Seconds to wait for a connection to the upstream.")
@@ -118,12 +137,10 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
+        _check_store(self.store)
         if self.on_store_error not in ("open", "closed"):
             raise ConfigError(f"on_store_error must be 'open' or 'closed', not {self.on_store_error!r}")
-        if self.workers < 1:
-            raise ConfigError(f"workers must be at least 1, not {self.workers}")
-        if self.max_body_bytes < 1:
-            raise ConfigError(f"max_body_bytes must be positive, not {self.max_body_bytes}")
         for name in ("openai_base_url", "anthropic_base_url"):
             _check_url(getattr(self, name), name)
         for name in ("openai_api_key_endpoints", "anthropic_api_key_endpoints"):
@@ -149,6 +166,29 @@ class Settings:
         return routes
 
 
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(Settings)
+
+
+def _check_numbers(settings: Settings) -> None:
+    for name, (low, high) in NUMBER_BOUNDS.items():
+        value = getattr(settings, name)
+        whole = _hints()[name] is int
+        if not finite_between(value, low, high) or (whole and not isinstance(value, int)):
+            kind = "a whole number" if whole else "a number"
+            raise ConfigError(f"{name} must be {kind} from {low:g} to {high:g}, not {str(value)[:40]!r}")
+
+
+def _check_store(url: str) -> None:
+    from .stores import check_url
+
+    try:
+        check_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"store: {exc}") from None
+
+
 def flag_settings() -> list[Any]:
     """The dataclass fields that have a CLI flag and an environment variable."""
     return [f for f in fields(Settings) if f.metadata.get("flag")]
@@ -160,7 +200,7 @@ def env_name(name: str) -> str:
 
 def _check_url(url: str, where: str) -> None:
     if not re.match(r"https?://[^/\s]+", url):
-        raise ConfigError(f"{where}: {url!r} is not an http:// or https:// URL")
+        raise ConfigError(f"{where}: {redact_url(url)!r} is not an http:// or https:// URL")
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -168,15 +208,15 @@ def load_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"config file {path}: {exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: also an integer of more than 4,300 digits
+        raise ConfigError(f"config file {path}: {str(exc)[:200]}") from None
     known = {f.name for f in fields(Settings)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in known:
             raise ConfigError(f"config file {path}: unknown setting {key!r}")
-        values[name] = value
+        values[name] = _typed(name, value, path)
     try:
         values["upstreams"] = _upstreams(values.get("upstreams", {}))
         values["prices"] = _prices(values.get("prices", {}))
@@ -188,6 +228,16 @@ def load_file(path: str | Path) -> dict[str, Any]:
     except ConfigError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
     return values
+
+
+def _typed(name: str, value: Any, path: Path) -> Any:
+    """A file's value for a numeric setting must be a number of its kind (`port = 1e999` is not a port)."""
+    hint = _hints()[name]
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"config file {path}: {name} must be a whole number, not {str(value)[:40]!r}")
+    if hint is float and not finite_between(value, -math.inf, math.inf):
+        raise ConfigError(f"config file {path}: {name} must be a finite number, not {str(value)[:40]!r}")
+    return value
 
 
 def _upstreams(raw: dict[str, Any]) -> dict[str, Upstream]:
@@ -296,7 +346,7 @@ def _prices(raw: dict[str, Any]) -> dict[str, PriceOverride]:
             prices = {k: Decimal(str(v)) for k, v in spec.items()}
         except InvalidOperation:
             raise ConfigError(f"price for {model!r}: prices must be numbers") from None
-        if any(v < 0 for v in prices.values()):
-            raise ConfigError(f"price for {model!r}: prices cannot be negative")
+        if not all(v.is_finite() and 0 <= v <= MAX_PRICE for v in prices.values()):
+            raise ConfigError(f"price for {model!r}: prices must be from 0 to {MAX_PRICE} USD per million tokens")
         out[model] = PriceOverride(**prices)
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import Settings
 from .fake_upstream import BackgroundServer, FakeUpstream
 from .keys import create_key
+from .redact import redact_url
 from .server import build_app
 from .stores import open_store
 
@@ -53,7 +54,7 @@ def run_demo(calls: int) -> int:
             await store.close()
 
     key = asyncio.run(make_key())
-    print(f"fake provider at {upstream.url}, gateway at {gateway.url}, store {settings.store}")
+    print(f"fake provider at {upstream.url}, gateway at {gateway.url}, store {redact_url(settings.store)}")
     print(f"policy: Helicone-RateLimit-Policy: {POLICY}  (user alice)\n")
     client = openai.OpenAI(
         base_url=f"{gateway.url}/v1",

@@ -34,7 +34,8 @@ class GatewayKey:
 
 
 def _digest(salt: bytes, secret: str) -> bytes:
-    return hmac.digest(salt, secret.encode(), hashlib.sha256)
+    # surrogatepass: a header's bytes that are not UTF-8 arrive as lone surrogates; such a key is wrong
+    return hmac.digest(salt, secret.encode("utf-8", "surrogatepass"), hashlib.sha256)
 
 
 def split_key(raw: str) -> tuple[str, str] | None:
@@ -57,12 +58,11 @@ async def create_key(store: Store, name: str, policies: list[str]) -> tuple[str,
     name = name.strip()
     if not name:
         raise KeyError_("a key needs a non-empty --name")
-    if any(k.name == name and k.active for k in await store.list_keys()):
-        raise KeyError_(f"an active key named {name!r} already exists")
     bound = normal_policies(",".join(policies)) if policies else ""
     key_id, secret, salt = secrets.token_hex(ID_LENGTH // 2), secrets.token_urlsafe(32), secrets.token_bytes(16)
     record = KeyRecord(key_id, name, salt, _digest(salt, secret), bound, time.time())
-    await store.create_key(record)
+    if not await store.create_key(record):  # the store checks the name and inserts in one step
+        raise KeyError_(f"an active key named {name!r} already exists")
     return f"{PREFIX}{key_id}_{secret}", record
 
 

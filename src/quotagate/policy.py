@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
 
+from .bounded import shown, whole_number
+
 GRAMMAR = (
     "[quota];w=[time_window];u=[unit];s=[segment] — quota: a number > 0 (digits, optional decimals); "
     "w: whole seconds, 60 to 31536000; u: request (default), cents or token; "
@@ -68,7 +70,7 @@ class PolicyError(ValueError):
     def __init__(self, problem: str, policy: str | None = None) -> None:
         self.problem = problem
         self.policy = policy
-        where = f" in policy {policy!r}" if policy is not None else ""
+        where = f" in policy {shown(policy, 200)}" if policy is not None else ""
         super().__init__(f"{problem}{where}")
 
 
@@ -157,7 +159,8 @@ def parse_policy(text: str) -> Policy:
     unit = _parse_unit(values.get("u"), item)
     largest = _LARGEST[unit]
     if quota > largest:
-        raise PolicyError(f"quota {quota_text} is too large: at most {format_quota(largest)} for u={unit.value}", item)
+        limit = f"at most {format_quota(largest)} for u={unit.value}"
+        raise PolicyError(f"quota {shown(quota_text)} is too large: {limit}", item)
     return Policy(
         quota=quota,
         window=_parse_window(values["w"], item),
@@ -170,10 +173,10 @@ def _parse_quota(text: str, item: str) -> Decimal:
     if not text:
         raise PolicyError("missing quota: a policy starts with a number, e.g. 100;w=60", item)
     if not _QUOTA.fullmatch(text):
-        raise PolicyError(f"quota {text!r} is not a plain number (digits, optional decimal part)", item)
+        raise PolicyError(f"quota {shown(text)} is not a plain number (digits, optional decimal part)", item)
     quota = Decimal(text)
     if quota <= 0:
-        raise PolicyError(f"quota {text!r} must be greater than 0", item)
+        raise PolicyError(f"quota {shown(text)} must be greater than 0", item)
     return quota
 
 
@@ -197,9 +200,10 @@ def _parse_params(params: list[str], item: str) -> dict[str, str]:
 def _parse_window(text: str, item: str) -> int:
     if not _WINDOW.fullmatch(text):
         raise PolicyError(f"window w={text!r} is not a whole number of seconds", item)
-    window = int(text)
-    if not MIN_WINDOW <= window <= MAX_WINDOW:
-        raise PolicyError(f"window w={window} is outside {MIN_WINDOW}..{MAX_WINDOW} seconds", item)
+    window = whole_number(text, MAX_WINDOW)
+    if window is None or window < MIN_WINDOW:
+        label = text if len(text) <= 24 else shown(text)
+        raise PolicyError(f"window w={label} is outside {MIN_WINDOW}..{MAX_WINDOW} seconds", item)
     return window
 
 

@@ -24,7 +24,9 @@ from aiohttp import web
 from . import metrics
 from .config import Settings
 from .proxy import Proxy
+from .redact import redact_url
 from .stores import Store, StoreError, open_store
+from .terminal import json_inert
 from .usage import count_tokens
 
 log = logging.getLogger("quotagate")
@@ -47,7 +49,7 @@ class JsonFormatter(logging.Formatter):
             line.update((k, v) for k, v in fields.items() if v is not None)
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False, default=str)
+        return json_inert(json.dumps(line, ensure_ascii=False, default=str))
 
 
 def setup_logging(level: str) -> None:
@@ -94,26 +96,14 @@ async def _readyz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     proxy: Proxy = request.app[PROXY]
-    token = proxy.settings.admin_token
-    if proxy.settings.metrics_require_token and not _bearer_ok(request, token):
-        return web.json_response(
-            {
-                "error": {
-                    "message": "admin token required",
-                    "type": "authentication_error",
-                    "code": "admin_token_required",
-                }
-            },
-            status=401,
-        )
+    if proxy.settings.metrics_require_token:
+        from .admin import GATEKEEPER
+
+        refusal = await request.app[GATEKEEPER].check(request)
+        if refusal is not None:
+            return refusal
     body, content_type = metrics.render()
     return web.Response(body=body, headers={"Content-Type": content_type})
-
-
-def _bearer_ok(request: web.Request, token: str | None) -> bool:
-    from .admin import token_matches
-
-    return token_matches(request, token)
 
 
 # --- running it ----------------------------------------------------------------------------------
@@ -197,7 +187,7 @@ def serve(settings: Settings, announce: Callable[[str], None] = print) -> None:
         f"quotagate listening on http://{settings.host}:{settings.port} "
         f"({settings.workers} worker{'s' if settings.workers > 1 else ''})"
     )
-    announce(f"store: {settings.store}")
+    announce(f"store: {redact_url(settings.store)}")
     if settings.workers == 1:
         run_worker(settings, reuse_port=False)
         return

@@ -20,6 +20,7 @@ from rich.text import Text
 from .keys import KeyError_, find_key
 from .policy import USER, Unit
 from .stores import BudgetUsage, StoreError, open_store
+from .terminal import inert_text
 
 NEAR = 0.8
 RECENT_DENIAL = 300.0
@@ -96,7 +97,9 @@ def who(entity: Entity) -> Text:
     if entity.segment is None:
         return Text("all traffic", style="dim")
     kind = "user" if entity.segment == USER else entity.segment
-    return Text.assemble((kind + " ", "cyan" if entity.segment == USER else "magenta"), (entity.value or "", "bold"))
+    return Text.assemble(
+        inert_text(kind + " ", "cyan" if entity.segment == USER else "magenta"), inert_text(entity.value, "bold")
+    )
 
 
 def bar(ratio: float, width: int = 20) -> Text:
@@ -148,10 +151,10 @@ def render(items: list[BudgetUsage], now: float | None = None, more: bool = Fals
             first = index == 0
             used = amount_text(item.used + item.held, item.unit, item.quota)
             table.add_row(
-                Text(entity.key, style="bold") if first else "",
+                inert_text(entity.key, "bold") if first else "",
                 who(entity) if first else "",
-                policy_text(item),
-                f"{used} / {amount_text(item.quota, item.unit)}",
+                Text(policy_text(item)),
+                Text(f"{used} / {amount_text(item.quota, item.unit)}"),
                 bar(item.ratio, bar_width),
                 status(entity, now) if first else "",
             )
@@ -189,13 +192,13 @@ def show_usage(store_url: str, key: str | None, watch: bool, limit: int, interva
             console.print()
             console.print(snapshot(store_url, key, limit, console.width))
     except KeyError_ as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(inert_text(str(exc), "red"))
         raise SystemExit(1) from None
     except StoreError as exc:
-        console.print(f"[red]store unreachable: {exc}[/red]")
+        console.print(inert_text(f"store unreachable: {exc}", "red"))
         raise SystemExit(1) from None
     except ValueError as exc:  # a malformed store URL
-        console.print(f"[red]{exc}[/red]")
+        console.print(inert_text(str(exc), "red"))
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         pass

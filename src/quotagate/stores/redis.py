@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,12 +35,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.cluster import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import limiter
 from ..limiter import Admission, Budget, CounterState
 from ..policy import Policy
+from ..redact import redact_url
 from . import resp
 from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
 from .batch import Admit, Batcher
@@ -55,6 +57,33 @@ DENIALS_KEPT = 1000
 FLUSH_SECONDS = 1.0
 INDEXED_REMEMBERED = 100_000
 INDEX_CHUNK = 200  # index entries per ZADD, the event loop free between them
+NAMES = PREFIX + "names"  # name -> id of the active key that holds it
+SESSION = PREFIX + "session:"  # + session hash -> its expiry, with a TTL
+ATTEMPTS = PREFIX + "attempts:"  # + scope -> {s: window start, n: count}
+# one key each, so that they run on a Cluster too
+_COUNT_ATTEMPT = """
+local now = tonumber(ARGV[1])
+if not now then local t = redis.call('TIME') now = tonumber(t[1]) + tonumber(t[2]) / 1000000 end
+local window = tonumber(ARGV[2])
+local start = math.floor(now / window) * window
+local seen = redis.call('HMGET', KEYS[1], 's', 'n')
+local current = tonumber(seen[1]) == start
+if ARGV[3] == '-' then
+  if current and tonumber(seen[2]) > 0 then redis.call('HINCRBY', KEYS[1], 'n', -1) end
+  return {0, 0}
+end
+local count = current and tonumber(seen[2]) + 1 or 1
+redis.call('HSET', KEYS[1], 's', string.format('%d', start), 'n', count)
+redis.call('EXPIRE', KEYS[1], window * 2)
+return {count, math.ceil((start + window - now) * 1000)}
+"""
+_SWAP_NAME = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+  return 1
+end
+return 0
+"""
 
 
 @dataclass(slots=True)
@@ -161,8 +190,8 @@ class RedisStore:
             if self.cluster and not self._initialized:
                 await self._initialize()
             return await coro
-        except (RedisError, OSError, RuntimeError) as exc:  # RuntimeError: a transport closed under it
-            raise StoreError(f"Redis store {self.url} ({operation}): {exc!r}") from exc
+        except (RedisError, RedisClusterException, OSError, RuntimeError) as exc:  # RuntimeError: a transport closed
+            raise StoreError(f"Redis store {redact_url(self.url)} ({operation}): {exc!r}") from exc
         finally:
             if hasattr(coro, "close"):
                 coro.close()  # never awaited when initialization failed
@@ -453,7 +482,7 @@ class RedisStore:
 
     # -- keys --------------------------------------------------------------------------------
 
-    async def create_key(self, record: KeyRecord) -> None:
+    async def create_key(self, record: KeyRecord) -> bool:
         mapping = {
             "id": record.id,
             "name": record.name,
@@ -465,11 +494,17 @@ class RedisStore:
         }
         client = self._redis()
 
-        async def create() -> None:
+        async def create() -> bool:
             await client.hset(key_record_key(record.id), mapping=mapping)
             await client.sadd(KEYS_SET, record.id)
+            if await self._claim_name(record.name, record.id):
+                return True
+            await client.srem(KEYS_SET, record.id)
+            await client.delete(key_record_key(record.id))
+            return False
 
-        await self._call("create_key", create())
+        created: bool = await self._call("create_key", create())
+        return created
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
         raw = await self._call("get_key", self._redis().hgetall(key_record_key(key_id)))
@@ -490,7 +525,63 @@ class RedisStore:
             "redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1]) return 1 end return 0"
         )
         done = await self._call("revoke_key", self._redis().eval(script, 1, key_record_key(key_id), repr(at)))
+        if done:
+            await self._call("revoke_key", self._release_name(key_id))
         return bool(done)
+
+    # -- unique names, dashboard sessions, failed sign-ins: one Redis key per command ------------
+
+    async def _claim_name(self, name: str, key_id: str) -> bool:
+        """Claim the name for a key whose record is written: HSETNX on the names hash; a claim
+        left by a key since revoked (or never finished) is taken over, compare-and-set."""
+        client = self._redis()
+        await self._claim_existing_names()
+        for _ in range(8):
+            if await client.hsetnx(NAMES, name, key_id):
+                return True
+            holder = await client.hget(NAMES, name)
+            if holder is None:
+                continue  # released meanwhile
+            if holder.decode() == key_id:
+                return True  # claimed on its behalf by _claim_existing_names elsewhere
+            if await client.hget(key_record_key(holder.decode()), "revoked_at") == b"":
+                return False  # an active key has the name
+            if await client.eval(_SWAP_NAME, 1, NAMES, name, holder, key_id):
+                return True
+        return False
+
+    async def _claim_existing_names(self) -> None:
+        """Keys made before names were claimed hold their names from now on (first made first)."""
+        client = self._redis()
+        for record in await self.list_keys():
+            if record.active:
+                await client.hsetnx(NAMES, record.name, record.id)
+
+    async def _release_name(self, key_id: str) -> None:
+        name = await self._redis().hget(key_record_key(key_id), "name")
+        if name is not None:
+            await self._redis().eval(_SWAP_NAME, 1, NAMES, name, key_id, "")
+
+    async def create_session(self, session: str, expires_at: float) -> None:
+        ttl = max(1, math.ceil(expires_at - time.time()))
+        await self._call("create_session", self._redis().set(SESSION + session, repr(expires_at), ex=ttl))
+
+    async def session_expiry(self, session: str) -> float | None:
+        raw = await self._call("session_expiry", self._redis().get(SESSION + session))
+        return float(raw) if raw is not None else None
+
+    async def delete_session(self, session: str) -> None:
+        await self._call("delete_session", self._redis().delete(SESSION + session))
+
+    async def count_attempt(self, scope: str, window: int) -> tuple[int, float]:
+        call = self._redis().eval(_COUNT_ATTEMPT, 1, ATTEMPTS + scope, self._now_arg(), window, "+")
+        count, remaining_ms = await self._call("count_attempt", call)
+        return int(count), int(remaining_ms) / 1000
+
+    async def refund_attempt(self, scope: str, window: int) -> None:
+        await self._call(
+            "refund_attempt", self._redis().eval(_COUNT_ATTEMPT, 1, ATTEMPTS + scope, self._now_arg(), window, "-")
+        )
 
 
 # --- decoding what the scripts and hashes return -----------------------------------------------

@@ -11,7 +11,9 @@ is the one in `quotagate.limiter`; each counter's state is a small JSON document
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +26,7 @@ import orjson
 
 from .. import limiter
 from ..limiter import Admission, Budget, CounterState
+from ..redact import redact_url
 from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
 from .batch import Admit, Batcher, Charge
 
@@ -72,11 +75,28 @@ CREATE TABLE IF NOT EXISTS denials (
 
 DENIALS_KEPT = 1000
 
+# the admin surface's state: dashboard sessions, failed sign-ins per client address
+ADMIN_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    scope TEXT PRIMARY KEY,
+    window_start REAL NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_by_window ON attempts (window_start);
+"""
+# one active key per name; a database from before it may hold duplicates, which stay (the insert
+# itself checks the name, so no new duplicate is made either way)
+UNIQUE_NAMES = "CREATE UNIQUE INDEX IF NOT EXISTS keys_active_name ON keys (name) WHERE revoked_at IS NULL"
+
 
 def path_from_url(url: str) -> Path:
     """`sqlite:///relative.db` is relative to the working directory, `sqlite:////abs.db` absolute."""
     if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
-        raise ValueError(f"not a SQLite store URL: {url!r} (expected sqlite:///path/to/file.db)")
+        raise ValueError(f"not a SQLite store URL: {redact_url(url)!r} (expected sqlite:///path/to/file.db)")
     return Path(url[len("sqlite:///") :])
 
 
@@ -108,6 +128,7 @@ class SQLiteStore:
         self._commits = 0  # on the event loop since the last checkpoint
         self._checkpointing = False
         self._checkpointer: sqlite3.Connection | None = None  # on the store thread only
+        self._duplicates_logged = False
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -143,7 +164,7 @@ class SQLiteStore:
             self._checkpointing = False
 
     def _open(self, busy_ms: int) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private_files(self.path)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000)
         db.execute(f"PRAGMA busy_timeout={busy_ms}")
         db.execute("PRAGMA journal_mode=WAL")
@@ -151,7 +172,18 @@ class SQLiteStore:
         db.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages: budgets stay in memory
         db.execute("PRAGMA mmap_size=268435456")  # reads without a system call each
         db.executescript(SCHEMA)
+        db.executescript(ADMIN_SCHEMA)
+        self._unique_names(db)
         return db
+
+    def _unique_names(self, db: sqlite3.Connection) -> None:
+        try:
+            db.execute(UNIQUE_NAMES)
+        except sqlite3.IntegrityError:
+            if not self._duplicates_logged:
+                self._duplicates_logged = True
+                names = [r[0] for r in db.execute(_DUPLICATE_NAMES)]
+                log.warning("active keys share a name (made before names were unique): %s", names)
 
     async def _execute_steps(self, items: list[Admit | Charge]) -> list[Any]:
         """Run a batch on the event loop itself when the write lock is free (a batch takes a fraction
@@ -424,21 +456,15 @@ class SQLiteStore:
 
     # -- keys --------------------------------------------------------------------------------
 
-    async def create_key(self, record: KeyRecord) -> None:
-        await self._run(
-            lambda db: db.execute(
-                "INSERT INTO keys (id, name, salt, digest, policies, created_at, revoked_at) VALUES (?,?,?,?,?,?,?)",
-                (
-                    record.id,
-                    record.name,
-                    record.salt,
-                    record.digest,
-                    record.policies,
-                    record.created_at,
-                    record.revoked_at,
-                ),
-            )
-        )
+    async def create_key(self, record: KeyRecord) -> bool:
+        def _create(db: sqlite3.Connection) -> bool:
+            values = (record.id, record.name, record.salt, record.digest, record.policies, record.created_at)
+            try:  # one statement: the name check and the insert are one atomic step
+                return db.execute(_INSERT_KEY, (*values, record.name)).rowcount == 1
+            except sqlite3.IntegrityError:  # the unique index, if another writer raced (older versions)
+                return False
+
+        return await self._run(_create)
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
         def _get(db: sqlite3.Connection) -> KeyRecord | None:
@@ -462,7 +488,73 @@ class SQLiteStore:
 
         return await self._run(_revoke)
 
+    # -- dashboard sessions and failed sign-ins -----------------------------------------------
 
+    async def create_session(self, session: str, expires_at: float) -> None:
+        def _create(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM sessions WHERE expires_at <= ?", (time.time(),))
+            db.execute("INSERT OR REPLACE INTO sessions (id, expires_at) VALUES (?, ?)", (session, expires_at))
+
+        await self._run(_create)
+
+    async def session_expiry(self, session: str) -> float | None:
+        def _get(db: sqlite3.Connection) -> float | None:
+            row = db.execute("SELECT expires_at FROM sessions WHERE id = ?", (session,)).fetchone()
+            return float(row[0]) if row else None
+
+        return await self._run(_get)
+
+    async def delete_session(self, session: str) -> None:
+        await self._run(lambda db: db.execute("DELETE FROM sessions WHERE id = ?", (session,)))
+
+    async def count_attempt(self, scope: str, window: int) -> tuple[int, float]:
+        def _count(db: sqlite3.Connection) -> tuple[int, float]:
+            now = self.clock()
+            start = now // window * window
+            db.execute("DELETE FROM attempts WHERE window_start < ?", (start,))
+            [(count,)] = db.execute(_COUNT_ATTEMPT, (scope, start)).fetchall()  # all: the statement ends
+            return int(count), start + window - now
+
+        return await self._run(_count)
+
+    async def refund_attempt(self, scope: str, window: int) -> None:
+        def _refund(db: sqlite3.Connection) -> None:
+            start = self.clock() // window * window
+            db.execute(
+                "UPDATE attempts SET count = count - 1 WHERE scope = ? AND window_start = ? AND count > 0",
+                (scope, start),
+            )
+
+        await self._run(_refund)
+
+
+def _private_files(path: Path) -> None:
+    """The database is readable by its owner only: its folder, if made here, 0700; the file 0600
+    (SQLite gives its -wal and -shm files the database file's mode). Files of ours that an earlier
+    version made group- or world-readable are tightened."""
+    with contextlib.suppress(OSError):  # what cannot be made here, SQLite then reports as a store error
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to change
+            mode = name.stat().st_mode & 0o777
+            if mode & 0o077 and name.stat().st_uid == os.getuid():
+                name.chmod(mode & 0o700)
+                log.warning("%s was readable by others (%o): now %o", name, mode, mode & 0o700)
+
+
+_INSERT_KEY = (
+    "INSERT INTO keys (id, name, salt, digest, policies, created_at) SELECT ?,?,?,?,?,?"
+    " WHERE NOT EXISTS (SELECT 1 FROM keys WHERE name = ? AND revoked_at IS NULL)"
+)
+_DUPLICATE_NAMES = "SELECT name FROM keys WHERE revoked_at IS NULL GROUP BY name HAVING count(*) > 1"
+_COUNT_ATTEMPT = (
+    "INSERT INTO attempts (scope, window_start, count) VALUES (?, ?, 1) ON CONFLICT (scope) DO UPDATE SET"
+    " count = CASE WHEN window_start = excluded.window_start THEN count + 1 ELSE 1 END,"
+    " window_start = excluded.window_start RETURNING count"
+)
 _KEY_COLUMNS = "id, name, salt, digest, policies, created_at, revoked_at"
 _INSERT = (
     "INSERT INTO counters (id, key_id, unit, window, segment, value, quota, used, held, ratio, policies,"
