@@ -42,19 +42,13 @@ from .errors import (
     UpstreamUnreachable,
     error_response,
 )
+from .estimate import estimate
 from .keys import GatewayKey, KeyRing
 from .limiter import Admission, Budget, CounterState, budgets_for, rate_limit_headers, reports
 from .policy import GRAMMAR, MAX_SCALED_QUOTA, USER, Policy, PolicyError, Unit, join_header_lines, parse_policies
 from .pricing import Pricer
 from .stores import Store, StoreError
-from .usage import (
-    StreamUsage,
-    Usage,
-    completions_requested,
-    from_body,
-    prompt_tokens,
-    requested_output,
-)
+from .usage import StreamUsage, Usage, from_body
 
 log = logging.getLogger("quotagate")
 access_log = logging.getLogger("quotagate.access")
@@ -212,7 +206,7 @@ class Proxy:
         values = self._segment_values(request, policies, call)
         call.budgets = budgets_for(call.key.id, policies, values)
         if call.holding:
-            self._estimate(call, path)
+            await self._estimate(call, path)
         await self._admit(call)
         return await self._forward(request, call, upstream, path)
 
@@ -309,15 +303,14 @@ class Proxy:
             user = body.get("user")
         return user if isinstance(user, str) and user else None
 
-    def _estimate(self, call: Call, path: str) -> None:
+    async def _estimate(self, call: Call, path: str) -> None:
         """What a call will cost at most, held against cents and token budgets while in flight."""
-        body = call.json() or {}
-        call.model = body.get("model") if isinstance(body.get("model"), str) else None
-        call.prompt_tokens = prompt_tokens(body)
-        output = 0 if path.endswith("/embeddings") else requested_output(body)
-        if output is None:
-            output = self.settings.default_max_tokens
-        usage = Usage(call.prompt_tokens, output * completions_requested(body))
+        body = call.json()
+        model = body.get("model") if body is not None else None
+        call.model = model if isinstance(model, str) else None
+        found = await estimate(body, call.body, path, call.provider, self.settings.default_max_tokens)
+        call.prompt_tokens = found.input_tokens
+        usage = Usage(found.input_tokens, found.output_tokens)
         for budget in call.holding:
             if budget.unit is Unit.TOKEN:
                 budget.amount = min(usage.total_tokens, MAX_SCALED_QUOTA)

@@ -1,0 +1,291 @@
+"""What a request will cost at most: every part of its body a provider bills as input, and the
+output it allows.
+
+The whole JSON body is walked (iteratively, so no nesting depth exhausts the stack), skipping only
+top-level fields known not to be billed (`model`, `user`, `metadata`, `stream`, sampling
+parameters, ...): every string counts its tokens, every object key counts too (the property names
+of JSON schemas are billed; in messages they stand in for the role and separator tokens a provider
+adds per message), every object one more token, every number its digits in threes. Media count a
+per-item figure from the providers' published formulas (`media.py`) instead of their base64 text.
+Counting over rather than under only costs a client its own headroom; counting under is the attack.
+
+Texts are counted in chunks (tiktoken is quadratic on long runs of one character), a per-request
+number of characters exactly and the rest by their UTF-8 bytes (a token is at least one byte);
+counts of texts seen before are remembered. A body too big to count in a moment on the event loop
+is counted in a worker thread (tiktoken releases the GIL), so that no request stalls the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from . import media
+from .usage import completions_requested, count_tokens, requested_output
+
+# Top-level fields no provider bills as input: model choice, identity, transport, sampling and
+# output settings. Anything else, known or not, is counted.
+UNBILLED = frozenset(
+    {
+        "model",
+        "user",
+        "metadata",
+        "stream",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "top_k",
+        "n",
+        "best_of",
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "seed",
+        "service_tier",
+        "store",
+        "parallel_tool_calls",
+        "reasoning_effort",
+        "reasoning",
+        "thinking",
+        "modalities",
+        "audio",
+        "verbosity",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "truncation",
+        "background",
+        "include",
+        "previous_response_id",
+        "dimensions",
+        "encoding_format",
+        "echo",
+        "prediction",  # counted as output: rejected predicted tokens are billed as completion tokens
+    }
+)
+TOKEN_ID_FIELDS = ("prompt", "input")  # lists of integers there are token ids: one token each
+ANTHROPIC_TOOL_PROMPT = 350  # the system prompt Anthropic adds when tools are given (346 for Claude 4)
+CHUNK_CHARS = 4096  # tiktoken's cost grows with the square of a run's length: count in pieces
+EXACT_CHARS = 4_000_000  # characters counted exactly per request (~1M tokens); bytes beyond
+CACHED_CHARS = 1_000_000  # texts up to this long have their count remembered
+CACHE_ENTRIES = 16_384
+INLINE_WORK = 20_000  # work units done on the event loop (a unit: a character counted, ~0.1 us)
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    input_tokens: int
+    output_tokens: int
+
+
+async def estimate(body: Any, raw: bytes, path: str, provider: str, default_output: int) -> Estimate:
+    """The estimate of a request; a big one is counted in a worker thread, off the event loop."""
+    walker = Walker(body, raw, path, provider, default_output)
+    if not walker.run(INLINE_WORK):
+        await asyncio.get_running_loop().run_in_executor(_executor(), walker.run, None)
+    return walker.result()
+
+
+def estimate_now(
+    body: Any, path: str = "/v1/chat/completions", provider: str = "openai", default_output: int = 4096
+) -> Estimate:
+    """The same estimate, counted here and now (tests, tools)."""
+    walker = Walker(body, b"", path, provider, default_output)
+    walker.run(None)
+    return walker.result()
+
+
+@functools.cache
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="quotagate-estimate")
+
+
+class Walker:
+    """Walks a body with an explicit stack, so that it can stop after some work and go on later.
+
+    The input is walked first, then `prediction` (billed as output), counted apart.
+    """
+
+    def __init__(self, body: Any, raw: bytes, path: str, provider: str, default_output: int) -> None:
+        model = body.get("model") if isinstance(body, dict) else None
+        self.provider, self.model = provider, model if isinstance(model, str) else ""
+        self.tokens = 0
+        self.exact_left = EXACT_CHARS
+        self.stack: list[Any] = []
+        self.prediction: Any = None
+        self.input_tokens: int | None = None  # set when the walk reaches the prediction
+        self.output = 0 if _generates_nothing(path, body, raw) else _output(body, default_output)
+        if path.endswith("/count_tokens"):
+            return  # free: Anthropic bills token counting nothing
+        if isinstance(body, dict):
+            self._start(body)
+        elif body is not None:
+            self.stack.append(body)
+        elif raw:
+            self.tokens += media.audio_tokens(len(raw))  # not JSON: an upload (audio, a file)
+
+    def _start(self, body: dict[str, Any]) -> None:
+        for key, value in body.items():
+            if key not in UNBILLED:
+                self.stack += (key, _Prompt(value) if key in TOKEN_ID_FIELDS and isinstance(value, list) else value)
+        self.prediction = body.get("prediction")
+        if self.provider == "anthropic" and body.get("tools"):
+            self.tokens += ANTHROPIC_TOOL_PROMPT
+
+    def result(self) -> Estimate:
+        if self.input_tokens is None:
+            return Estimate(self.tokens, self.output)
+        return Estimate(self.input_tokens, self.output + self.tokens - self.input_tokens)
+
+    def run(self, work: int | None) -> bool:
+        """Walk until done (True) or until about `work` units are spent (False: call again)."""
+        stack, budget = self.stack, work or 0
+        while stack or self.prediction is not None:
+            if not stack:
+                self.input_tokens = self.tokens
+                stack.append(self.prediction)
+                self.prediction = None
+                continue
+            item = stack.pop()
+            if work is not None:
+                cost = self._cost(item)
+                if cost > budget:
+                    stack.append(item)
+                    return False
+                budget -= cost
+            if isinstance(item, str):
+                self.tokens += self.text(item)
+            elif isinstance(item, dict):
+                self._object(item)
+            elif isinstance(item, list):
+                stack.extend(item)
+            elif isinstance(item, _Prompt):
+                ids = _token_ids(item.value)
+                if ids is None:
+                    stack.append(item.value)
+                else:
+                    self.tokens += ids
+            else:
+                self.tokens += _scalar_tokens(item)
+        return True
+
+    def _object(self, item: dict[str, Any]) -> None:
+        self.tokens += 1
+        kind = item.get("type")
+        handler = media.HANDLERS.get(kind) if isinstance(kind, str) else None
+        skip: tuple[str, ...] = ()
+        if handler is not None:
+            figure, skip = handler(item, self.provider, self.model)
+            self.tokens += figure
+        for key, value in item.items():
+            if key not in skip:
+                self.stack += (key, value)
+
+    def _cost(self, item: Any) -> int:
+        """Work units of an item: characters to count (none for a text counted before), 8 a node."""
+        if isinstance(item, str):
+            return 1 if len(item) <= 16 or _cache_get(item) is not None else len(item)
+        if isinstance(item, dict) and isinstance(item.get("type"), str) and item["type"] in media.HANDLERS:
+            return media.work(item)
+        return 8 + len(item.value) if isinstance(item, _Prompt) else 8
+
+    def text(self, text: str) -> int:
+        """Tokens of a text: remembered, exact up to this request's allowance, else its bytes."""
+        if not text:
+            return 0
+        known = _cache_get(text)
+        if known is not None:
+            return known
+        exact = min(len(text), max(self.exact_left, 0))
+        self.exact_left -= len(text)
+        if exact < len(text):
+            return chunked_tokens(text[:exact]) + utf8_bytes(text[exact:])
+        tokens = chunked_tokens(text)
+        if len(text) <= CACHED_CHARS:
+            _cache_put(text, tokens)
+        return tokens
+
+
+def chunked_tokens(text: str) -> int:
+    """cl100k tokens of a text, counted in pieces cut before a space where one is near."""
+    total, start, size = 0, 0, len(text)
+    while start < size:
+        end = min(size, start + CHUNK_CHARS)
+        if end < size:
+            cut = text.rfind(" ", end - 256, end)
+            end = cut if cut > start else end
+        total += count_tokens(text[start:end])
+        start = end
+    return total
+
+
+def utf8_bytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+# -- the count cache: keyed by length and hash, so that it holds no text -------------------------
+
+_cache: dict[tuple[int, int], int] = {}
+
+
+def _cache_get(text: str) -> int | None:
+    if len(text) > CACHED_CHARS:
+        return None
+    return _cache.get((len(text), hash(text)))
+
+
+def _cache_put(text: str, tokens: int) -> None:
+    if len(_cache) >= CACHE_ENTRIES:
+        for old in list(_cache)[: CACHE_ENTRIES // 4]:  # the oldest quarter
+            _cache.pop(old, None)
+    _cache[(len(text), hash(text))] = tokens
+
+
+# -- pieces ----------------------------------------------------------------------------------------
+
+
+def _scalar_tokens(value: Any) -> int:
+    """true, false, null: one token; a number: its digits in threes, as cl100k splits them."""
+    if isinstance(value, bool) or value is None:
+        return 1
+    if isinstance(value, int | float):
+        return max(1, -(-len(repr(value)) // 3))
+    return 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Prompt:
+    """A list under `prompt` or `input`: token ids (one token each) or texts."""
+
+    value: list[Any]
+
+
+def _token_ids(value: Any) -> int | None:
+    """Tokens of a prompt given as token ids (a list of integers, or a list of such lists)."""
+    if not isinstance(value, list) or not value:
+        return None
+    if all(type(v) is int for v in value):
+        return len(value)
+    if all(isinstance(v, list) and all(type(i) is int for i in v) for v in value):
+        return sum(len(v) for v in value)
+    return None
+
+
+def _generates_nothing(path: str, body: Any, raw: bytes) -> bool:
+    """Embeddings and token counting generate no output; neither does a request without a body."""
+    return path.endswith(("/embeddings", "/count_tokens")) or (body is None and not raw)
+
+
+def _output(body: Any, default: int) -> int:
+    if not isinstance(body, dict):
+        return default
+    requested = requested_output(body)
+    return (default if requested is None else requested) * completions_requested(body)
