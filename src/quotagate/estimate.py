@@ -71,7 +71,11 @@ UNBILLED = frozenset(
         "prediction",  # counted as output: rejected predicted tokens are billed as completion tokens
     }
 )
-TOKEN_ID_FIELDS = ("prompt", "input")  # lists of integers there are token ids: one token each
+# Top-level lists of messages or prompts: lists of integers there are token ids (one token each);
+# media items count their figure only in them and in the content lists of their items, where a
+# provider reads them as media (elsewhere, as in a tool call's input, they are text).
+PROMPT_FIELDS = frozenset({"messages", "input", "prompt"})
+PART_LISTS = frozenset({"content", "output"})
 ANTHROPIC_TOOL_PROMPT = 350  # the system prompt Anthropic adds when tools are given (346 for Claude 4)
 CHUNK_CHARS = 4096  # tiktoken's cost grows with the square of a run's length: count in pieces
 EXACT_CHARS = 4_000_000  # characters counted exactly per request (~1M tokens); bytes beyond
@@ -135,7 +139,7 @@ class Walker:
     def _start(self, body: dict[str, Any]) -> None:
         for key, value in body.items():
             if key not in UNBILLED:
-                self.stack += (key, _Prompt(value) if key in TOKEN_ID_FIELDS and isinstance(value, list) else value)
+                self.stack += (key, _Prompt(value) if key in PROMPT_FIELDS and isinstance(value, list) else value)
         self.prediction = body.get("prediction")
         if self.provider == "anthropic" and body.get("tools"):
             self.tokens += ANTHROPIC_TOOL_PROMPT
@@ -164,37 +168,45 @@ class Walker:
             if isinstance(item, str):
                 self.tokens += self.text(item)
             elif isinstance(item, dict):
-                self._object(item)
+                self._object(item, False)
             elif isinstance(item, list):
                 stack.extend(item)
             elif isinstance(item, _Prompt):
-                ids = _token_ids(item.value)
-                if ids is None:
-                    stack.append(item.value)
-                else:
-                    self.tokens += ids
+                self._prompt(item.value)
+            elif isinstance(item, _Part):
+                self._object(item.value, True)
             else:
                 self.tokens += _scalar_tokens(item)
         return True
 
-    def _object(self, item: dict[str, Any]) -> None:
+    def _prompt(self, items: list[Any]) -> None:
+        """A list of messages, prompts or content parts: token ids, or items that may be media."""
+        ids = _token_ids(items)
+        if ids is not None:
+            self.tokens += ids
+            return
+        self.stack.extend(_Part(item) if isinstance(item, dict) else item for item in items)
+
+    def _object(self, item: dict[str, Any], part: bool) -> None:
+        """An object: one token, its keys, its values; a media part, its figure instead of its data."""
         self.tokens += 1
-        kind = item.get("type")
+        kind = item.get("type") if part else None
         handler = media.HANDLERS.get(kind) if isinstance(kind, str) else None
         skip: tuple[str, ...] = ()
         if handler is not None:
             figure, skip = handler(item, self.provider, self.model)
             self.tokens += figure
         for key, value in item.items():
-            if key not in skip:
-                self.stack += (key, value)
+            if key in skip:
+                continue
+            self.stack += (key, _Prompt(value) if part and key in PART_LISTS and isinstance(value, list) else value)
 
     def _cost(self, item: Any) -> int:
         """Work units of an item: characters to count (none for a text counted before), 8 a node."""
         if isinstance(item, str):
             return 1 if len(item) <= 16 or _cache_get(item) is not None else len(item)
-        if isinstance(item, dict) and isinstance(item.get("type"), str) and item["type"] in media.HANDLERS:
-            return media.work(item)
+        if isinstance(item, _Part) and isinstance(item.value.get("type"), str) and item.value["type"] in media.HANDLERS:
+            return media.work(item.value)
         return 8 + len(item.value) if isinstance(item, _Prompt) else 8
 
     def text(self, text: str) -> int:
@@ -263,9 +275,16 @@ def _scalar_tokens(value: Any) -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Prompt:
-    """A list under `prompt` or `input`: token ids (one token each) or texts."""
+    """A list of messages, prompts or content parts (where token ids and media may be)."""
 
     value: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """An item of such a list: a message, a content part, maybe a media item."""
+
+    value: dict[str, Any]
 
 
 def _token_ids(value: Any) -> int | None:

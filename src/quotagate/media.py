@@ -27,8 +27,8 @@ MINI_BASE, MINI_TILE = 2833, 5667
 PATCH_CAPS = ((1536, 2.46), (2500, 1.2))
 ORIGINAL_PATCHES, ORIGINAL_MULTIPLIER = 10_000, 1.2
 OPENAI_IMAGE_MAX = math.ceil(1536 * 2.46)  # 3,779: the largest figure of any model but gpt-4o-mini
-# Anthropic: 28 x 28 px per token (older models: width * height / 750), at most 3.75 megapixels.
-ANTHROPIC_IMAGE_MAX = 4800
+# Anthropic: 28 x 28 px per token (the older formula: width * height / 750), at most 3.75 megapixels.
+ANTHROPIC_IMAGE_MAX = 5000  # 3.75 MP / 750; in 28 px patches with padding, at most ~4,920
 # Documents: every PDF page is billed as its text and an image of the page.
 PAGE_TEXT = 3000
 MAX_PAGES = 100  # the providers' limit per document; assumed when the pages cannot be counted
