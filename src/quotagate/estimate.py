@@ -12,7 +12,8 @@ Counting over rather than under only costs a client its own headroom; counting u
 Texts are counted in chunks (tiktoken is quadratic on long runs of one character), a per-request
 number of characters exactly and the rest by their UTF-8 bytes (a token is at least one byte);
 counts of texts seen before are remembered. A body too big to count in a moment on the event loop
-is counted in a worker thread (tiktoken releases the GIL), so that no request stalls the others.
+is walked in slices between which the event loop runs other requests, and its long texts are
+counted in a worker thread (tiktoken releases the GIL), so that no request stalls the others.
 """
 
 from __future__ import annotations
@@ -91,10 +92,14 @@ class Estimate:
 
 
 async def estimate(body: Any, raw: bytes, path: str, provider: str, default_output: int) -> Estimate:
-    """The estimate of a request; a big one is counted in a worker thread, off the event loop."""
+    """The estimate of a request, walked on the event loop a slice of work at a time; a long text
+    (or a document) is counted in a worker thread, where tiktoken runs without the GIL."""
     walker = Walker(body, raw, path, provider, default_output)
-    if not walker.run(INLINE_WORK):
-        await asyncio.get_running_loop().run_in_executor(_executor(), walker.run, None)
+    while not walker.run(INLINE_WORK):
+        if walker.heavy_next():
+            await asyncio.get_running_loop().run_in_executor(_executor(), walker.step)
+        else:
+            await asyncio.sleep(0)  # let the other requests run
     return walker.result()
 
 
@@ -150,7 +155,7 @@ class Walker:
         return Estimate(self.input_tokens, self.output + self.tokens - self.input_tokens)
 
     def run(self, work: int | None) -> bool:
-        """Walk until done (True) or until about `work` units are spent (False: call again)."""
+        """Walk until done (True) or until the next item would pass `work` units (False)."""
         stack, budget = self.stack, work or 0
         while stack or self.prediction is not None:
             if not stack:
@@ -158,26 +163,34 @@ class Walker:
                 stack.append(self.prediction)
                 self.prediction = None
                 continue
-            item = stack.pop()
             if work is not None:
-                cost = self._cost(item)
+                cost = self._cost(stack[-1])
                 if cost > budget:
-                    stack.append(item)
                     return False
                 budget -= cost
-            if isinstance(item, str):
-                self.tokens += self.text(item)
-            elif isinstance(item, dict):
-                self._object(item, False)
-            elif isinstance(item, list):
-                stack.extend(item)
-            elif isinstance(item, _Prompt):
-                self._prompt(item.value)
-            elif isinstance(item, _Part):
-                self._object(item.value, True)
-            else:
-                self.tokens += _scalar_tokens(item)
+            self._visit(stack.pop())
         return True
+
+    def heavy_next(self) -> bool:
+        """The next item is more work than a slice: a long text, a big list of ids, a document."""
+        return bool(self.stack) and self._cost(self.stack[-1]) > INLINE_WORK
+
+    def step(self) -> None:
+        self._visit(self.stack.pop())
+
+    def _visit(self, item: Any) -> None:
+        if isinstance(item, str):
+            self.tokens += self.text(item)
+        elif isinstance(item, dict):
+            self._object(item, False)
+        elif isinstance(item, list):
+            self.stack.extend(item)
+        elif isinstance(item, _Prompt):
+            self._prompt(item.value)
+        elif isinstance(item, _Part):
+            self._object(item.value, True)
+        else:
+            self.tokens += _scalar_tokens(item)
 
     def _prompt(self, items: list[Any]) -> None:
         """A list of messages, prompts or content parts: token ids, or items that may be media."""
