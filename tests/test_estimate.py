@@ -561,7 +561,7 @@ def test_a_big_body_is_counted_off_the_event_loop() -> None:
 
         task = asyncio.create_task(ticker())
         await asyncio.sleep(0)
-        found = await estimate(body, b"", CHAT, "openai", 4096)
+        found = await estimate(body, orjson.dumps(body), CHAT, "openai", 4096)
         done.set()
         await task
         return ticks, found

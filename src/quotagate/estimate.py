@@ -83,6 +83,9 @@ EXACT_CHARS = 4_000_000  # characters counted exactly per request (~1M tokens); 
 CACHED_CHARS = 1_000_000  # texts up to this long have their count remembered
 CACHE_ENTRIES = 16_384
 INLINE_WORK = 20_000  # work units done on the event loop (a unit: a character counted, ~0.1 us)
+SMALL_BODY = 8192  # a body this small is counted at once, without accounting for the work
+SHORT_TEXT = 64  # a text this short costs one unit and a key this short is counted at once
+SHORT_KEY = 256  # texts up to this long are remembered by themselves
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +95,13 @@ class Estimate:
 
 
 async def estimate(body: Any, raw: bytes, path: str, provider: str, default_output: int) -> Estimate:
-    """The estimate of a request, walked on the event loop a slice of work at a time; a long text
-    (or a document) is counted in a worker thread, where tiktoken runs without the GIL."""
+    """The estimate of a request. A small body is counted at once; a bigger one is walked on the
+    event loop a slice of work at a time, its long texts (and documents) counted in a worker
+    thread, where tiktoken runs without the GIL."""
     walker = Walker(body, raw, path, provider, default_output)
+    if len(raw) <= SMALL_BODY:
+        walker.run(None)
+        return walker.result()
     while not walker.run(INLINE_WORK):
         if walker.heavy_next():
             await asyncio.get_running_loop().run_in_executor(_executor(), walker.step)
@@ -115,6 +122,11 @@ def estimate_now(
 @functools.cache
 def _executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="quotagate-estimate")
+
+
+# Items of the walk's stack that are not JSON values: a list of messages, prompts or content parts
+# (where token ids and media may be), and an item of such a list (a message, a part, maybe media).
+_PROMPT, _PART = object(), object()
 
 
 class Walker:
@@ -144,7 +156,7 @@ class Walker:
     def _start(self, body: dict[str, Any]) -> None:
         for key, value in body.items():
             if key not in UNBILLED:
-                self.stack += (key, _Prompt(value) if key in PROMPT_FIELDS and isinstance(value, list) else value)
+                self.stack += (key, (_PROMPT, value) if key in PROMPT_FIELDS and type(value) is list else value)
         self.prediction = body.get("prediction")
         if self.provider == "anthropic" and body.get("tools"):
             self.tokens += ANTHROPIC_TOOL_PROMPT
@@ -156,20 +168,22 @@ class Walker:
 
     def run(self, work: int | None) -> bool:
         """Walk until done (True) or until the next item would pass `work` units (False)."""
-        stack, budget = self.stack, work or 0
-        while stack or self.prediction is not None:
-            if not stack:
-                self.input_tokens = self.tokens
-                stack.append(self.prediction)
-                self.prediction = None
-                continue
-            if work is not None:
+        stack, visit, budget = self.stack, self._visit, work or 0
+        while True:
+            if work is None:
+                while stack:
+                    visit(stack.pop())
+            while stack:
                 cost = self._cost(stack[-1])
                 if cost > budget:
                     return False
                 budget -= cost
-            self._visit(stack.pop())
-        return True
+                visit(stack.pop())
+            if self.prediction is None:
+                return True
+            self.input_tokens = self.tokens
+            stack.append(self.prediction)
+            self.prediction = None
 
     def heavy_next(self) -> bool:
         """The next item is more work than a slice: a long text, a big list of ids, a document."""
@@ -179,16 +193,18 @@ class Walker:
         self._visit(self.stack.pop())
 
     def _visit(self, item: Any) -> None:
-        if isinstance(item, str):
+        kind = type(item)
+        if kind is str:
             self.tokens += self.text(item)
-        elif isinstance(item, dict):
+        elif kind is dict:
             self._object(item, False)
-        elif isinstance(item, list):
+        elif kind is list:
             self.stack.extend(item)
-        elif isinstance(item, _Prompt):
-            self._prompt(item.value)
-        elif isinstance(item, _Part):
-            self._object(item.value, True)
+        elif kind is tuple:
+            if item[0] is _PART:
+                self._object(item[1], True)
+            else:
+                self._prompt(item[1])
         else:
             self.tokens += _scalar_tokens(item)
 
@@ -198,44 +214,59 @@ class Walker:
         if ids is not None:
             self.tokens += ids
             return
-        self.stack.extend(_Part(item) if isinstance(item, dict) else item for item in items)
+        self.stack.extend((_PART, item) if type(item) is dict else item for item in items)
 
     def _object(self, item: dict[str, Any], part: bool) -> None:
         """An object: one token, its keys, its values; a media part, its figure instead of its data."""
         self.tokens += 1
-        kind = item.get("type") if part else None
-        handler = media.HANDLERS.get(kind) if isinstance(kind, str) else None
         skip: tuple[str, ...] = ()
-        if handler is not None:
-            figure, skip = handler(item, self.provider, self.model)
-            self.tokens += figure
+        if part:
+            kind = item.get("type")
+            handler = media.HANDLERS.get(kind) if type(kind) is str else None
+            if handler is not None:
+                figure, skip = handler(item, self.provider, self.model)
+                self.tokens += figure
+        stack, cache, tokens = self.stack, _cache, 0
         for key, value in item.items():
             if key in skip:
                 continue
-            self.stack += (key, _Prompt(value) if part and key in PART_LISTS and isinstance(value, list) else value)
+            if len(key) <= SHORT_TEXT:  # short texts at once (a long one waits its turn on the stack)
+                known = cache.get(key)
+                tokens += known if known is not None else self._count(key)
+            else:
+                stack.append(key)
+            if type(value) is str and len(value) <= SHORT_TEXT:
+                known = cache.get(value)
+                tokens += known if known is not None else self._count(value)
+            else:
+                stack.append((_PROMPT, value) if part and key in PART_LISTS and type(value) is list else value)
+        self.tokens += tokens
 
     def _cost(self, item: Any) -> int:
         """Work units of an item: characters to count (none for a text counted before), 8 a node."""
-        if isinstance(item, str):
-            return 1 if len(item) <= 16 or _cache_get(item) is not None else len(item)
-        if isinstance(item, _Part) and isinstance(item.value.get("type"), str) and item.value["type"] in media.HANDLERS:
-            return media.work(item.value)
-        return 8 + len(item.value) if isinstance(item, _Prompt) else 8
+        kind = type(item)
+        if kind is str:
+            return 1 if len(item) <= SHORT_TEXT or _cache_get(item) is not None else len(item)
+        if kind is tuple:
+            value = item[1]
+            if item[0] is _PROMPT:
+                return 8 + len(value)
+            return media.work(value) if value.get("type") in media.HANDLERS else 8 + len(value)
+        return 8 + len(item) if kind is dict else 8
 
     def text(self, text: str) -> int:
         """Tokens of a text: remembered, exact up to this request's allowance, else its bytes."""
-        if not text:
-            return 0
-        known = _cache_get(text)
-        if known is not None:
-            return known
-        exact = min(len(text), max(self.exact_left, 0))
-        self.exact_left -= len(text)
-        if exact < len(text):
+        known = _cache.get(text) if len(text) <= SHORT_KEY else _cache_get(text)
+        return known if known is not None else self._count(text)
+
+    def _count(self, text: str) -> int:
+        size = len(text)
+        exact = min(size, max(self.exact_left, 0))
+        self.exact_left -= size
+        if exact < size:
             return chunked_tokens(text[:exact]) + utf8_bytes(text[exact:])
         tokens = chunked_tokens(text)
-        if len(text) <= CACHED_CHARS:
-            _cache_put(text, tokens)
+        _cache_put(text, tokens)
         return tokens
 
 
@@ -256,22 +287,31 @@ def utf8_bytes(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-# -- the count cache: keyed by length and hash, so that it holds no text -------------------------
+# -- the count cache: short texts by themselves, longer ones by length and hash (holding no text) --
 
-_cache: dict[tuple[int, int], int] = {}
+_cache: dict[Any, int] = {}
+
+
+def _cache_key(text: str) -> Any:
+    size = len(text)
+    if size <= SHORT_KEY:
+        return text
+    return (size, hash(text)) if size <= CACHED_CHARS else None
 
 
 def _cache_get(text: str) -> int | None:
-    if len(text) > CACHED_CHARS:
-        return None
-    return _cache.get((len(text), hash(text)))
+    key = _cache_key(text)
+    return None if key is None else _cache.get(key)
 
 
 def _cache_put(text: str, tokens: int) -> None:
+    key = _cache_key(text)
+    if key is None:
+        return
     if len(_cache) >= CACHE_ENTRIES:
         for old in list(_cache)[: CACHE_ENTRIES // 4]:  # the oldest quarter
             _cache.pop(old, None)
-    _cache[(len(text), hash(text))] = tokens
+    _cache[key] = tokens
 
 
 # -- pieces ----------------------------------------------------------------------------------------
@@ -286,27 +326,12 @@ def _scalar_tokens(value: Any) -> int:
     return 1
 
 
-@dataclass(frozen=True, slots=True)
-class _Prompt:
-    """A list of messages, prompts or content parts (where token ids and media may be)."""
-
-    value: list[Any]
-
-
-@dataclass(frozen=True, slots=True)
-class _Part:
-    """An item of such a list: a message, a content part, maybe a media item."""
-
-    value: dict[str, Any]
-
-
-def _token_ids(value: Any) -> int | None:
+def _token_ids(value: list[Any]) -> int | None:
     """Tokens of a prompt given as token ids (a list of integers, or a list of such lists)."""
-    if not isinstance(value, list) or not value:
-        return None
-    if all(type(v) is int for v in value):
+    first = type(value[0]) if value else None
+    if first is int and all(type(v) is int for v in value):
         return len(value)
-    if all(isinstance(v, list) and all(type(i) is int for i in v) for v in value):
+    if first is list and all(type(v) is list and all(type(i) is int for i in v) for v in value):
         return sum(len(v) for v in value)
     return None
 
