@@ -83,7 +83,7 @@ EXACT_CHARS = 4_000_000  # characters counted exactly per request (~1M tokens); 
 CACHED_CHARS = 1_000_000  # texts up to this long have their count remembered
 CACHE_ENTRIES = 16_384
 INLINE_WORK = 20_000  # work units done on the event loop (a unit: a character counted, ~0.1 us)
-SMALL_BODY = 8192  # a body this small is counted at once, without accounting for the work
+SMALL_BODY = 4096  # a body this small is counted at once, without accounting for the work
 SHORT_TEXT = 64  # a text this short costs one unit and a key this short is counted at once
 SHORT_KEY = 256  # texts up to this long are remembered by themselves
 
