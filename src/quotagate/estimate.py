@@ -251,7 +251,8 @@ class Walker:
             value = item[1]
             if item[0] is _PROMPT:
                 return 8 + len(value)
-            return media.work(value) if value.get("type") in media.HANDLERS else 8 + len(value)
+            kind = value.get("type")
+            return media.work(value) if type(kind) is str and kind in media.HANDLERS else 8 + len(value)
         return 8 + len(item) if kind is dict else 8
 
     def text(self, text: str) -> int:
