@@ -520,6 +520,7 @@ BIG = b" " * 100_000  # a raw body this big has its work accounted, in slices
 
 @given(value=JSON, path=st.sampled_from([CHAT, MESSAGES, "/v1/responses", "/v1/embeddings", "/v1/x"]))
 @example(value=[{"type": ["not", "a", "string"]}], path=CHAT)
+@example(value={"n": 10**5000, "f": 1e308}, path=CHAT)  # more digits than int() turns into text
 @settings(max_examples=300, deadline=None)
 def test_the_estimate_never_raises_on_any_json_value(value: Any, path: str) -> None:
     """At once (a small body) and in slices with the work accounted (a big one), the same answer."""
