@@ -31,7 +31,11 @@ from .conftest import CHAT, CLAUDE, FakeClock, Gateway, free_port, httpx
 
 POLICY = "Helicone-RateLimit-Policy"
 ROOMY = "1000;w=3600;u=cents, 100000000;w=3600;u=token"  # never exhausted: only the charges matter
-PROMPT_ESTIMATE = 6  # cl100k tokens of CHAT's "Say hello to the test suite", counted by the gateway
+# What the gateway estimates for CHAT (and CLAUDE): the 6 cl100k tokens of "Say hello to the test
+# suite", its role and the keys around it (4) and the message object (1); for the same text as a
+# bare `input` (responses, embeddings): its 6 tokens and the key.
+PROMPT_ESTIMATE = 11
+TEXT_ESTIMATE = 7
 
 
 def microcents(*priced: tuple[int, str]) -> int:
@@ -367,21 +371,23 @@ def test_the_next_call_sees_a_stream_s_charge(gw: Gateway, upstream: FakeUpstrea
 # --- client disconnects and broken upstreams ------------------------------------------------------
 
 DISCONNECTS = [
-    # route, events sent before the hold, events the SDK yields of them, input charged, streamed tokens
-    pytest.param("chat", 4, 4, PROMPT_ESTIMATE, 6, id="openai-chat"),  # role chunk + " word0 word1 word2"
-    pytest.param("responses", 7, 7, PROMPT_ESTIMATE, 6, id="openai-responses"),  # 4 setup events + 3 words
-    pytest.param("messages", 6, 5, 1000, 6, id="anthropic"),  # message_start reports the real input; a ping
+    # route, events sent before the hold, events the SDK yields of them, prompt estimate, input charged,
+    # streamed tokens
+    pytest.param("chat", 4, 4, PROMPT_ESTIMATE, PROMPT_ESTIMATE, 6, id="openai-chat"),  # role + 3 words
+    pytest.param("responses", 7, 7, TEXT_ESTIMATE, TEXT_ESTIMATE, 6, id="openai-responses"),  # 4 setup + 3 words
+    pytest.param("messages", 6, 5, PROMPT_ESTIMATE, 1000, 6, id="anthropic"),  # message_start: the real input
 ]
 
 
 @pytest.mark.parametrize("handler_cancellation", [True, False], ids=["cancelling", "serve-like"])
-@pytest.mark.parametrize(("route", "events", "yielded", "charged_input", "streamed"), DISCONNECTS)
+@pytest.mark.parametrize(("route", "events", "yielded", "estimate", "charged_input", "streamed"), DISCONNECTS)
 def test_client_disconnect_mid_stream_charges_what_was_streamed(
     served: Callable[[bool], Gateway],
     upstream: FakeUpstream,
     route: str,
     events: int,
     yielded: int,
+    estimate: int,
     charged_input: int,
     streamed: int,
     handler_cancellation: bool,
@@ -405,7 +411,7 @@ def test_client_disconnect_mid_stream_charges_what_was_streamed(
     iterator = iter(stream)
     for _ in range(yielded):
         next(iterator)
-    assert ledger(gw, key) == {"token": (0, PROMPT_ESTIMATE + 50)}  # held: prompt estimate + max_tokens
+    assert ledger(gw, key) == {"token": (0, estimate + 50)}  # held: prompt estimate + max_tokens
     stream.close()
     if not handler_cancellation:
         upstream.release(f"cut-{route}")  # a serve-like gateway notices at the upstream's next chunk
@@ -424,8 +430,8 @@ def test_a_broken_upstream_stream_charges_what_was_streamed(gw: Gateway, upstrea
     client = gw.openai(key, **{POLICY: ROOMY, "X-Fake-Cut-After": "4"}, **usage_headers(1000, 50))
     with pytest.raises(openai.APIError):
         list(client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=50, stream=True))
-    # the prompt's estimate (6) and " word0 word1 word2" (6): 6 * $2.50 + 6 * $10 per million
-    assert settled(gw, key) == {"cents": (microcents((6, "2.50"), (6, "10.00")), 0), "token": (12, 0)}
+    # the prompt's estimate (11) and " word0 word1 word2" (6): 11 * $2.50 + 6 * $10 per million
+    assert settled(gw, key) == {"cents": (microcents((11, "2.50"), (6, "10.00")), 0), "token": (17, 0)}
 
 
 def test_a_client_gone_before_a_json_answer_is_charged_its_prompt(
@@ -530,8 +536,8 @@ def burst(gw: Gateway, key: str, upstream: FakeUpstream, calls: int, **create: o
 
 
 def test_holds_bound_concurrent_admissions(gw: Gateway, upstream: FakeUpstream) -> None:
-    """50 concurrent calls of 1,000 tokens (6 counted in the prompt + max_tokens 994, as they then
-    report) against 5,500 tokens: each admission holds 1,000, so the 6th finds 500 left and is
+    """50 concurrent calls of 1,000 tokens (as they then report; the gateway holds 1,005 each: 11
+    counted in the prompt + max_tokens 994) against 5,500 tokens: the 6th finds 475 left and is
     the last admitted, exactly as when the calls come one after another."""
     key = gw.key()
     admitted, statuses = burst(gw, key, upstream, 50, messages=CHAT, max_tokens=994)
@@ -550,15 +556,15 @@ def test_holds_bound_concurrent_admissions(gw: Gateway, upstream: FakeUpstream) 
 
 
 def test_a_call_holds_its_prompt_and_every_completion_it_asks_for(gw: Gateway, upstream: FakeUpstream) -> None:
-    """In flight: the prompt counted locally (6) plus max_tokens for each of n completions, or the
+    """In flight: the prompt counted locally (11) plus max_tokens for each of n completions, or the
     configured default when max_tokens is absent; embeddings hold their input only."""
     key = gw.key()
     held = {POLICY: "100000;w=60;u=token", "X-Fake-Hold": "in-flight"}
     client = gw.openai(key, **held).with_options(timeout=30)
     cases: list[tuple[Callable[[], object], int]] = [
-        (lambda: client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=50, n=3), 6 + 150),
-        (lambda: client.chat.completions.create(model="gpt-4o", messages=CHAT), 6 + 4096),
-        (lambda: client.embeddings.create(model="text-embedding-3-small", input="Say hello to the test suite"), 6),
+        (lambda: client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=50, n=3), 11 + 150),
+        (lambda: client.chat.completions.create(model="gpt-4o", messages=CHAT), 11 + 4096),
+        (lambda: client.embeddings.create(model="text-embedding-3-small", input="Say hello to the test suite"), 7),
     ]
     for send, estimate in cases:
         upstream.reset()
@@ -574,8 +580,9 @@ def test_a_call_holds_its_prompt_and_every_completion_it_asks_for(gw: Gateway, u
 
 
 def test_without_holds_all_concurrent_calls_would_pass(gw: Gateway, upstream: FakeUpstream) -> None:
-    """The same burst with calls whose estimate is 0 (empty prompt, max_tokens=0) but which report
-    1,000 tokens each: nothing is held, so every admission sees an untouched budget."""
+    """The same burst with calls whose estimate is 5 tokens (an empty message, max_tokens=0) but
+    which report 1,000 tokens each: almost nothing is held, so every admission sees a budget
+    hardly touched."""
     key = gw.key()
     admitted, statuses = burst(gw, key, upstream, 50, messages=[{"role": "user", "content": ""}], max_tokens=0)
     assert admitted == 50 and statuses == [200] * 50
@@ -624,7 +631,7 @@ def test_headers_after_the_call_on_json_and_at_admission_on_streams(gw: Gateway)
     with client.chat.completions.with_streaming_response.create(
         model="gpt-4o", messages=CHAT, max_tokens=50, stream=True, extra_headers=usage_headers(100, 50)
     ) as streamed:
-        # at admission: 120 charged and this call's estimate held (6 prompt tokens + max_tokens 50)
+        # at admission: 120 charged and this call's estimate held (11 prompt tokens + max_tokens 50)
         assert streamed.headers["helicone-ratelimit-remaining"] == str(1000 - 120 - PROMPT_ESTIMATE - 50)
         list(streamed.iter_lines())
     raw = client.chat.completions.with_raw_response.create(

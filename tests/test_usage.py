@@ -24,7 +24,6 @@ from quotagate.usage import (
     count_tokens,
     from_body,
     from_usage_block,
-    prompt_text,
     requested_output,
 )
 
@@ -204,23 +203,6 @@ def test_token_counts_come_from_the_bundled_encoding() -> None:
     assert count_tokens("") == 0
     assert count_tokens("hello world") == 2
     assert count_tokens("Say hello to the test suite") == 6
-
-
-def test_prompt_text_of_each_api() -> None:
-    chat = {
-        "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {}}]},
-            {"role": "assistant", "tool_calls": [], "content": None},
-            {"role": "tool", "content": "42"},
-        ]
-    }
-    assert prompt_text(chat) == "Be brief.\nHi\n42"
-    claude = {"system": [{"type": "text", "text": "Sys"}], "messages": [{"role": "user", "content": "Q"}]}
-    assert prompt_text(claude) == "Sys\nQ"
-    assert prompt_text({"instructions": "Do", "input": [{"role": "user", "content": "it"}]}) == "Do\nit"
-    assert prompt_text({"prompt": ["one", "two"]}) == "one\ntwo"
-    assert prompt_text({"input": "embed me"}) == "embed me"
 
 
 def test_requested_output() -> None:

@@ -5,7 +5,10 @@ streams shaped like the real ones (OpenAI chat and completions chunks with the o
 chunk, the responses API's typed events, Anthropic's message events). It records every request it
 receives so that tests can count exactly what reached the upstream.
 
-Usage is deterministic: the prompt costs one token per word of its text (at least 1), the reply
+Usage is deterministic: the prompt costs one token per word of every text it sends the model
+(messages in any shape, system prompts, tool definitions, tool calls and results, response formats:
+every string outside the settings, as a provider bills them; images and files count as one word
+each), and one per token id (at least 1 in all), the reply
 has `max_tokens` words (at most 12 by default). Request headers steer it (they pass through the
 gateway like any header):
 
@@ -35,8 +38,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
-
-from .usage import texts_in
 
 DEFAULT_REPLY_TOKENS = 12
 _ids = itertools.count(1)
@@ -77,15 +78,78 @@ class Plan:
         return [f" word{i}" for i in range(min(self.completion, 4096))]
 
 
+# What the fake does not bill: settings, and the parts of a message that are not its text.
+_SETTINGS = frozenset(
+    {
+        "model",
+        "user",
+        "metadata",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "temperature",
+        "n",
+        "best_of",
+        "encoding_format",
+        "tool_choice",
+        "prediction",
+        "reasoning",
+        "reasoning_effort",
+        "thinking",
+        "service_tier",
+        "seed",
+        "top_p",
+        "top_k",
+        "logprobs",
+        "top_logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "parallel_tool_calls",
+        "store",
+        "modalities",
+        "audio",
+        "include",
+        "truncation",
+        "previous_response_id",
+        "safety_identifier",
+        "prompt_cache_key",
+        "verbosity",
+        "dimensions",
+        "background",
+        "echo",
+    }
+)
+_NOT_TEXT = frozenset({"role", "type", "url", "image_url", "data", "file_data", "file_id", "media_type", "detail"})
+
+
+def billed_words(body: dict[str, Any]) -> int:
+    """The prompt's tokens as the fake bills them: words of every billed string, token ids."""
+    words = 0
+    stack: list[Any] = [v for k, v in body.items() if k not in _SETTINGS]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            words += len(item.split())
+        elif isinstance(item, list):
+            words += sum(1 for v in item if type(v) is int)
+            stack.extend(item)
+        elif isinstance(item, dict):
+            words += 1 if item.keys() & {"image_url", "source", "file", "file_data", "input_audio"} else 0
+            stack.extend(v for k, v in item.items() if k not in _NOT_TEXT)
+    return words
+
+
 def _plan(request: web.Request, body: dict[str, Any]) -> Plan:
     h = request.headers
-    prompt_text = " ".join(" ".join(texts_in(body.get(k))) for k in ("messages", "input", "prompt", "system"))
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
     completion = min(int(max_tokens), DEFAULT_REPLY_TOKENS) if max_tokens else DEFAULT_REPLY_TOKENS
     cut = h.get("X-Fake-Cut-After")
     return Plan(
         model=h.get("X-Fake-Model") or str(body.get("model") or "gpt-4o-mini"),
-        prompt=int(h.get("X-Fake-Prompt-Tokens", max(1, len(prompt_text.split())))),
+        prompt=int(h.get("X-Fake-Prompt-Tokens", max(1, billed_words(body)))),
         completion=int(h.get("X-Fake-Completion-Tokens", completion)),
         cached=int(h.get("X-Fake-Cached-Tokens", 0)),
         cache_write=int(h.get("X-Fake-Cache-Write-Tokens", 0)),

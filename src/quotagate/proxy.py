@@ -44,20 +44,14 @@ from .errors import (
     UpstreamUnreachable,
     error_response,
 )
+from .estimate import estimate
 from .keys import GatewayKey, KeyRing
 from .limiter import Admission, Budget, CounterState, budgets_for, rate_limit_headers, reports
 from .policy import GRAMMAR, MAX_SCALED_QUOTA, USER, Policy, PolicyError, Unit, join_header_lines, parse_policies
 from .pricing import Pricer
 from .routing import Endpoint, Pattern, Route, RouteError, misread_field, resolve
 from .stores import Store, StoreError
-from .usage import (
-    StreamUsage,
-    Usage,
-    completions_requested,
-    from_body,
-    prompt_tokens,
-    requested_output,
-)
+from .usage import StreamUsage, Usage, from_body
 
 log = logging.getLogger("quotagate")
 access_log = logging.getLogger("quotagate.access")
@@ -227,7 +221,7 @@ class Proxy:
         values = self._segment_values(request, policies, call)
         call.budgets = budgets_for(call.key.id, policies, values)
         if call.holding:
-            self._hold(call, route)
+            await self._hold(call, route)
         await self._admit(call)
         return await self._forward(request, call, route.upstream, route.path)
 
@@ -344,12 +338,12 @@ class Proxy:
             user = body.get("user")
         return user if isinstance(user, str) and user else None
 
-    def _hold(self, call: Call, route: Route) -> None:
+    async def _hold(self, call: Call, route: Route) -> None:
         """What a call holds against cents and token budgets in flight, if the gateway can meter it:
         from its usage (a body it reads as the upstream does), a per-call price, or free."""
         if route.endpoint.metered:
             self._check_body(call)
-            self._estimate(call, route.endpoint)
+            await self._estimate(call, route.endpoint)
         elif not route.endpoint.free:
             call.price = next((price for p, price in self.call_prices if p.matches(route.method, route.segments)), None)
             for budget in call.holding:
@@ -383,15 +377,14 @@ class Proxy:
             raise BadBody(f"'{name}' must be {expected} (it decides how the call is metered)", param=name)
         call.rewritten, call.strip = _upstream_body(call, body)
 
-    def _estimate(self, call: Call, endpoint: Endpoint) -> None:
+    async def _estimate(self, call: Call, endpoint: Endpoint) -> None:
         """What a call will cost at most, held against cents and token budgets while in flight."""
-        body = call.json() or {}
-        call.model = body.get("model") if isinstance(body.get("model"), str) else None
-        call.prompt_tokens = prompt_tokens(body)
-        output = requested_output(body) if endpoint.generates else 0
-        if output is None:
-            output = self.settings.default_max_tokens
-        usage = Usage(call.prompt_tokens, output * completions_requested(body))
+        body = call.json()
+        model = body.get("model") if body is not None else None
+        call.model = model if isinstance(model, str) else None
+        found = await estimate(body, call.body, endpoint, call.provider, self.settings.default_max_tokens)
+        call.prompt_tokens = found.input_tokens
+        usage = Usage(found.input_tokens, found.output_tokens)
         for budget in call.holding:
             if budget.unit is Unit.TOKEN:
                 budget.amount = min(usage.total_tokens, MAX_SCALED_QUOTA)

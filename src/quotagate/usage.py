@@ -218,69 +218,6 @@ class StreamUsage:
         return count_tokens("".join(self.text))
 
 
-def prompt_parts(body: dict[str, Any]) -> list[str]:
-    """The texts a request sends to the model, in order."""
-    parts: list[str] = []
-    for field in ("system", "instructions", "messages", "input", "prompt"):
-        value = body.get(field)
-        if isinstance(value, str):
-            parts.append(value)
-        elif value is not None:
-            parts.extend(texts_in(value))
-    return parts
-
-
-def prompt_text(body: dict[str, Any]) -> str:
-    """The text a request sends to the model, for a local token count."""
-    return "\n".join(prompt_parts(body))
-
-
-def prompt_tokens(body: dict[str, Any]) -> int:
-    """Tokens of a request's prompt, counted part by part: the parts calls repeat (system prompts,
-    earlier turns of a conversation) are counted once and remembered."""
-    total = 0
-    for part in prompt_parts(body):
-        total += _part_tokens(part) if len(part) <= _CACHED_PART else count_tokens(part)
-    return total
-
-
-_CACHED_PART = 20_000
-
-
-@functools.lru_cache(maxsize=8192)
-def _part_tokens(text: str) -> int:
-    return count_tokens(text)
-
-
-_TEXT_FIELDS = ("content", "text", "input", "arguments", "output")
-
-
-_TEXT_FIELDS_BACKWARDS = tuple(reversed(_TEXT_FIELDS))
-
-
-def texts_in(value: Any) -> list[str]:
-    """Every string in a nested structure of lists and message-like dicts, in order; iterative, so a
-    body nested as deep as the JSON parser allows cannot exhaust the stack."""
-    found: list[str] = []
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            found.append(item)
-        elif isinstance(item, list):
-            stack.extend(reversed(item))
-        elif isinstance(item, dict):
-            content = item.get("content")
-            if isinstance(content, str):  # the common message: its text is all there is
-                found.append(content)
-                continue
-            for field in _TEXT_FIELDS_BACKWARDS:
-                inner = item.get(field)
-                if inner is not None:
-                    stack.append(inner)
-    return found
-
-
 def requested_output(body: dict[str, Any]) -> int | None:
     """The output tokens a request allows each of its completions, if it says."""
     for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
