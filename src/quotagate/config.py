@@ -83,6 +83,21 @@ class Settings:
     admin_token: str | None = setting(None, "Token for /admin/ and /dashboard (off without one).")
     metrics_require_token: bool = setting(False, "Require the admin token on /metrics too.")
     max_body_bytes: int = setting(32 * 1024 * 1024, "Largest request body accepted (413 beyond).")
+    max_head_bytes: int = setting(
+        96 * 1024, "Largest request head: request line and all header lines, each at most 64 KiB (431 beyond)."
+    )
+    head_timeout: float = setting(
+        10.0, "Seconds a client may take to send a request head, from its first byte (408 and closed beyond)."
+    )
+    body_timeout: float = setting(
+        60.0, "Seconds a client may take to send a request body after its head (408, or closed, beyond)."
+    )
+    idle_timeout: float = setting(75.0, "Seconds a keep-alive connection may wait for its next request.")
+    max_in_flight: int = setting(512, "Proxied calls one worker handles at once (503 with Retry-After beyond).")
+    max_in_flight_bytes: int = setting(
+        256 * 1024 * 1024,
+        "Request-body bytes one worker holds for the calls it handles (503 with Retry-After beyond).",
+    )
     upstream_timeout: float = setting(600.0, "Seconds to wait for the upstream's next byte (504 beyond).")
     connect_timeout: float = setting(10.0, "Seconds to wait for a connection to the upstream.")
     default_max_tokens: int = setting(
@@ -100,8 +115,21 @@ class Settings:
             raise ConfigError(f"workers must be at least 1, not {self.workers}")
         if self.max_body_bytes < 1:
             raise ConfigError(f"max_body_bytes must be positive, not {self.max_body_bytes}")
+        self._check_http_limits()
         for name in ("openai_base_url", "anthropic_base_url"):
             _check_url(getattr(self, name), name)
+
+    def _check_http_limits(self) -> None:
+        for name in ("max_head_bytes", "head_timeout", "body_timeout", "idle_timeout", "max_in_flight"):
+            value = getattr(self, name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not 0 < value < float("inf"):
+                raise ConfigError(f"{name} must be a positive number, not {value!r}")
+        if self.max_in_flight_bytes < self.max_body_bytes:
+            raise ConfigError(
+                f"max_in_flight_bytes ({self.max_in_flight_bytes}) must be at least max_body_bytes "
+                f"({self.max_body_bytes}), or no body of the largest size could ever be accepted"
+            )
 
     def routes(self) -> dict[str, Upstream]:
         """Route prefix (first path segment) to upstream."""

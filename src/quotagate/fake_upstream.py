@@ -36,6 +36,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .connections import GatewayRunner
 from .usage import texts_in
 
 DEFAULT_REPLY_TOKENS = 12
@@ -486,7 +487,8 @@ def _error(status: int, kind: str, message: str) -> web.Response:
 
 
 class BackgroundServer:
-    """Runs an aiohttp application on a real socket in a thread of its own (tests, demo).
+    """Runs an aiohttp application on a real socket in a thread of its own (tests, demo); a gateway
+    (`server.build_app`) gets the same connection bounds as under `quotagate serve`.
 
     With `handler_cancellation` (the default here) aiohttp cancels a handler whose client went
     away; `quotagate serve` runs without it, so a handler notices a gone client when it next writes.
@@ -498,7 +500,7 @@ class BackgroundServer:
         self.app, self.host, self.port = app, host, port
         self.handler_cancellation = handler_cancellation
         self.loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
+        self._runner: GatewayRunner | None = None
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="fake-upstream")
 
     @property
@@ -511,7 +513,7 @@ class BackgroundServer:
         return self
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=self.handler_cancellation)
+        self._runner = GatewayRunner(self.app, access_log=None, handler_cancellation=self.handler_cancellation)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
