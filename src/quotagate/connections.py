@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import ContentEncodingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
@@ -40,12 +40,16 @@ from .errors import (
     GatewayError,
     HeadTooLarge,
     RequestTimeout,
+    UnsupportedEncoding,
     error_body,
     error_response,
 )
 
 MAX_FIELD_BYTES = 65536
 """One header line (name and value) at most: long user ids fit (documented in the README)."""
+LINGER = 1.0
+"""Seconds a refused connection is still read (and what arrives dropped) after its answer, so that
+closing it with unread bytes does not reset it before the client has read the answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +100,7 @@ class GuardedHandler(RequestHandler):
     exactly.
     """
 
-    __slots__ = ("_body", "_head_bytes", "_head_timer", "_limits", "_watch")
+    __slots__ = ("_body", "_head_bytes", "_head_timer", "_limits", "_refused", "_watch")
 
     def __init__(self, manager: Server, *, limits: HttpLimits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -105,8 +109,11 @@ class GuardedHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body: Any = None  # the payload of the newest complete head
         self._watch: _Watch | None = None
+        self._refused = False
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         if not data or self.transport is None:
             super().data_received(data)
             return
@@ -137,13 +144,25 @@ class GuardedHandler(RequestHandler):
         if self._head_bytes:
             self.refuse(RequestTimeout(f"request head not received within {self._limits.head_timeout:g} s"))
 
-    def refuse(self, exc: GatewayError) -> None:
-        """Answer `exc` if no response is under way on this connection, and close it."""
-        if self.transport is None:
+    def _process_keepalive(self) -> None:
+        """aiohttp's idle timer: a connection whose next head has begun is left to the head deadline."""
+        if self._head_bytes:
+            self._keepalive_handle = None
             return
-        if not self._messages and not self._request_in_progress:
-            self.transport.write(raw_response(exc))
-        self.force_close()
+        super()._process_keepalive()
+
+    def refuse(self, exc: GatewayError) -> None:
+        """Answer `exc` and close the connection; if a response is under way, just close it."""
+        transport = self.transport
+        if transport is None:
+            return
+        if self._messages or self._request_in_progress or not transport.can_write_eof():
+            self.force_close()
+            return
+        self._refused = True  # what still arrives is dropped
+        transport.write(raw_response(exc))
+        transport.write_eof()
+        self._loop.call_later(LINGER, self.force_close)
 
     def handle_error(
         self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
@@ -152,6 +171,8 @@ class GuardedHandler(RequestHandler):
         super().handle_error(request, status, exc, message)  # logs (through LibraryLogFilter)
         if isinstance(exc, LineTooLong):
             error: GatewayError = HeadTooLarge(f"a request line or header line over {MAX_FIELD_BYTES} bytes")
+        elif isinstance(exc, ContentEncodingError):  # an encoding this server cannot inflate
+            error = UnsupportedEncoding("Content-Encoding not accepted: send the body plain, gzip or deflate")
         elif status < 500:
             error = BadRequestHead(f"malformed HTTP request ({type(exc).__name__ if exc else status})")
         else:
@@ -164,7 +185,9 @@ class GuardedHandler(RequestHandler):
         cancels = self._manager is not None and self._manager.handler_cancellation  # aiohttp cancels itself
         super().connection_lost(exc)
         self._head_ended()
-        self._body = None
+        body, self._body = self._body, None
+        if body is not None and not body.is_eof() and self._current_request is None:
+            body.set_exception(BodyTimeout("the client closed its connection"))  # ends aiohttp's lingering read
         watch, self._watch = self._watch, None
         if watch is not None:
             watch.fired = True

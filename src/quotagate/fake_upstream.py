@@ -17,7 +17,8 @@ gateway like any header):
     X-Fake-Reset: 1          drop the connection without answering
     X-Fake-Garbage: 1        put a malformed event (not JSON) in the middle of a stream
     X-Fake-Hold: name        wait until `release(name)` is called: streams after their first event,
-                             other answers before they are sent
+                             other answers before they are sent; a caller that closes the connection
+                             meanwhile is recorded in `abandoned`
     X-Fake-Hold-After: 3     hold a stream after that many events instead of the first
     X-Fake-Linger: 0.3       seconds to keep a stream open after its last event
     X-Fake-Model: name       report this model in the response
@@ -379,6 +380,7 @@ class FakeUpstream:
         self.url = ""  # set by whoever serves it
         self.received: list[Received] = []
         self.gates: dict[str, asyncio.Event] = {}
+        self.abandoned: list[str] = []  # holds whose caller closed the connection while held
         self.loop: asyncio.AbstractEventLoop | None = None
         self.app = web.Application(client_max_size=1024**3)
         self.app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -390,9 +392,17 @@ class FakeUpstream:
     def reset(self) -> None:
         self.received.clear()
         self.gates.clear()
+        self.abandoned.clear()
 
     def _gate(self, name: str) -> asyncio.Event:
         return self.gates.setdefault(name, asyncio.Event())
+
+    async def _hold(self, name: str) -> None:
+        try:
+            await self._gate(name).wait()
+        except asyncio.CancelledError:  # the caller closed the connection
+            self.abandoned.append(name)
+            raise
 
     def release(self, name: str) -> None:
         """Let a stream held with `X-Fake-Hold: name` go on (callable from any thread)."""
@@ -419,7 +429,7 @@ class FakeUpstream:
             kind = "rate_limit_error" if plan.status == 429 else "api_error"
             return _error(plan.status, kind, f"fake upstream error {plan.status}")
         if plan.hold and not body.get("stream"):
-            await self._gate(plan.hold).wait()
+            await self._hold(plan.hold)
         return await self._route(request, body, plan)
 
     async def _route(self, request: web.Request, body: dict[str, Any], plan: Plan) -> web.StreamResponse:
@@ -465,7 +475,7 @@ class FakeUpstream:
                 return response
             await response.write(event)
             if plan.hold and index == plan.hold_after - 1:
-                await self._gate(plan.hold).wait()
+                await self._hold(plan.hold)
             if plan.chunk_delay:
                 await asyncio.sleep(plan.chunk_delay)
         if plan.linger:
