@@ -4,11 +4,11 @@
     .venv/bin/python bench/slow_clients.py --heads 40 --seconds 20 --trickle 0
     .venv/bin/python bench/slow_clients.py -- --head-timeout 5    # extra arguments go to `serve`
 
-1. Endless heads: `--heads` connections each send a request line, then header lines of 60,000
-   bytes as fast as the worker reads them, and never the blank line that ends a head. The worker's
-   resident memory (`VmRSS` of `quotagate serve --workers 1`) is sampled every 0.5 s; the run
-   reports the baseline, the peak, and how many connections the gateway closed (with the status it
-   sent, if any).
+1. Endless heads: `--heads` clients each send a request line, then header lines of 60,000 bytes as
+   fast as the worker reads them, and never the blank line that ends a head; a client the gateway
+   refuses connects again at once. The worker's resident memory (`VmRSS` of `quotagate serve
+   --workers 1`) is sampled every 0.5 s; the run reports the baseline, the peak, and how the
+   gateway ended the connections (the status it sent, if any).
 2. Trickled heads: `--trickle` connections each send one byte of a head every `--every` seconds;
    the run reports how many the gateway closed and after how long (from each one's first byte).
 
@@ -66,26 +66,35 @@ def start_gateway(port: int, workdir: str, extra: list[str]) -> subprocess.Popen
 
 
 async def endless_head(port: int, stop: float) -> tuple[int, str]:
-    """Send header lines until the gateway closes the connection or time is up: (bytes, outcome)."""
+    """Send header lines until the gateway answers or closes, or time is up: (bytes sent, outcome)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = asyncio.ensure_future(reader.read(200))
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\n")
     sent = 0
     try:
-        while time.monotonic() < stop and not reader.at_eof():
+        while time.monotonic() < stop and not answer.done():
             writer.write(PAD)
             await asyncio.wait_for(writer.drain(), timeout=max(0.01, stop - time.monotonic()))
             sent += len(PAD)
     except (ConnectionError, TimeoutError):
         pass
-    outcome = await closed_how(reader, stop)
+    outcome = await closed_how(answer, stop)
     writer.close()
     return sent, outcome
 
 
-async def closed_how(reader: asyncio.StreamReader, stop: float) -> str:
+async def attacker(port: int, stop: float) -> list[tuple[int, str]]:
+    """Endless heads one after another, a new connection each time the gateway refuses one."""
+    results = []
+    while time.monotonic() < stop:
+        results.append(await endless_head(port, stop))
+    return results
+
+
+async def closed_how(answer: asyncio.Future[bytes], stop: float) -> str:
     """'open' if the gateway kept the connection, else the status line it sent (or 'closed')."""
     try:
-        data = await asyncio.wait_for(reader.read(200), timeout=max(0.05, stop - time.monotonic()))
+        data = await asyncio.wait_for(answer, timeout=max(0.05, stop - time.monotonic()))
     except TimeoutError:
         return "open"
     except ConnectionError:
@@ -143,16 +152,20 @@ async def sample(pid: int, stop: float) -> list[float]:
 async def phase_heads(port: int, pid: int, count: int, seconds: float) -> None:
     base = rss_mb(pid)
     stop = time.monotonic() + seconds
-    results, rss, lat = await asyncio.gather(
-        asyncio.gather(*(endless_head(port, stop) for _ in range(count))), sample(pid, stop), probe(port, stop)
+    runs, rss, lat = await asyncio.gather(
+        asyncio.gather(*(attacker(port, stop) for _ in range(count))), sample(pid, stop), probe(port, stop)
     )
+    results = [r for run in runs for r in run]
     outcomes: dict[str, int] = {}
     for _, outcome in results:
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     sent = [s for s, _ in results]
-    print(f"endless heads: {count} connections for {seconds:g} s")
+    print(f"endless heads: {count} clients for {seconds:g} s, each reconnecting when refused")
     print(f"  worker RSS: {base:.1f} MB before, peak {max(rss):.1f} MB, at the end {rss[-1]:.1f} MB")
-    print(f"  head bytes sent per connection: median {statistics.median(sent):,.0f}, max {max(sent):,}")
+    print(
+        f"  connections: {len(results)}; head bytes sent per connection: median "
+        f"{statistics.median(sent):,.0f}, max {max(sent):,}; {sum(sent) / 1e6:,.0f} MB in all"
+    )
     print(f"  outcomes: {outcomes}")
     print(f"  /healthz meanwhile: {len(lat)} probes, worst {max(lat) * 1000:.1f} ms")
 

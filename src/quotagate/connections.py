@@ -21,8 +21,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,35 +270,41 @@ class GatewayRunner(web.AppRunner):
 # --- a client that leaves ----------------------------------------------------------------------
 
 
-@contextmanager
-def client_watch(request: web.BaseRequest) -> Iterator[None]:
+class ClientWatch:
     """Inside the block, a client whose connection closes cancels the current task, which leaves
     the block as ClientGone: a handler waiting on something else (the upstream) notices at once.
 
     Without a GuardedHandler (a plain aiohttp server) it does nothing.
     """
-    protocol = request.protocol
-    task = asyncio.current_task()
-    if not isinstance(protocol, GuardedHandler) or task is None:
-        yield
-        return
-    if protocol.transport is None:
-        raise ClientGone("the client closed its connection")
-    outer, watch = protocol._watch, _Watch(task)
-    protocol._watch = watch
-    try:
-        yield
-    except asyncio.CancelledError:
+
+    __slots__ = ("outer", "protocol", "watch")
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        protocol = request.protocol
+        self.protocol = protocol if isinstance(protocol, GuardedHandler) else None
+        self.watch: _Watch | None = None
+        self.outer: _Watch | None = None
+
+    def __enter__(self) -> None:
+        protocol, task = self.protocol, asyncio.current_task()
+        if protocol is None or task is None:
+            return
+        if protocol.transport is None:
+            raise ClientGone("the client closed its connection")
+        self.outer, self.watch = protocol._watch, _Watch(task)
+        protocol._watch = self.watch
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        watch = self.watch
+        if watch is None:
+            return
+        assert self.protocol is not None
+        if self.protocol._watch is watch:
+            self.protocol._watch = self.outer
         if not watch.fired:
-            raise
-        task.uncancel()
+            return
+        watch.task.uncancel()  # delivered inside the block (as CancelledError, or turned into another error)
         raise ClientGone("the client closed its connection") from None
-    finally:
-        if protocol._watch is watch:
-            protocol._watch = outer
-    if watch.fired:  # the cancellation was swallowed inside the block
-        task.uncancel()
-        raise ClientGone("the client closed its connection")
 
 
 # --- calls in flight -----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from yarl import URL
 
 from . import metrics
 from .config import Settings, Upstream
-from .connections import BodyTimeout, Capacity, Slot, client_watch
+from .connections import BodyTimeout, Capacity, ClientWatch, Slot
 from .errors import (
     BadBody,
     BadPolicy,
@@ -441,7 +441,7 @@ class Proxy:
         url = self._url(upstream, path, request.raw_path.partition("?")[2])
         sent = time.perf_counter()
         try:
-            with client_watch(request):  # a client that leaves drops the upstream call at once
+            with ClientWatch(request):  # a client that leaves drops the upstream call at once
                 async with self.session.request(
                     request.method,
                     url,
@@ -616,11 +616,11 @@ async def _pump(
 
     The tracker's terminal event, if any, is left for the caller to send (`tracker.finish()`).
     Text that could not be written is taken back out of the tracker: it was not streamed. A client
-    that leaves while the upstream is silent is noticed at once (`client_watch`).
+    that leaves while the upstream is silent is noticed at once (`ClientWatch`).
     """
     unsent: int | None = None  # where the text of a write in progress begins
     try:
-        with client_watch(request):
+        with ClientWatch(request):
             async for chunk in response.content.iter_any():
                 unsent = len(tracker.text) if tracker is not None else 0
                 data = tracker.feed(chunk) if tracker is not None else chunk
