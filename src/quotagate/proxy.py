@@ -437,6 +437,10 @@ class Proxy:
 
     async def _forward(self, request: web.Request, call: Call, upstream: Upstream, path: str) -> web.StreamResponse:
         assert self.session is not None
+        if request.transport is None:  # gone during admission: nothing is forwarded, nothing charged
+            call.outcome = "client_gone"
+            await self._charge(call, None)
+            raise ClientGone("the client closed its connection before the call was forwarded")
         body, strip = self._upstream_body(call, path)
         url = self._url(upstream, path, request.raw_path.partition("?")[2])
         sent = time.perf_counter()
