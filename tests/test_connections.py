@@ -8,8 +8,10 @@ test's settings; a test waits for the gateway to close the socket, it never time
 from __future__ import annotations
 
 import json
+import logging
 import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -310,3 +312,42 @@ def wait_for_lines(gateway: Gateway, text: str, count: int) -> list[str]:
 def test_http_limits_are_validated_at_load(values: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         Settings(**values)  # type: ignore[arg-type]
+
+
+def test_a_request_line_over_its_limit_is_414_and_quotes_nothing(gateway: Gateway) -> None:
+    with connection(gateway) as sock:
+        sock.sendall(b"GET /v1/models?key=secret-" + b"x" * 9000 + b" HTTP/1.1\r\nHost: g\r\n\r\n")
+        answer = read_until_closed(sock)
+    assert status_and_error(answer) == (414, "request_target_too_long")
+    assert b"secret-" not in answer
+
+
+def test_aiohttp_log_records_keep_the_event_and_lose_what_the_client_sent() -> None:
+    """Records as aiohttp's loggers make them: an argument that is not a peer address (a cookie
+    name, a header line) is withheld; exception text and traceback are dropped, its class and
+    status kept."""
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from quotagate.connections import LibraryLogFilter
+    from quotagate.server import JsonFormatter
+
+    try:
+        raise BadHttpMessage("Invalid header value char: b'Authorization: Bearer sk-LEAKED'")
+    except BadHttpMessage:
+        failure = sys.exc_info()
+    records = [
+        logging.LogRecord(
+            "aiohttp.server", logging.ERROR, "p", 1, "Error handling request from %s", ("10.0.0.7",), failure
+        ),
+        logging.LogRecord("aiohttp.internal", logging.WARNING, "p", 1, "Illegal cookie name %r", ("sk-LEAKED",), None),
+        logging.LogRecord("aiohttp.server", logging.ERROR, "p", 1, "odd %d", ("sk-LEAKED",), None),
+    ]
+    lines = []
+    for record in records:
+        assert LibraryLogFilter().filter(record)
+        lines.append(json.loads(JsonFormatter().format(record)))
+    assert "LEAKED" not in json.dumps(lines)
+    assert lines[0]["msg"] == "Error handling request from 10.0.0.7"
+    assert (lines[0]["error"], lines[0]["status"]) == ("BadHttpMessage", 400)
+    assert lines[1]["msg"] == "Illegal cookie name [withheld]"
+    assert lines[2]["msg"] == "odd %d"

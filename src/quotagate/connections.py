@@ -39,10 +39,16 @@ from .errors import (
     GatewayError,
     HeadTooLarge,
     RequestTimeout,
+    TargetTooLong,
     UnsupportedEncoding,
     error_body,
     error_response,
 )
+
+# aiohttp's RequestHandler internals this module builds on (tested with aiohttp 3.14)
+_INTERNALS = ("_messages", "_request_in_progress", "_current_request", "_keepalive_handle", "_manager")
+if not set(_INTERNALS) <= set(RequestHandler.__slots__) or not hasattr(RequestHandler, "_process_keepalive"):
+    raise ImportError(f"quotagate needs an aiohttp whose RequestHandler has {_INTERNALS} and _process_keepalive")
 
 MAX_FIELD_BYTES = 65536
 """One header line (name and value) at most: long user ids fit (documented in the README)."""
@@ -168,8 +174,12 @@ class GuardedHandler(RequestHandler):
     ) -> web.StreamResponse:
         """aiohttp's answer to a head it cannot parse, as a JSON error that quotes none of the input."""
         super().handle_error(request, status, exc, message)  # logs (through LibraryLogFilter)
-        if isinstance(exc, LineTooLong):
-            error: GatewayError = HeadTooLarge(f"a request line or header line over {MAX_FIELD_BYTES} bytes")
+        if isinstance(exc, LineTooLong):  # args: the line, the limit it passed, its size
+            limit = exc.args[1] if len(exc.args) > 1 else MAX_FIELD_BYTES
+            if limit == MAX_FIELD_BYTES:
+                error: GatewayError = HeadTooLarge(f"a header line over {MAX_FIELD_BYTES} bytes")
+            else:
+                error = TargetTooLong(f"a request line over {limit} bytes")
         elif isinstance(exc, ContentEncodingError):  # an encoding this server cannot inflate
             error = UnsupportedEncoding("Content-Encoding not accepted: send the body plain, gzip or deflate")
         elif status < 500:
@@ -375,7 +385,7 @@ class LibraryLogFilter(logging.Filter):
         if record.args:
             args = record.args if isinstance(record.args, tuple) else (record.args,)
             try:
-                record.msg = str(record.msg) % tuple(_inert(a) for a in args)
+                record.msg = str(record.msg).replace("%r", "%s") % tuple(_inert(a) for a in args)
             except (TypeError, ValueError, KeyError):
                 record.msg = str(record.msg)
         record.args = ()

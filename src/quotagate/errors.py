@@ -61,6 +61,10 @@ class HeadTooLarge(GatewayError):
     status, type, code = 431, "invalid_request_error", "request_head_too_large"
 
 
+class TargetTooLong(GatewayError):
+    status, type, code = 414, "invalid_request_error", "request_target_too_long"
+
+
 class RequestTimeout(GatewayError):
     status, type, code = 408, "invalid_request_error", "request_timeout"
 
