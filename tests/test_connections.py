@@ -122,6 +122,23 @@ def test_a_head_over_the_total_limit_is_431_and_closed_while_a_60_kib_user_id_wo
     assert upstream.received[0].headers.get("Helicone-User-Id") is None  # gateway headers stay home
 
 
+def test_the_head_limit_counts_the_head_not_the_body_sent_with_it(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream
+) -> None:
+    """Head and body in one write: a head under the limit passes however large its body, a head
+    over it is refused however small its body."""
+    gateway = make_gateway(max_head_bytes=4096)
+    key = gateway.key()
+    big = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 50_000}]})
+    with connection(gateway) as sock:
+        status, _ = exchange(sock, request_head(key, b"Helicone-User-Id: " + b"u" * 3000, length=len(big)) + big)
+        assert status == 200
+    with connection(gateway) as sock:
+        sock.sendall(request_head(key, b"Helicone-User-Id: " + b"u" * 4000) + BODY)
+        assert status_and_error(read_until_closed(sock)) == (431, "request_head_too_large")
+    assert upstream.count() == 1
+
+
 def test_a_head_that_never_ends_is_431_and_closed(gateway: Gateway, upstream: FakeUpstream) -> None:
     """Header lines under the per-line limit, sent until the gateway stops reading: it answers
     once the head passes the total limit, long before the head would end."""

@@ -101,11 +101,12 @@ class GuardedHandler(RequestHandler):
 
     Bytes received while no head is complete and no body is being read belong to a head. A chunk
     that also ends a body or a head is not counted (the parser has already taken it), so a head can
-    only be undercounted by one read, never overcounted; `GuardedServer` checks each complete head
-    exactly.
+    only be undercounted by one read, never overcounted. A head that may be over the limit once
+    complete (counted bytes plus the chunks around them) makes `GuardedServer` measure the heads
+    of this connection exactly (`check_heads`).
     """
 
-    __slots__ = ("_body", "_head_bytes", "_head_timer", "_limits", "_refused", "_watch")
+    __slots__ = ("_body", "_head_bytes", "_head_timer", "_limits", "_refused", "_uncounted", "_watch", "check_heads")
 
     def __init__(self, manager: Server, *, limits: HttpLimits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -115,6 +116,8 @@ class GuardedHandler(RequestHandler):
         self._body: Any = None  # the payload of the newest complete head
         self._watch: _Watch | None = None
         self._refused = False
+        self._uncounted = 0  # the last chunk not counted as head bytes: the next head may begin in it
+        self.check_heads = False
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -126,9 +129,14 @@ class GuardedHandler(RequestHandler):
         queued = len(self._messages)
         super().data_received(data)
         if len(self._messages) > queued:  # one head or more ended in this chunk
+            if self._uncounted + self._head_bytes + len(data) > self._limits.max_head_bytes:
+                self.check_heads = True
             self._head_ended()
             self._body = self._messages[-1][1]
-        elif not in_body:
+            self._uncounted = len(data)
+        elif in_body:
+            self._uncounted = len(data)
+        else:
             self._head_grew(len(data))
 
     def _head_grew(self, size: int) -> None:
@@ -243,7 +251,8 @@ class GuardedServer(Server):
             timer = self._loop.call_later(self.limits.body_timeout, _body_expired, request, handling, self.limits)
             request.content.on_eof(timer.cancel)
         try:
-            if head_size(request) > self.limits.max_head_bytes:
+            protocol = request.protocol
+            if getattr(protocol, "check_heads", True) and head_size(request) > self.limits.max_head_bytes:
                 response = error_response(HeadTooLarge(f"request head over {self.limits.max_head_bytes} bytes"))
                 response.force_close()
                 return response
