@@ -412,10 +412,9 @@ def test_client_disconnect_mid_stream_charges_what_was_streamed(
     for _ in range(yielded):
         next(iterator)
     assert ledger(gw, key) == {"token": (0, estimate + 50)}  # held: prompt estimate + max_tokens
-    stream.close()
-    if not handler_cancellation:
-        upstream.release(f"cut-{route}")  # a serve-like gateway notices at the upstream's next chunk
+    stream.close()  # while the upstream is silent: the gateway notices at once, in either mode
     assert settled(gw, key) == {"token": (charged_input + streamed, 0)}
+    assert abandoned(upstream) == [f"cut-{route}"]  # the upstream saw its connection closed
     upstream.release(f"cut-{route}")
     # the next call sees the whole budget but that charge: 10000 - charge - its own 100 + 20
     raw = gw.openai(key, **policy, **usage_headers(100, 20)).chat.completions.with_raw_response.create(
@@ -434,18 +433,36 @@ def test_a_broken_upstream_stream_charges_what_was_streamed(gw: Gateway, upstrea
     assert settled(gw, key) == {"cents": (microcents((11, "2.50"), (6, "10.00")), 0), "token": (17, 0)}
 
 
+@pytest.mark.parametrize("handler_cancellation", [True, False], ids=["cancelling", "serve-like"])
 def test_a_client_gone_before_a_json_answer_is_charged_its_prompt(
-    served: Callable[[bool], Gateway], upstream: FakeUpstream
+    served: Callable[[bool], Gateway], upstream: FakeUpstream, handler_cancellation: bool
 ) -> None:
-    """A client that times out before a non-stream answer: its hold does not linger until the
-    hold's TTL; it is charged the prompt's estimate."""
-    gw = served(True)
+    """A client that gives up on a non-stream answer the upstream is working on: the gateway drops
+    the upstream call at once (the upstream sees its connection closed), its hold does not linger
+    until the hold's TTL, it is charged the prompt's estimate and its request unit stays taken."""
+    gw = served(handler_cancellation)
     key = gw.key()
-    client = gw.openai(key, **{POLICY: "10000;w=3600;u=token", "X-Fake-Hold": "slow-json"}).with_options(timeout=0.5)
-    with pytest.raises(openai.APITimeoutError):
-        client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=50)
-    assert settled(gw, key) == {"token": (PROMPT_ESTIMATE, 0)}
-    upstream.release("slow-json")
+    client = gw.async_openai(key, **{POLICY: "10000;w=3600;u=token, 10;w=3600", "X-Fake-Hold": "slow-json"})
+
+    async def give_up() -> None:
+        call = asyncio.create_task(client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=50))
+        while not upstream.count() and not call.done():
+            await asyncio.sleep(0.01)
+        call.cancel()  # the SDK closes its connection
+        await asyncio.gather(call, return_exceptions=True)
+        await client.close()
+
+    asyncio.run(give_up())
+    assert abandoned(upstream) == ["slow-json"]
+    assert settled(gw, key) == {"token": (PROMPT_ESTIMATE, 0), "request": (1, 0)}
+
+
+def abandoned(upstream: FakeUpstream) -> list[str]:
+    """The holds whose caller (the gateway) closed the connection, once there is one."""
+    deadline = time.monotonic() + 10
+    while not upstream.abandoned and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return upstream.abandoned
 
 
 def test_a_failed_upstream_call_is_charged_nothing(gw: Gateway, upstream: FakeUpstream) -> None:

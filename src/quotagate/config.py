@@ -35,6 +35,12 @@ NUMBER_BOUNDS: dict[str, tuple[float, float]] = {
     "connect_timeout": (0.001, 3600),
     "default_max_tokens": (1, 10_000_000),
     "admin_failed_signins": (1, 100_000),
+    "max_head_bytes": (1024, 2**30),
+    "head_timeout": (0.001, 86400),
+    "body_timeout": (0.001, 86400),
+    "idle_timeout": (0.001, 86400),
+    "max_in_flight": (1, 10_000_000),
+    "max_in_flight_bytes": (1, 2**50),
 }
 MAX_PRICE = Decimal(1_000_000)  # US dollars per million tokens
 
@@ -117,6 +123,21 @@ class Settings:
         20, "Failed admin sign-ins (wrong admin token) allowed per client address per minute; 429 beyond."
     )
     max_body_bytes: int = setting(32 * 1024 * 1024, "Largest request body accepted (413 beyond).")
+    max_head_bytes: int = setting(
+        96 * 1024, "Largest request head: request line and all header lines, each at most 64 KiB (431 beyond)."
+    )
+    head_timeout: float = setting(
+        10.0, "Seconds a client may take to send a request head, from its first byte (408 and closed beyond)."
+    )
+    body_timeout: float = setting(
+        60.0, "Seconds a client may take to send a request body after its head (408, or closed, beyond)."
+    )
+    idle_timeout: float = setting(75.0, "Seconds a keep-alive connection may wait for its next request.")
+    max_in_flight: int = setting(512, "Proxied calls one worker handles at once (503 with Retry-After beyond).")
+    max_in_flight_bytes: int = setting(
+        256 * 1024 * 1024,
+        "Request-body bytes one worker holds for the calls it handles (503 with Retry-After beyond).",
+    )
     upstream_timeout: float = setting(600.0, "Seconds to wait for the upstream's next byte (504 beyond).")
     connect_timeout: float = setting(10.0, "Seconds to wait for a connection to the upstream.")
     default_max_tokens: int = setting(
@@ -141,12 +162,20 @@ class Settings:
         _check_store(self.store)
         if self.on_store_error not in ("open", "closed"):
             raise ConfigError(f"on_store_error must be 'open' or 'closed', not {self.on_store_error!r}")
+        self._check_http_limits()
         for name in ("openai_base_url", "anthropic_base_url"):
             _check_url(getattr(self, name), name)
         for name in ("openai_api_key_endpoints", "anthropic_api_key_endpoints"):
             if getattr(self, name) is not None:
                 setattr(self, name, _endpoint_list(getattr(self, name), name))
         _check_routes(self.routes(), self.call_prices)
+
+    def _check_http_limits(self) -> None:
+        if self.max_in_flight_bytes < self.max_body_bytes:
+            raise ConfigError(
+                f"max_in_flight_bytes ({self.max_in_flight_bytes}) must be at least max_body_bytes "
+                f"({self.max_body_bytes}), or no body of the largest size could ever be accepted"
+            )
 
     def routes(self) -> dict[str, Upstream]:
         """Route prefix (first path segment) to upstream."""

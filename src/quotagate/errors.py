@@ -67,6 +67,36 @@ class BodyTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 
 
+class UnsupportedEncoding(GatewayError):
+    status, type, code = 415, "invalid_request_error", "unsupported_content_encoding"
+
+
+class BadRequestHead(GatewayError):
+    status, type, code = 400, "invalid_request_error", "malformed_request"
+
+
+class HeadTooLarge(GatewayError):
+    status, type, code = 431, "invalid_request_error", "request_head_too_large"
+
+
+class TargetTooLong(GatewayError):
+    status, type, code = 414, "invalid_request_error", "request_target_too_long"
+
+
+class RequestTimeout(GatewayError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
+class GatewayBusy(GatewayError):
+    status, type, code = 503, "gateway_error", "gateway_busy"
+
+
+class ClientGone(GatewayError):
+    """The client closed its connection: the response (499, as nginx logs it) never leaves."""
+
+    status, type, code = 499, "gateway_error", "client_closed_request"
+
+
 class RateLimited(GatewayError):
     status, type, code = 429, "rate_limit_exceeded", "rate_limited"
 
@@ -91,5 +121,6 @@ def error_response(exc: GatewayError, headers: Mapping[str, str] | None = None) 
     out = dict(headers or {})
     if isinstance(exc, RateLimited):
         out["X-Helicone-Error"] = "rate_limited"
+    if "retry_after" in exc.extra:
         out["Retry-After"] = str(exc.extra["retry_after"])
     return web.Response(status=exc.status, body=error_body(exc), headers=out, content_type="application/json")

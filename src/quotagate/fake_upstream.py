@@ -20,7 +20,8 @@ gateway like any header):
     X-Fake-Reset: 1          drop the connection without answering
     X-Fake-Garbage: 1        put a malformed event (not JSON) in the middle of a stream
     X-Fake-Hold: name        wait until `release(name)` is called: streams after their first event,
-                             other answers before they are sent
+                             other answers before they are sent; a caller that closes the connection
+                             meanwhile is recorded in `abandoned`
     X-Fake-Hold-After: 3     hold a stream after that many events instead of the first
     X-Fake-Linger: 0.3       seconds to keep a stream open after its last event
     X-Fake-Model: name       report this model in the response
@@ -38,6 +39,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
+
+from .connections import GatewayRunner
 
 DEFAULT_REPLY_TOKENS = 12
 _ids = itertools.count(1)
@@ -463,6 +466,7 @@ class FakeUpstream:
         self.url = ""  # set by whoever serves it
         self.received: list[Received] = []
         self.gates: dict[str, asyncio.Event] = {}
+        self.abandoned: list[str] = []  # holds whose caller closed the connection while held
         self.loop: asyncio.AbstractEventLoop | None = None
         self.app = web.Application(client_max_size=1024**3)
         self.app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -474,9 +478,17 @@ class FakeUpstream:
     def reset(self) -> None:
         self.received.clear()
         self.gates.clear()
+        self.abandoned.clear()
 
     def _gate(self, name: str) -> asyncio.Event:
         return self.gates.setdefault(name, asyncio.Event())
+
+    async def _hold(self, name: str) -> None:
+        try:
+            await self._gate(name).wait()
+        except asyncio.CancelledError:  # the caller closed the connection
+            self.abandoned.append(name)
+            raise
 
     def release(self, name: str) -> None:
         """Let a stream held with `X-Fake-Hold: name` go on (callable from any thread)."""
@@ -503,7 +515,7 @@ class FakeUpstream:
             kind = "rate_limit_error" if plan.status == 429 else "api_error"
             return _error(plan.status, kind, f"fake upstream error {plan.status}")
         if plan.hold and not body.get("stream"):
-            await self._gate(plan.hold).wait()
+            await self._hold(plan.hold)
         return await self._route(request, body, plan)
 
     async def _route(self, request: web.Request, body: dict[str, Any], plan: Plan) -> web.StreamResponse:
@@ -552,7 +564,7 @@ class FakeUpstream:
                 return response
             await response.write(event)
             if plan.hold and index == plan.hold_after - 1:
-                await self._gate(plan.hold).wait()
+                await self._hold(plan.hold)
             if plan.chunk_delay:
                 await asyncio.sleep(plan.chunk_delay)
         if plan.linger:
@@ -574,7 +586,8 @@ def _error(status: int, kind: str, message: str) -> web.Response:
 
 
 class BackgroundServer:
-    """Runs an aiohttp application on a real socket in a thread of its own (tests, demo).
+    """Runs an aiohttp application on a real socket in a thread of its own (tests, demo); a gateway
+    (`server.build_app`) gets the same connection bounds as under `quotagate serve`.
 
     With `handler_cancellation` (the default here) aiohttp cancels a handler whose client went
     away; `quotagate serve` runs without it, so a handler notices a gone client when it next writes.
@@ -586,7 +599,7 @@ class BackgroundServer:
         self.app, self.host, self.port = app, host, port
         self.handler_cancellation = handler_cancellation
         self.loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
+        self._runner: GatewayRunner | None = None
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="fake-upstream")
 
     @property
@@ -599,7 +612,7 @@ class BackgroundServer:
         return self
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=self.handler_cancellation)
+        self._runner = GatewayRunner(self.app, access_log=None, handler_cancellation=self.handler_cancellation)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()

@@ -27,19 +27,23 @@ from yarl import URL
 
 from . import metrics
 from .config import CallPrice, Settings, Upstream
+from .connections import BodyTimeout, Capacity, ClientWatch, Slot
 from .errors import (
     BadBody,
     BadPath,
     BadPolicy,
     BodyTooLarge,
+    ClientGone,
     EndpointNotAllowed,
     GatewayError,
     MissingSegment,
     NotFound,
     RateLimited,
+    RequestTimeout,
     StoreUnavailable,
     Unauthorized,
     UnmeteredEndpoint,
+    UnsupportedEncoding,
     UpstreamTimeout,
     UpstreamUnreachable,
     error_response,
@@ -70,7 +74,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
+# content-encoding: a body is forwarded as the gateway read and metered it, inflated (`_read_body`)
+_DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "content-encoding"}
+_INFLATED = frozenset({"", "identity", "gzip", "deflate"})  # request encodings aiohttp inflates itself
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 POLICY_HEADER = "Helicone-RateLimit-Policy"
 _CREDENTIALS = ("authorization", "x-api-key", "api-key")  # a client's own provider credentials
@@ -108,6 +114,7 @@ class Call:
     price: CallPrice | None = None  # a per-call price from the config (an endpoint without usage)
     rewritten: bytes | None = None  # the body as metered, to forward instead of the client's bytes
     strip: bool = False  # the gateway asked the upstream for a stream's usage: drop it on the way back
+    slot: Slot | None = None  # its place among the worker's calls in flight
 
     def json(self) -> dict[str, Any] | None:
         """The request body as a JSON object, parsed once; None if it is not one."""
@@ -181,6 +188,7 @@ class Proxy:
             total=None, sock_connect=settings.connect_timeout, sock_read=settings.upstream_timeout
         )
         self.session: aiohttp.ClientSession | None = None
+        self.capacity = Capacity(settings.max_in_flight, settings.max_in_flight_bytes)
 
     async def start(self, _app: web.Application | None = None) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
@@ -209,6 +217,9 @@ class Proxy:
                 raise  # the response has begun: aiohttp closes the connection
             log.exception("internal error on %s %s", request.method, request.path)
             response = error_response(GatewayError("internal error in the gateway (logged)"), call.headers())
+        finally:
+            if call.slot is not None:
+                call.slot.release()
         self._record(request, call, response, time.perf_counter() - started)
         return response
 
@@ -216,7 +227,7 @@ class Proxy:
         route = self._route(request, call)
         call.key = await self._authenticate(request)
         self._check_key_scope(request, route)
-        call.body = await self._read_body(request)
+        call.body = await self._read_body(request, call)
         policies = self._policies(request, call.key)
         values = self._segment_values(request, policies, call)
         call.budgets = budgets_for(call.key.id, policies, values)
@@ -273,14 +284,38 @@ class Proxy:
             raise Unauthorized("unknown or revoked gateway key")
         return key
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: web.Request, call: Call) -> bytes:
+        """The body as aiohttp inflated it, within the size limit and the worker's capacity."""
         limit = self.settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise BodyTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in _INFLATED:
+            raise UnsupportedEncoding(
+                f"Content-Encoding {encoding[:40]!r} is not accepted: send the body plain, gzip or deflate"
+            )
+        declared = request.content_length or 0
+        if declared > limit:
+            raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+        call.slot = self.capacity.enter()
+        call.slot.hold(declared)  # refused before it is read when the worker holds too much
+        return await self._read_chunks(request, call.slot, limit)
+
+    async def _read_chunks(self, request: web.Request, slot: Slot, limit: int) -> bytes:
+        chunks, size = [], 0
         try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes") from None
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:  # a deflated body is only known by reading it (zip bombs)
+                    raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+                if size > slot.held:
+                    slot.hold(size - slot.held)
+                chunks.append(chunk)
+        except BodyTimeout as exc:
+            raise RequestTimeout(str(exc)) from None
+        except web.RequestPayloadError:
+            raise BadBody("the request body could not be read: its framing or compression is invalid") from None
+        except ConnectionError:
+            raise ClientGone("the client closed its connection while sending the body") from None
+        return b"".join(chunks)
 
     def _policies(self, request: web.Request, key: GatewayKey) -> tuple[Policy, ...]:
         lines = request.headers.getall(POLICY_HEADER, ())
@@ -467,21 +502,30 @@ class Proxy:
 
     async def _forward(self, request: web.Request, call: Call, upstream: Upstream, path: str) -> web.StreamResponse:
         assert self.session is not None
+        if request.transport is None:  # gone during admission: nothing is forwarded, nothing charged
+            call.outcome = "client_gone"
+            await self._charge(call, None)
+            raise ClientGone("the client closed its connection before the call was forwarded")
         body, strip = (call.rewritten, call.strip) if call.rewritten is not None else (call.body, False)
         url = self._url(upstream, path, request.rel_url.raw_query_string)
         sent = time.perf_counter()
         try:
-            async with self.session.request(
-                request.method,
-                url,
-                headers=self._upstream_headers(request, upstream),
-                data=body,
-                allow_redirects=False,
-            ) as response:
-                call.upstream_status = response.status
-                if _is_json(response):
-                    return await self._whole(call, response)
-                return await self._stream(request, call, response, strip)
+            with ClientWatch(request):  # a client that leaves drops the upstream call at once
+                async with self.session.request(
+                    request.method,
+                    url,
+                    headers=self._upstream_headers(request, upstream),
+                    data=body,
+                    allow_redirects=False,
+                ) as response:
+                    call.upstream_status = response.status
+                    if _is_json(response):
+                        return await self._whole(call, response)
+                    return await self._stream(request, call, response, strip)
+        except ClientGone:
+            call.outcome = "client_gone"
+            await self._charge(call, self._partial_usage(call) if call.holding else None)
+            raise
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             await self._charge(call, None)
             raise UpstreamTimeout(f"the upstream did not answer within {self.settings.upstream_timeout:g} s") from exc
@@ -514,7 +558,7 @@ class Proxy:
         if _is_sse(response):
             call.tracker = StreamUsage(track_text=bool(call.holding), strip_usage_chunk=strip)
         tracker = call.tracker
-        call.outcome = await _pump(response, out, tracker)
+        call.outcome = await _pump(request, response, out, tracker)
         tail = b""
         if tracker is not None:
             if call.outcome == "upstream_broken" and tracker.ended:
@@ -647,23 +691,33 @@ class Proxy:
         )
 
 
-async def _pump(response: aiohttp.ClientResponse, out: web.StreamResponse, tracker: StreamUsage | None) -> str:
+async def _pump(
+    request: web.Request, response: aiohttp.ClientResponse, out: web.StreamResponse, tracker: StreamUsage | None
+) -> str:
     """Copy the upstream stream to the client; how it ended: complete, client_gone, upstream_broken.
 
     The tracker's terminal event, if any, is left for the caller to send (`tracker.finish()`).
-    Text that could not be written is taken back out of the tracker: it was not streamed.
+    Text that could not be written is taken back out of the tracker: it was not streamed. A client
+    that leaves while the upstream is silent is noticed at once (`ClientWatch`).
     """
+    unsent: int | None = None  # where the text of a write in progress begins
     try:
-        async for chunk in response.content.iter_any():
-            sent = len(tracker.text) if tracker is not None else 0
-            data = tracker.feed(chunk) if tracker is not None else chunk
-            if data and not await _write(out, data):
-                if tracker is not None:
-                    del tracker.text[sent:]
-                return "client_gone"
+        with ClientWatch(request):
+            async for chunk in response.content.iter_any():
+                unsent = len(tracker.text) if tracker is not None else 0
+                data = tracker.feed(chunk) if tracker is not None else chunk
+                if data and not await _write(out, data):
+                    break
+                unsent = None
+            else:
+                return "complete"
     except (aiohttp.ClientError, TimeoutError):
         return "upstream_broken"
-    return "complete"
+    except ClientGone:
+        pass
+    if tracker is not None and unsent is not None:
+        del tracker.text[unsent:]
+    return "client_gone"
 
 
 async def _write(out: web.StreamResponse, data: bytes) -> bool:

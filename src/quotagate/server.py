@@ -23,6 +23,7 @@ from aiohttp import web
 
 from . import metrics
 from .config import Settings
+from .connections import HTTP_LIMITS, GatewayRunner, HttpLimits, route_library_logs
 from .proxy import Proxy
 from .redact import redact_url
 from .stores import Store, StoreError, open_store
@@ -59,13 +60,16 @@ def setup_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    route_library_logs(JsonFormatter(), level)
 
 
 def build_app(settings: Settings, store: Store) -> web.Application:
     """The whole gateway as one aiohttp application."""
     proxy = Proxy(settings, store)
-    app = web.Application(client_max_size=settings.max_body_bytes, handler_args={"max_field_size": 65536})
+    limits = HttpLimits.from_settings(settings)
+    app = web.Application(client_max_size=settings.max_body_bytes, handler_args=limits.handler_args())
     app[PROXY] = proxy
+    app[HTTP_LIMITS] = limits  # served by a GatewayRunner: deadlines and head limits per connection
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
     app.on_cleanup.append(lambda _app: store.close())
@@ -132,7 +136,7 @@ def settle_garbage_collector() -> None:
 async def run_site(
     settings: Settings, store: Store, reuse_port: bool, stop: asyncio.Event, tune_gc: bool = False
 ) -> None:
-    runner = web.AppRunner(build_app(settings, store), access_log=None, handle_signals=False)
+    runner = GatewayRunner(build_app(settings, store), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=2048)
     await site.start()

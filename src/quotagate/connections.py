@@ -1,0 +1,425 @@
+"""Bounds per connection and per worker, below the handlers.
+
+aiohttp reads a request head with no deadline and no total size limit, and keeps a connection open
+for an hour without a request. Here, for an application built by `server.build_app`:
+
+- a head may take `head_timeout` seconds from its first byte, and `max_head_bytes` in all
+  (each header line at most `MAX_FIELD_BYTES`): 408 or 431, and the connection is closed;
+- a body may take `body_timeout` seconds after its head: 408 while a response can still be sent,
+  else the connection is closed;
+- a connection waits `idle_timeout` seconds for a request (aiohttp's keep-alive timer);
+- `ClientWatch` lets a handler notice a client that left while it waits for something else;
+- `Capacity` bounds the calls a worker has in flight and the request-body bytes they hold.
+
+The hook: `GatewayRunner` (used by `quotagate serve` and by `BackgroundServer`) makes a
+`GuardedServer`, whose connections are `GuardedHandler`s, for an application that carries
+`HTTP_LIMITS`. aiohttp's own log records pass through `LibraryLogFilter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
+
+from .config import Settings
+from .errors import (
+    BadRequestHead,
+    ClientGone,
+    GatewayBusy,
+    GatewayError,
+    HeadTooLarge,
+    RequestTimeout,
+    TargetTooLong,
+    UnsupportedEncoding,
+    error_body,
+    error_response,
+)
+
+# aiohttp's RequestHandler internals this module builds on (tested with aiohttp 3.14)
+_INTERNALS = ("_messages", "_request_in_progress", "_current_request", "_keepalive_handle", "_manager")
+if not set(_INTERNALS) <= set(RequestHandler.__slots__) or not hasattr(RequestHandler, "_process_keepalive"):
+    raise ImportError(f"quotagate needs an aiohttp whose RequestHandler has {_INTERNALS} and _process_keepalive")
+
+MAX_FIELD_BYTES = 65536
+"""One header line (name and value) at most: long user ids fit (documented in the README)."""
+LINGER = 1.0
+"""Seconds a refused connection is still read (and what arrives dropped) after its answer, so that
+closing it with unread bytes does not reset it before the client has read the answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    max_head_bytes: int
+    head_timeout: float
+    body_timeout: float
+    idle_timeout: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HttpLimits:
+        return cls(settings.max_head_bytes, settings.head_timeout, settings.body_timeout, settings.idle_timeout)
+
+    def handler_args(self) -> dict[str, Any]:
+        """What aiohttp's own RequestHandler enforces: one header line, the idle timer."""
+        return {"max_field_size": MAX_FIELD_BYTES, "keepalive_timeout": self.idle_timeout}
+
+
+HTTP_LIMITS = web.AppKey("http_limits", HttpLimits)
+
+
+class BodyTimeout(TimeoutError):
+    """Set on a request's payload when its body did not arrive in time (a TimeoutError, so that
+    aiohttp's lingering read of an unread body ends quietly)."""
+
+
+def head_size(request: BaseRequest) -> int:
+    """The bytes of a parsed head: request line, header lines, the blank line."""
+    line = len(request.method) + len(request.raw_path) + 12  # " ", " HTTP/1.1\r\n"
+    return line + sum(len(name) + len(value) + 4 for name, value in request.raw_headers) + 2
+
+
+# --- the connection ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Watch:
+    task: asyncio.Task[Any]
+    fired: bool = False
+
+
+class GuardedHandler(RequestHandler):
+    """aiohttp's connection protocol, with a deadline and a size limit for each head.
+
+    Bytes received while no head is complete and no body is being read belong to a head. A chunk
+    that also ends a body or a head is not counted (the parser has already taken it), so a head can
+    only be undercounted by one read, never overcounted. A head that may be over the limit once
+    complete (counted bytes plus the chunks around them) makes `GuardedServer` measure the heads
+    of this connection exactly (`check_heads`).
+    """
+
+    __slots__ = ("_body", "_head_bytes", "_head_timer", "_limits", "_refused", "_uncounted", "_watch", "check_heads")
+
+    def __init__(self, manager: Server, *, limits: HttpLimits, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = limits
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body: Any = None  # the payload of the newest complete head
+        self._watch: _Watch | None = None
+        self._refused = False
+        self._uncounted = 0  # the last chunk not counted as head bytes: the next head may begin in it
+        self.check_heads = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if not data or self.transport is None:
+            super().data_received(data)
+            return
+        in_body = self._body is not None and not self._body.is_eof()
+        queued = len(self._messages)
+        super().data_received(data)
+        if len(self._messages) > queued:  # one head or more ended in this chunk
+            if self._uncounted + self._head_bytes + len(data) > self._limits.max_head_bytes:
+                self.check_heads = True
+            self._head_ended()
+            self._body = self._messages[-1][1]
+            self._uncounted = len(data)
+        elif in_body:
+            self._uncounted = len(data)
+        else:
+            self._head_grew(len(data))
+
+    def _head_grew(self, size: int) -> None:
+        if not self._head_bytes:
+            self._head_timer = self._loop.call_later(self._limits.head_timeout, self._head_expired)
+        self._head_bytes += size
+        if self._head_bytes > self._limits.max_head_bytes:
+            self.refuse(HeadTooLarge(f"request head over {self._limits.max_head_bytes} bytes"))
+
+    def _head_ended(self) -> None:
+        self._head_bytes = 0
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._head_bytes:
+            self.refuse(RequestTimeout(f"request head not received within {self._limits.head_timeout:g} s"))
+
+    def _process_keepalive(self) -> None:
+        """aiohttp's idle timer: a connection whose next head has begun is left to the head deadline."""
+        if self._head_bytes:
+            self._keepalive_handle = None
+            return
+        super()._process_keepalive()
+
+    def refuse(self, exc: GatewayError) -> None:
+        """Answer `exc` and close the connection; if a response is under way, just close it."""
+        transport = self.transport
+        if transport is None:
+            return
+        if self._messages or self._request_in_progress or not transport.can_write_eof():
+            self.force_close()
+            return
+        self._refused = True  # what still arrives is dropped
+        transport.write(raw_response(exc))
+        transport.write_eof()
+        self._loop.call_later(LINGER, self.force_close)
+
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a head it cannot parse, as a JSON error that quotes none of the input."""
+        super().handle_error(request, status, exc, message)  # logs (through LibraryLogFilter)
+        if isinstance(exc, LineTooLong):  # args: the line, the limit it passed, its size
+            limit = exc.args[1] if len(exc.args) > 1 else MAX_FIELD_BYTES
+            if limit == MAX_FIELD_BYTES:
+                error: GatewayError = HeadTooLarge(f"a header line over {MAX_FIELD_BYTES} bytes")
+            else:
+                error = TargetTooLong(f"a request line over {limit} bytes")
+        elif isinstance(exc, ContentEncodingError):  # an encoding this server cannot inflate
+            error = UnsupportedEncoding("Content-Encoding not accepted: send the body plain, gzip or deflate")
+        elif status < 500:
+            error = BadRequestHead(f"malformed HTTP request ({type(exc).__name__ if exc else status})")
+        else:
+            error = GatewayError("internal error in the gateway (logged)")
+        response = error_response(error)
+        response.force_close()
+        return response
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        cancels = self._manager is not None and self._manager.handler_cancellation  # aiohttp cancels itself
+        super().connection_lost(exc)
+        self._head_ended()
+        body, self._body = self._body, None
+        if body is not None and not body.is_eof() and self._current_request is None:
+            body.set_exception(BodyTimeout("the client closed its connection"))  # ends aiohttp's lingering read
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.fired = True
+            if not cancels:
+                watch.task.cancel()
+
+
+def raw_response(exc: GatewayError) -> bytes:
+    """A whole HTTP/1.1 response for a connection that no handler owns."""
+    body = error_body(exc)
+    reason = {408: "Request Timeout", 431: "Request Header Fields Too Large"}.get(exc.status, "Error")
+    head = (
+        f"HTTP/1.1 {exc.status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+_Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class GuardedServer(Server):
+    """aiohttp's Server, making `GuardedHandler`s and checking each head and body before the app."""
+
+    def __init__(self, base: Server, limits: HttpLimits) -> None:
+        super().__init__(
+            self._guarded,
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            **base._kwargs,
+        )
+        self.limits = limits
+        self._app_handler: _Handler = base.request_handler
+
+    def __call__(self) -> RequestHandler:
+        return GuardedHandler(self, limits=self.limits, loop=self._loop, **self._kwargs)
+
+    async def _guarded(self, request: BaseRequest) -> web.StreamResponse:
+        handling = [True]
+        if not request.content.is_eof():
+            timer = self._loop.call_later(self.limits.body_timeout, _body_expired, request, handling, self.limits)
+            request.content.on_eof(timer.cancel)
+        try:
+            protocol = request.protocol
+            if getattr(protocol, "check_heads", True) and head_size(request) > self.limits.max_head_bytes:
+                response = error_response(HeadTooLarge(f"request head over {self.limits.max_head_bytes} bytes"))
+                response.force_close()
+                return response
+            return await self._app_handler(request)
+        except BodyTimeout as exc:
+            response = error_response(RequestTimeout(str(exc)))
+            response.force_close()
+            return response
+        finally:
+            handling[0] = False
+
+
+def _body_expired(request: BaseRequest, handling: list[bool], limits: HttpLimits) -> None:
+    """A body still incomplete: its reader gets BodyTimeout (the handler answers 408); once a
+    response is under way or done, the connection is closed."""
+    payload = request.content
+    if payload.is_eof() or request.transport is None:
+        return
+    payload.set_exception(BodyTimeout(f"request body not received within {limits.body_timeout:g} s"))
+    request.protocol.close()  # no further request on this connection
+    if not handling[0] or request.writer.output_size > 0:
+        request.protocol.force_close()
+
+
+class GatewayRunner(web.AppRunner):
+    """An AppRunner; an application that carries HTTP_LIMITS gets a GuardedServer."""
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        limits = self.app.get(HTTP_LIMITS)
+        return server if limits is None else GuardedServer(server, limits)
+
+
+# --- a client that leaves ----------------------------------------------------------------------
+
+
+class ClientWatch:
+    """Inside the block, a client whose connection closes cancels the current task, which leaves
+    the block as ClientGone: a handler waiting on something else (the upstream) notices at once.
+
+    Without a GuardedHandler (a plain aiohttp server) it does nothing.
+    """
+
+    __slots__ = ("outer", "protocol", "watch")
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        protocol = request.protocol
+        self.protocol = protocol if isinstance(protocol, GuardedHandler) else None
+        self.watch: _Watch | None = None
+        self.outer: _Watch | None = None
+
+    def __enter__(self) -> None:
+        protocol, task = self.protocol, asyncio.current_task()
+        if protocol is None or task is None:
+            return
+        if protocol.transport is None:
+            raise ClientGone("the client closed its connection")
+        self.outer, self.watch = protocol._watch, _Watch(task)
+        protocol._watch = self.watch
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        watch = self.watch
+        if watch is None:
+            return
+        assert self.protocol is not None
+        if self.protocol._watch is watch:
+            self.protocol._watch = self.outer
+        if not watch.fired:
+            return
+        watch.task.uncancel()  # delivered inside the block (as CancelledError, or turned into another error)
+        raise ClientGone("the client closed its connection") from None
+
+
+# --- calls in flight -----------------------------------------------------------------------------
+
+
+class Capacity:
+    """The calls one worker has in flight and the request-body bytes they hold, each bounded.
+
+    A call beyond either bound gets GatewayBusy (503, Retry-After) before it is admitted: nothing
+    is counted and nothing forwarded.
+    """
+
+    def __init__(self, max_calls: int, max_bytes: int) -> None:
+        self.max_calls, self.max_bytes = max_calls, max_bytes
+        self.calls = 0
+        self.bytes = 0
+
+    def enter(self) -> Slot:
+        if self.calls >= self.max_calls:
+            raise GatewayBusy(f"the gateway has {self.max_calls} calls in flight; retry shortly", retry_after=1)
+        self.calls += 1
+        return Slot(self)
+
+
+class Slot:
+    """One call's share of a Capacity: its place, and the body bytes it holds."""
+
+    __slots__ = ("capacity", "held", "open")
+
+    def __init__(self, capacity: Capacity) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self.open = True
+
+    def hold(self, size: int) -> None:
+        """Hold `size` more body bytes, or raise GatewayBusy."""
+        capacity = self.capacity
+        if capacity.bytes + size > capacity.max_bytes:
+            raise GatewayBusy(
+                f"the gateway holds {capacity.max_bytes} bytes of request bodies in flight; retry shortly",
+                retry_after=1,
+            )
+        capacity.bytes += size
+        self.held += size
+
+    def release(self) -> None:
+        if self.open:
+            self.open = False
+            self.capacity.calls -= 1
+            self.capacity.bytes -= self.held
+
+
+# --- aiohttp's own log -----------------------------------------------------------------------------
+
+
+class LibraryLogFilter(logging.Filter):
+    """aiohttp's log records keep their event (message, status, peer) and lose what the client
+    sent: arguments that are not peer addresses, exception text and tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        fields: dict[str, Any] = dict(getattr(record, "fields", None) or {})
+        if exc is not None:
+            fields["error"] = type(exc).__name__
+            status = getattr(exc, "code", None) or getattr(exc, "status", None)
+            if isinstance(status, int):
+                fields["status"] = status
+        if record.args:
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            try:
+                record.msg = str(record.msg).replace("%r", "%s") % tuple(_inert(a) for a in args)
+            except (TypeError, ValueError, KeyError):
+                record.msg = str(record.msg)
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        record.fields = fields
+        return True
+
+
+def _inert(value: Any) -> str:
+    """A peer address as it is; anything else (it may be what the client sent) withheld."""
+    try:
+        ipaddress.ip_address(str(value))
+    except ValueError:
+        return "[withheld]"
+    return str(value)
+
+
+def route_library_logs(formatter: logging.Formatter, level: str) -> None:
+    """aiohttp's loggers write through `formatter`, filtered, instead of Python's last resort."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter)
+    handler.addFilter(LibraryLogFilter())
+    library = logging.getLogger("aiohttp")
+    library.handlers[:] = [handler]
+    library.setLevel(level.upper())
+    library.propagate = False

@@ -1,0 +1,369 @@
+"""Bounded per connection (SPEC §7): a request head has a total size limit, heads and bodies a read
+deadline, idle connections a timeout; and aiohttp's own log lines carry no header value.
+
+Over raw sockets, against in-process gateways and `quotagate serve`. Deadlines are set small in each
+test's settings; a test waits for the gateway to close the socket, it never times the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import orjson
+import pytest
+
+from quotagate.config import ConfigError, Settings
+from quotagate.fake_upstream import FakeUpstream
+
+from .conftest import CHAT, Gateway
+
+POLICY = "Helicone-RateLimit-Policy"
+BODY = orjson.dumps({"model": "gpt-4o-mini", "messages": CHAT, "max_tokens": 2})
+
+
+def port_of(gateway: Gateway) -> int:
+    return int(gateway.url.rsplit(":", 1)[1])
+
+
+@contextmanager
+def connection(gateway: Gateway) -> Iterator[socket.socket]:
+    with socket.create_connection(("127.0.0.1", port_of(gateway)), timeout=10) as sock:
+        yield sock
+
+
+def read_until_closed(sock: socket.socket, limit: float = 10) -> bytes:
+    """Everything the gateway sends until it closes the connection (fails if it does not within
+    `limit` seconds: a generous bound for a deadline of a fraction of a second)."""
+    sock.settimeout(limit)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        pytest.fail(f"the gateway kept the connection open; it sent {data[:200]!r}")
+    return data
+
+
+def trickle(sock: socket.socket, data: bytes, every: float = 0.05) -> bytes:
+    """Send `data` a byte at a time until the gateway answers or closes; what it sent back."""
+    sock.settimeout(every)
+    for byte in data:
+        try:
+            sock.sendall(bytes([byte]))
+            answer = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return b""
+        return answer + read_until_closed(sock)
+    pytest.fail("the gateway read the whole trickle without closing the connection")
+
+
+def status_and_error(answer: bytes) -> tuple[int, str]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), orjson.loads(body)["error"]["code"]
+
+
+def request_head(key: str, *extra: bytes, length: int = len(BODY)) -> bytes:
+    lines = [
+        b"POST /v1/chat/completions HTTP/1.1",
+        b"Host: gateway",
+        b"Content-Type: application/json",
+        f"Helicone-Auth: Bearer {key}".encode(),
+        f"Content-Length: {length}".encode(),
+        *extra,
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def exchange(sock: socket.socket, data: bytes) -> tuple[int, bytes]:
+    """Send one request on a keep-alive connection and read its response (Content-Length framed)."""
+    sock.settimeout(10)
+    sock.sendall(data)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split(b" ", 2)[1]), body
+
+
+# --- head size --------------------------------------------------------------------------------------
+
+
+def test_a_head_over_the_total_limit_is_431_and_closed_while_a_60_kib_user_id_works(
+    gateway: Gateway, upstream: FakeUpstream
+) -> None:
+    key = gateway.key()
+    with connection(gateway) as sock:  # each header under the 64 KiB line limit, 120 KiB in all
+        sock.sendall(request_head(key, b"X-Pad-1: " + b"a" * 60_000, b"X-Pad-2: " + b"b" * 60_000) + BODY)
+        assert status_and_error(read_until_closed(sock)) == (431, "request_head_too_large")
+    user = b"u" * 60 * 1024
+    with connection(gateway) as sock:
+        status, _ = exchange(
+            sock, request_head(key, f"{POLICY}: 5;w=60;s=user".encode(), b"Helicone-User-Id: " + user) + BODY
+        )
+        assert status == 200
+    assert upstream.count() == 1
+    assert upstream.received[0].headers.get("Helicone-User-Id") is None  # gateway headers stay home
+
+
+def test_the_head_limit_counts_the_head_not_the_body_sent_with_it(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream
+) -> None:
+    """Head and body in one write: a head under the limit passes however large its body, a head
+    over it is refused however small its body."""
+    gateway = make_gateway(max_head_bytes=4096)
+    key = gateway.key()
+    big = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 50_000}]})
+    with connection(gateway) as sock:
+        status, _ = exchange(sock, request_head(key, b"Helicone-User-Id: " + b"u" * 3000, length=len(big)) + big)
+        assert status == 200
+    with connection(gateway) as sock:
+        sock.sendall(request_head(key, b"Helicone-User-Id: " + b"u" * 4000) + BODY)
+        assert status_and_error(read_until_closed(sock)) == (431, "request_head_too_large")
+    assert upstream.count() == 1
+
+
+def test_a_head_that_never_ends_is_431_and_closed(gateway: Gateway, upstream: FakeUpstream) -> None:
+    """Header lines under the per-line limit, sent until the gateway stops reading: it answers
+    once the head passes the total limit, long before the head would end."""
+    with connection(gateway) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n")
+        sent = 0
+        while sent < 64 * 1024 * 1024 and not select.select([sock], [], [], 0)[0]:  # until it answers
+            sock.sendall(b"X-Pad: " + b"p" * 60_000 + b"\r\n")
+            sent += 60_009
+        assert status_and_error(read_until_closed(sock)) == (431, "request_head_too_large")
+    assert sent < 16 * 1024 * 1024  # what the gateway read, plus what socket buffers took
+    assert upstream.count() == 0
+
+
+def test_a_header_line_over_64_kib_is_431_and_quotes_nothing(gateway: Gateway) -> None:
+    with connection(gateway) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: g\r\nX-Long: secret-" + b"x" * 70_000 + b"\r\n\r\n")
+        answer = read_until_closed(sock)
+    assert status_and_error(answer) == (431, "request_head_too_large")
+    assert b"secret-" not in answer
+
+
+# --- read deadlines ---------------------------------------------------------------------------------
+
+
+def test_a_trickled_head_is_closed_after_its_deadline(make_gateway: Callable[..., Gateway]) -> None:
+    gateway = make_gateway(head_timeout=0.3, idle_timeout=60)  # the head deadline, not the idle one
+    with connection(gateway) as sock:
+        answer = trickle(sock, b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Slow: " + b"s" * 400)
+    assert status_and_error(answer) == (408, "request_timeout")
+
+
+def test_a_trickled_body_gets_408_and_the_connection_is_dropped(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream
+) -> None:
+    gateway = make_gateway(body_timeout=0.3)
+    key = gateway.key()
+    with connection(gateway) as sock:
+        sock.sendall(request_head(key) + BODY[:10])
+        answer = trickle(sock, BODY[10:] * 20)
+    assert status_and_error(answer) == (408, "request_timeout")
+    assert upstream.count() == 0
+
+
+def test_a_trickled_body_after_an_answer_is_dropped(make_gateway: Callable[..., Gateway]) -> None:
+    """An unknown key is answered at once (401) without reading the body; the body still trickling
+    is not read for long: the connection is closed at the body deadline."""
+    gateway = make_gateway(body_timeout=0.3)
+    with connection(gateway) as sock:
+        sock.sendall(request_head("qg_unknown", length=100_000) + b"{")
+        sock.settimeout(10)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401")
+        sock.settimeout(0.05)
+        for _ in range(60):  # 3 s of trickling; aiohttp alone would read on for 10 s
+            try:
+                sock.sendall(b" ")
+                if sock.recv(100) == b"":
+                    return
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                return
+    pytest.fail("the gateway kept reading a trickled body")
+
+
+def test_an_idle_connection_is_closed(make_gateway: Callable[..., Gateway]) -> None:
+    gateway = make_gateway(idle_timeout=0.3)
+    with connection(gateway) as sock:  # connected, never a byte
+        assert read_until_closed(sock) == b""
+    with connection(gateway) as sock:  # one request, then nothing
+        assert exchange(sock, b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")[0] == 200
+        assert read_until_closed(sock) == b""
+
+
+def test_a_keep_alive_client_is_not_disturbed(make_gateway: Callable[..., Gateway], upstream: FakeUpstream) -> None:
+    """One connection, requests spread over several times every deadline, a body sent in two parts:
+    every request is served on the same connection."""
+    gateway = make_gateway(head_timeout=1.0, body_timeout=1.0, idle_timeout=1.0)
+    key = gateway.key()
+    statuses = []
+    with connection(gateway) as sock:
+        for _ in range(5):
+            statuses.append(exchange(sock, b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")[0])
+            sock.sendall(request_head(key) + BODY[:20])
+            time.sleep(0.3)  # a body that arrives in two parts, within its deadline
+            statuses.append(exchange(sock, BODY[20:])[0])
+            time.sleep(0.4)  # idle between requests, within the idle timeout
+    assert statuses == [200] * 10
+    assert upstream.count() == 5
+
+
+def test_the_gateway_serves_others_while_slow_clients_hold_connections(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream
+) -> None:
+    gateway = make_gateway(head_timeout=5, body_timeout=5, idle_timeout=5)
+    key = gateway.key()
+    stop = threading.Event()
+
+    def slow(payload: bytes) -> None:
+        with connection(gateway) as sock:
+            for byte in payload:
+                if stop.is_set():
+                    return
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.05)
+
+    heads = [b"GET /healthz HTTP/1.1\r\nHost: g\r\nX-Slow: " + b"s" * 1000] * 20
+    bodies = [request_head(key, length=1000) + b"x" * 1000] * 20
+    threads = [threading.Thread(target=slow, args=(p,)) for p in heads + bodies]
+    for thread in threads:
+        thread.start()
+    try:
+        client = gateway.openai(key)
+        for _ in range(5):
+            client.chat.completions.create(model="gpt-4o-mini", messages=CHAT)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert upstream.count() == 5
+
+
+# --- quotagate serve ----------------------------------------------------------------------------------
+
+
+def test_serve_has_the_deadlines_from_flags_and_environment(serve: Callable[..., Gateway]) -> None:
+    gateway = serve("--head-timeout", "0.3", env={"QUOTAGATE_IDLE_TIMEOUT": "0.3"})
+    with connection(gateway) as sock:
+        answer = trickle(sock, b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Slow: " + b"s" * 400)
+    assert status_and_error(answer) == (408, "request_timeout")
+    with connection(gateway) as sock:
+        assert read_until_closed(sock) == b""
+
+
+SECRETS = [b"sk-live-LEAKED1", b"qg_LEAKED2", b"admin-LEAKED3", b"sk-ant-LEAKED4"]
+
+
+def test_malformed_heads_leave_no_header_value_in_logs_or_answers(serve: Callable[..., Gateway]) -> None:
+    gateway = serve()
+    heads = [
+        b"Authorization: Bearer " + SECRETS[0] + b"\x01",  # a control character in a value
+        b"Helicone-Auth " + SECRETS[1],  # a line without a colon
+        b"X-Admin-Token: " + SECRETS[2] + b"\x7f",
+        b"x-api-key: " + SECRETS[3] + b"x" * 70_000,  # a line over the 64 KiB limit
+    ]
+    for line in heads:
+        with connection(gateway) as sock:
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\n" + line + b"\r\n\r\n")
+            answer = read_until_closed(sock)
+        assert status_and_error(answer)[0] in (400, 431)
+        assert not any(secret in answer for secret in SECRETS)
+    lines = wait_for_lines(gateway, "Error handling request", len(heads))
+    text = "\n".join(gateway.log_lines())
+    assert not any(secret.decode() in text for secret in SECRETS), text[-3000:]
+    events = [json.loads(line) for line in lines]  # aiohttp's lines, as JSON, with the event
+    assert {(e["logger"], e["status"]) for e in events} <= {("aiohttp.server", 400)}
+    assert all(e["msg"] == "Error handling request from 127.0.0.1" and "error" in e for e in events)
+
+
+def wait_for_lines(gateway: Gateway, text: str, count: int) -> list[str]:
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [line for line in gateway.log_lines() if text in line]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+# --- settings ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"head_timeout": 0},
+        {"body_timeout": -1.0},
+        {"idle_timeout": float("nan")},
+        {"max_head_bytes": 0},
+        {"max_in_flight": 0},
+        {"max_head_bytes": "96k"},
+        {"max_in_flight_bytes": 1000, "max_body_bytes": 2000},
+    ],
+)
+def test_http_limits_are_validated_at_load(values: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        Settings(**values)  # type: ignore[arg-type]
+
+
+def test_a_request_line_over_its_limit_is_414_and_quotes_nothing(gateway: Gateway) -> None:
+    with connection(gateway) as sock:
+        sock.sendall(b"GET /v1/models?key=secret-" + b"x" * 9000 + b" HTTP/1.1\r\nHost: g\r\n\r\n")
+        answer = read_until_closed(sock)
+    assert status_and_error(answer) == (414, "request_target_too_long")
+    assert b"secret-" not in answer
+
+
+def test_aiohttp_log_records_keep_the_event_and_lose_what_the_client_sent() -> None:
+    """Records as aiohttp's loggers make them: an argument that is not a peer address (a cookie
+    name, a header line) is withheld; exception text and traceback are dropped, its class and
+    status kept."""
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from quotagate.connections import LibraryLogFilter
+    from quotagate.server import JsonFormatter
+
+    try:
+        raise BadHttpMessage("Invalid header value char: b'Authorization: Bearer sk-LEAKED'")
+    except BadHttpMessage:
+        failure = sys.exc_info()
+    records = [
+        logging.LogRecord(
+            "aiohttp.server", logging.ERROR, "p", 1, "Error handling request from %s", ("10.0.0.7",), failure
+        ),
+        logging.LogRecord("aiohttp.internal", logging.WARNING, "p", 1, "Illegal cookie name %r", ("sk-LEAKED",), None),
+        logging.LogRecord("aiohttp.server", logging.ERROR, "p", 1, "odd %d", ("sk-LEAKED",), None),
+    ]
+    lines = []
+    for record in records:
+        assert LibraryLogFilter().filter(record)
+        lines.append(json.loads(JsonFormatter().format(record)))
+    assert "LEAKED" not in json.dumps(lines)
+    assert lines[0]["msg"] == "Error handling request from 10.0.0.7"
+    assert (lines[0]["error"], lines[0]["status"]) == ("BadHttpMessage", 400)
+    assert lines[1]["msg"] == "Illegal cookie name [withheld]"
+    assert lines[2]["msg"] == "odd %d"
