@@ -33,6 +33,7 @@ from .errors import (
     BadPolicy,
     BodyTooLarge,
     GatewayError,
+    InvalidSegmentValue,
     MissingSegment,
     NotFound,
     RateLimited,
@@ -274,7 +275,7 @@ class Proxy:
         values: dict[str | None, str | None] = {None: None, USER: call.user}
         for name, value in request.headers.items():
             if name[:18].lower() == "helicone-property-" and value:
-                call.properties.setdefault(name[18:].lower(), value)
+                call.properties.setdefault(name[18:].lower(), _valid_id(value, name))
         for policy in policies:
             segment = policy.segment
             if segment is None or (segment in values and values[segment] is not None):
@@ -298,16 +299,16 @@ class Proxy:
     def _user_id(self, request: web.Request, call: Call) -> str | None:
         user = request.headers.get("Helicone-User-Id")
         if user:
-            return user
+            return _valid_id(user, "Helicone-User-Id")
         body = call.json()
         if body is None:
             return None
         if call.provider == "anthropic":
             meta = body.get("metadata")
-            user = meta.get("user_id") if isinstance(meta, dict) else None
+            user, where = (meta.get("user_id") if isinstance(meta, dict) else None), "metadata.user_id"
         else:
-            user = body.get("user")
-        return user if isinstance(user, str) and user else None
+            user, where = body.get("user"), "user"
+        return _valid_id(user, where) if isinstance(user, str) and user else None
 
     def _estimate(self, call: Call, path: str) -> None:
         """What a call will cost at most, held against cents and token budgets while in flight."""
@@ -621,6 +622,22 @@ def _decoded(body: bytes, encoding: str | None) -> bytes:
         return zlib.decompress(body, 47)  # 32 + 15: gzip or zlib header, detected
     except zlib.error:
         return b""
+
+
+def _valid_id(value: str, where: str) -> str:
+    """A user id or property value as every store can keep it: UTF-8 text without NUL. aiohttp
+    hands over header bytes that are not UTF-8 as lone surrogates, which no store can encode."""
+    if value.isascii() and "\x00" not in value:
+        return value
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidSegmentValue(
+            f"{where} is not valid UTF-8: user ids and property values must be UTF-8 text", param=where
+        ) from None
+    if "\x00" in value:
+        raise InvalidSegmentValue(f"{where} contains a NUL character, which ids may not hold", param=where)
+    return value
 
 
 def _segment_kind(segment: str | None) -> str:

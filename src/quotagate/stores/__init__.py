@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, Store, StoreError
+from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, Store, StoreError
 
-__all__ = ["GLOBAL", "SCHEMES", "BudgetUsage", "Denial", "KeyRecord", "Store", "StoreError", "open_store"]
+__all__ = ["GLOBAL", "SCHEMES", "BudgetUsage", "Denial", "KeyRecord", "StepError", "Store", "StoreError", "open_store"]
 
 SCHEMES = ("sqlite", "redis", "rediss", "redis+cluster", "rediss+cluster")
 

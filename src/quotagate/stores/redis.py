@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -41,8 +41,8 @@ from .. import limiter
 from ..limiter import Admission, Budget, CounterState
 from ..policy import Policy
 from . import resp
-from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
-from .batch import Admit, Batcher
+from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
+from .batch import Admit, Batcher, Failed
 
 log = logging.getLogger("quotagate.store")
 
@@ -55,6 +55,7 @@ DENIALS_KEPT = 1000
 FLUSH_SECONDS = 1.0
 INDEXED_REMEMBERED = 100_000
 INDEX_CHUNK = 200  # index entries per ZADD, the event loop free between them
+CONNECTIONS = 64  # redis-py commands in flight per worker; more wait for a free connection
 
 
 @dataclass(slots=True)
@@ -76,7 +77,8 @@ def _spec(window: int, quota: int, holds: bool, policies: tuple[Policy, ...], me
 def _admit_arguments(item: Admit, check_key: bool, keys: list[str], args: list[Any]) -> None:
     if check_key:
         keys.append(key_record_key(item.key_id))
-    args.append(f"A {item.reservation} {item.hold_ttl!r} {int(check_key)} {len(item.budgets)}")
+    first, metas = len(args), 0
+    args.append("")
     for b in item.budgets:
         keys.append(budget_key(b.id))
         meta = _meta(b)
@@ -84,6 +86,8 @@ def _admit_arguments(item: Admit, check_key: bool, keys: list[str], args: list[A
         args.append(f"{head}{b.amount}{tail}")
         if meta:
             args.append(meta)
+            metas += 1
+    args[first] = f"A {item.reservation} {item.hold_ttl!r} {int(check_key)} {len(item.budgets)} {metas}"
 
 
 def _settle_arguments(item: _Settle, keys: list[str], args: list[Any]) -> None:
@@ -94,6 +98,54 @@ def _settle_arguments(item: _Settle, keys: list[str], args: list[Any]) -> None:
             f"{budget.window}:{limiter.granularity(budget.window)}:{budget.quota}:{amount}:"
             f"{int(budget.holds)}:{item.mode}:{item.taken_at}"
         )
+
+
+@dataclass(slots=True)
+class _Packed:
+    """A batch's script call with its arguments encoded item by item: an item that cannot be
+    encoded (a value no store can hold) is left out of the call and fails alone."""
+
+    sent: list[Admit | _Settle]
+    keys: list[bytes]
+    args: list[bytes]
+    failed: list[Failed | None]  # per item of the batch: its failure, or None when it was sent
+
+    def results(self, raws: Sequence[Any]) -> list[Any]:
+        """Each item's result (or its failure), in the batch's order."""
+        decoded = iter(_decode_step(self.sent, raws))
+        return [next(decoded) if failure is None else failure for failure in self.failed]
+
+    def failure(self) -> Failed | None:
+        return next((f for f in self.failed if f is not None), None)
+
+
+def _pack(items: Sequence[Admit | _Settle], check_key: bool, now: str) -> _Packed:
+    packed = _Packed([], [], [now.encode(), b""], [])
+    for item in items:
+        keys: list[str] = []
+        args: list[Any] = []
+        try:
+            if isinstance(item, Admit):
+                _admit_arguments(item, check_key, keys, args)
+            else:
+                _settle_arguments(item, keys, args)
+            encoded_keys = [k.encode() for k in keys]
+            encoded_args = [a if isinstance(a, bytes) else a.encode() for a in args]
+        except Exception as exc:  # the item's own data: it alone fails
+            packed.failed.append(Failed(_step_error(exc)))
+            continue
+        packed.sent.append(item)
+        packed.keys += encoded_keys
+        packed.args += encoded_args
+        packed.failed.append(None)
+    packed.args[1] = b"%d" % len(packed.sent)
+    return packed
+
+
+def _step_error(cause: Exception) -> StepError:
+    error = StepError(f"Redis store step failed on this request's data: {cause}")
+    error.__cause__ = cause
+    return error
 
 
 def _meta(budget: Budget) -> bytes:
@@ -120,6 +172,19 @@ def _client_url(url: str) -> tuple[str, bool]:
     return ("rediss" if scheme.lower().startswith("rediss") else "redis") + "://" + rest, cluster
 
 
+class _WaitingCluster(RedisCluster):
+    """redis-py's Cluster client raises MaxConnectionsError when a node's connections are all in use;
+    here a command waits instead (pipelines, used off the hot path, keep a reserve of connections)."""
+
+    _waiting: asyncio.Semaphore | None = None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._waiting is None:
+            self._waiting = asyncio.Semaphore(CONNECTIONS)
+        async with self._waiting:
+            return await super().execute_command(*args, **kwargs)
+
+
 class RedisStore:
     def __init__(self, url: str, clock: Callable[[], float] | None = None) -> None:
         self.url = url
@@ -144,12 +209,17 @@ class RedisStore:
     # -- plumbing ----------------------------------------------------------------------------
 
     def _redis(self) -> Any:
+        """redis-py's client; a command waits for a free connection rather than failing when all
+        are busy (a burst of requests must not look like an unreachable store)."""
         if self._client is None:
             options: dict[str, Any] = {"socket_connect_timeout": 1.0, "socket_timeout": 5.0}
             if self.cluster:
-                self._client = RedisCluster.from_url(self._client_url, max_connections=256, **options)
+                self._client = _WaitingCluster.from_url(self._client_url, max_connections=CONNECTIONS + 32, **options)
             else:
-                self._client = aioredis.Redis.from_url(self._client_url, max_connections=256, **options)
+                pool = aioredis.BlockingConnectionPool.from_url(
+                    self._client_url, max_connections=CONNECTIONS, timeout=5.0, **options
+                )
+                self._client = aioredis.Redis(connection_pool=pool)
             self._script = self._client.register_script(_script("step.lua"))
         return self._client
 
@@ -208,49 +278,45 @@ class RedisStore:
     async def charge(self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]) -> list[CounterState]:
         if not self.cluster:
             states = await self._call("charge", self._steps.submit(_Settle(budgets, reservation, amounts, "charge")))
-        else:  # each budget in its own slot's script call, in parallel
-            settled = await self._call(
-                "charge",
-                asyncio.gather(
-                    *(
-                        self._step([_Settle([b], reservation, [a], "charge")])
-                        for b, a in zip(budgets, amounts, strict=True)
-                    )
-                ),
-            )
-            states = [s[0][0] for s in settled]
+        else:
+            states = await self._call("charge", self._charge_cluster(budgets, reservation, amounts))
         self._remember(budgets, Admission(True, True, states))
         return states
 
+    async def _charge_cluster(
+        self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]
+    ) -> list[CounterState]:
+        """Each budget in its own slot's script call, in parallel; all packed before any is sent."""
+        now = self._now_arg()
+        packs = [
+            _pack([_Settle([b], reservation, [a], "charge")], True, now) for b, a in zip(budgets, amounts, strict=True)
+        ]
+        _raise_failure(p.failure() for p in packs)
+        settled = [s[0] for s in await asyncio.gather(*(self._send(p) for p in packs))]
+        _raise_failure(s for s in settled if isinstance(s, Failed))
+        return [s[0] for s in settled]
+
     async def _step(self, items: Sequence[Admit | _Settle], check_key: bool = True) -> list[Any]:
-        """One script call for a batch of admissions and settlements, each on its own, in order;
-        the script is loaded again if the server forgot it (a restart)."""
-        keys, args = self._step_arguments(items, check_key)
+        """One script call for a batch of admissions and settlements, each on its own, in order."""
+        return await self._send(_pack(items, check_key, self._now_arg()))
+
+    async def _send(self, packed: _Packed) -> list[Any]:
+        """The packed call; the script is loaded again if the server forgot it (a restart)."""
+        if not packed.sent:
+            return packed.results([])
         try:
-            raws = await self._evalsha(keys, args)
+            raws = await self._evalsha(packed.keys, packed.args)
         except NoScriptError:
             self._script.sha = await self._redis().script_load(self._script.script)
-            raws = await self._evalsha(keys, args)
-        return _decode_step(items, raws)
+            raws = await self._evalsha(packed.keys, packed.args)
+        return packed.results(raws)
 
-    def _step_arguments(self, items: Sequence[Admit | _Settle], check_key: bool) -> tuple[list[str], list[Any]]:
-        keys: list[str] = []
-        args: list[Any] = [self._now_arg(), len(items)]
-        for item in items:
-            if isinstance(item, Admit):
-                _admit_arguments(item, check_key, keys, args)
-            else:
-                _settle_arguments(item, keys, args)
-        return keys, args
-
-    def _packed_evalsha(self, keys: list[str], args: list[Any]) -> bytes:
+    def _packed_evalsha(self, keys: list[bytes], args: list[bytes]) -> bytes:
         """EVALSHA of the step script, packed here in one `bytes.join`: redis-py's general packing
         of each argument cost more than the rest of the call (`python bench/run.py --profile`)."""
-        parts = [b"EVALSHA", self._script.sha.encode(), b"%d" % len(keys), *(k.encode() for k in keys)]
-        parts += [a if isinstance(a, bytes) else str(a).encode() for a in args]
-        return resp.pack(parts)
+        return resp.pack([b"EVALSHA", self._script.sha.encode(), b"%d" % len(keys), *keys, *args])
 
-    async def _evalsha(self, keys: list[str], args: list[Any]) -> Any:
+    async def _evalsha(self, keys: list[bytes], args: list[bytes]) -> Any:
         """The step script's call: on the pipelined connection (`resp.py`) on a single server, on a
         pooled redis-py connection for a URL that one cannot open, through redis-py on a Cluster."""
         client = self._redis()
@@ -279,15 +345,18 @@ class RedisStore:
         if protocol is None or self._script is None:
             return None
         results: asyncio.Future[Sequence[Any]] = asyncio.get_running_loop().create_future()
-        keys, args = self._step_arguments(items, True)
-        reply = protocol.send(self._packed_evalsha(keys, args))
-        reply.add_done_callback(functools.partial(self._started, items, results))
+        packed = _pack(items, True, self._now_arg())
+        if not packed.sent:
+            results.set_result(packed.results([]))
+            return results
+        reply = protocol.send(self._packed_evalsha(packed.keys, packed.args))
+        reply.add_done_callback(functools.partial(self._started, packed, results))
         return results
 
-    def _started(self, items: list[Admit | _Settle], results: asyncio.Future[Sequence[Any]], reply: Any) -> None:
+    def _started(self, packed: _Packed, results: asyncio.Future[Sequence[Any]], reply: Any) -> None:
         exc = reply.exception()
         if isinstance(exc, NoScriptError):  # the server restarted: load the script, call again
-            retry = asyncio.ensure_future(self._step(items))
+            retry = asyncio.ensure_future(self._send(packed))
             self._retries.add(retry)
             retry.add_done_callback(functools.partial(_copy_outcome, results))
             retry.add_done_callback(self._retries.discard)
@@ -295,42 +364,53 @@ class RedisStore:
             results.set_exception(exc)
         else:
             try:
-                results.set_result(_decode_step(items, reply.result()))
+                results.set_result(packed.results(reply.result()))
             except Exception as error:  # a reply the script cannot have sent
                 results.set_exception(RedisError(f"unexpected reply from the step script: {error!r}"))
 
     async def _admit_cluster(self, item: Admit) -> Admission:
-        """Budgets in different slots: each slot's group in its own script call, in parallel; if
-        any group (or the key check) refuses, the groups that admitted are refunded."""
+        """Budgets in different slots: each slot's group in its own script call, in parallel (all
+        packed before any is sent); if any group (or the key check) refuses, or fails on its own
+        data, the groups that admitted are refunded."""
         budgets = item.budgets
         groups: dict[int, list[int]] = {}
         for index, budget in enumerate(budgets):
             groups.setdefault(key_slot(budget_key(budget.id).encode()), []).append(index)
         members = list(groups.values())
-        calls = [
-            self._step([Admit(item.key_id, [budgets[i] for i in m], item.reservation, item.hold_ttl)], False)
+        now = self._now_arg()
+        packs = [
+            _pack([Admit(item.key_id, [budgets[i] for i in m], item.reservation, item.hold_ttl)], False, now)
             for m in members
         ]
-        revoked, *grouped = await asyncio.gather(self._redis().hget(key_record_key(item.key_id), "revoked_at"), *calls)
-        results: list[Admission] = [g[0] for g in grouped]
-        allowed = revoked == b"" and all(r.allowed for r in results)
+        _raise_failure(p.failure() for p in packs)
+        revoked, *grouped = await asyncio.gather(
+            self._redis().hget(key_record_key(item.key_id), "revoked_at"), *(self._send(p) for p in packs)
+        )
+        results: list[Admission | None] = [g[0] if isinstance(g[0], Admission) else None for g in grouped]
+        allowed = revoked == b"" and all(r is not None and r.allowed for r in results)
         states: list[CounterState] = [CounterState(0, 0, 0)] * len(budgets)
         for m, result in zip(members, results, strict=True):
-            for i, state in zip(m, result.states, strict=True):
+            for i, state in zip(m, result.states, strict=True) if result is not None else ():
                 states[i] = state
         if not allowed:
-            taken_at = self._now_arg() or repr(time.time())
-            undo = [[budgets[i] for i in m] for m, result in zip(members, results, strict=True) if result.allowed]
-            await asyncio.gather(
-                *(
-                    self._step([_Settle(group, item.reservation, [b.amount for b in group], "refund", taken_at)])
-                    for group in undo
-                )
+            await self._refund(
+                item, [[budgets[i] for i in m] for m, r in zip(members, results, strict=True) if r and r.allowed]
             )
             states = [
                 _without(states[i], b) if _took(results, members, i) else states[i] for i, b in enumerate(budgets)
             ]
+        _raise_failure(g[0] for g in grouped if isinstance(g[0], Failed))
         return Admission(revoked == b"", allowed, states)
+
+    async def _refund(self, item: Admit, groups: list[list[Budget]]) -> None:
+        """Undo the takes (or holds) of the groups that admitted a request another group refused."""
+        taken_at = self._now_arg() or repr(time.time())
+        await asyncio.gather(
+            *(
+                self._step([_Settle(group, item.reservation, [b.amount for b in group], "refund", taken_at)])
+                for group in groups
+            )
+        )
 
     # -- the dashboard's index, written off the request path -------------------------------------
 
@@ -512,8 +592,13 @@ def _index_commands(touched: dict[str, tuple[float, float]], denials: list[bytes
 
 
 def _decode_step(items: Sequence[Admit | _Settle], raws: Sequence[Any]) -> list[Any]:
+    """Each item's result; an error reply in its place (the script failed on that item) is its failure."""
     return [
-        _admission(raw, len(item.budgets)) if isinstance(item, Admit) else _states(raw[1:], len(item.budgets))
+        Failed(_step_error(raw))
+        if isinstance(raw, Exception)
+        else _admission(raw, len(item.budgets))
+        if isinstance(item, Admit)
+        else _states(raw[1:], len(item.budgets))
         for raw, item in zip(raws, items, strict=True)
     ]
 
@@ -545,8 +630,15 @@ def _admission(raw: Sequence[Any], count: int) -> Admission:
     return Admission(True, bool(int(raw[1])), _states(raw[3:], count))
 
 
-def _took(results: list[Admission], members: list[list[int]], index: int) -> bool:
-    return any(result.allowed and index in m for result, m in zip(results, members, strict=True))
+def _took(results: list[Admission | None], members: list[list[int]], index: int) -> bool:
+    return any(result is not None and result.allowed and index in m for result, m in zip(results, members, strict=True))
+
+
+def _raise_failure(failures: Iterable[Failed | None]) -> None:
+    """Raise the first item failure, if any."""
+    for failure in failures:
+        if failure is not None:
+            raise failure.error
 
 
 def _without(state: CounterState, budget: Budget) -> CounterState:

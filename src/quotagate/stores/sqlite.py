@@ -24,8 +24,8 @@ import orjson
 
 from .. import limiter
 from ..limiter import Admission, Budget, CounterState
-from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
-from .batch import Admit, Batcher, Charge
+from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
+from .batch import Admit, Batcher, Charge, Failed
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -234,19 +234,47 @@ class SQLiteStore:
         """A batch of admissions and charges in one transaction, each on its own, in order."""
         if all(isinstance(i, Admit) and not i.budgets for i in items):  # key checks only: no write lock
             self._refresh(db)
-            return [Admission(self._key_active(db, i.key_id), True, []) for i in items]  # type: ignore[union-attr]
+            return [self._isolated(db, self._key_check, i, 0.0) for i in items]
         db.execute("BEGIN IMMEDIATE")
         self._refresh(db)
         now = self.clock()
         try:
-            results = [
-                self._admit_one(db, i, now) if isinstance(i, Admit) else self._charge_one(db, i, now) for i in items
-            ]
+            results = [self._isolated(db, self._step_one, i, now, savepoint=True) for i in items]
             db.commit()
         except BaseException:
             self._forget()
             raise
         return results
+
+    def _isolated(
+        self, db: sqlite3.Connection, fn: Callable[..., T], item: Admit | Charge, now: float, savepoint: bool = False
+    ) -> T | Failed:
+        """One item's step; an error of its own (not of the store: locked, I/O, corrupt file) undoes
+        its writes back to its savepoint and fails only it, its cached states forgotten."""
+        if savepoint:
+            db.execute("SAVEPOINT item")
+        try:
+            result = fn(db, item, now)
+        except Exception as exc:
+            if _unavailable(exc):
+                raise
+            if savepoint:
+                db.execute("ROLLBACK TO item")
+                db.execute("RELEASE item")
+            for budget in item.budgets:
+                self._states_known.pop(budget.id, None)
+            failure = StepError(f"SQLite store step failed on this request's data: {exc!r}")
+            failure.__cause__ = exc
+            return Failed(failure)
+        if savepoint:
+            db.execute("RELEASE item")
+        return result
+
+    def _key_check(self, db: sqlite3.Connection, item: Admit, now: float) -> Admission:
+        return Admission(self._key_active(db, item.key_id), True, [])
+
+    def _step_one(self, db: sqlite3.Connection, item: Admit | Charge, now: float) -> Admission | list[CounterState]:
+        return self._admit_one(db, item, now) if isinstance(item, Admit) else self._charge_one(db, item, now)
 
     def _refresh(self, db: sqlite3.Connection) -> None:
         """Forget what another connection may have changed since this one last looked."""
@@ -471,6 +499,13 @@ _INSERT = (
 _UPDATE_ALWAYS = (
     "used=?, held=?, updated_at=?, expires_at=max(expires_at, ?), last_denied_at=coalesce(?, last_denied_at), state=?"
 )
+
+
+def _unavailable(exc: Exception) -> bool:
+    """An error of the store itself (locked, busy, I/O, disk full, a corrupt file), not of one item's data."""
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.ProgrammingError
+    )
 
 
 def _key_active(db: sqlite3.Connection, key_id: str) -> bool:
