@@ -55,6 +55,9 @@ DENIALS_KEPT = 1000
 FLUSH_SECONDS = 1.0
 INDEXED_REMEMBERED = 100_000
 INDEX_CHUNK = 200  # index entries per ZADD, the event loop free between them
+EXPIRY_CHUNK = 500  # expired index entries removed per step (a ZREM of 500 takes well under a millisecond)
+EXPIRY_CHUNKS = 20  # steps per flush or admin read, at most: 10,000 entries a second per worker
+SCAN_CHUNK = 500  # index entries an admin read fetches per command
 CONNECTIONS = 64  # redis-py commands in flight per worker; more wait for a free connection
 
 
@@ -197,9 +200,11 @@ class RedisStore:
         )
         self._client: Any = None
         self._script: Any = None
+        self._expire: Any = None
         self._touched: dict[str, tuple[float, float]] = {}  # index entries to write
         self._indexed: dict[str, tuple[float, float]] = {}  # what this worker last wrote, per budget
         self._denials: list[bytes] = []
+        self._store_now: float | None = None  # the counters' clock, as the last step reply told it
         self._flusher: asyncio.Task[None] | None = None
         self._init_lock = asyncio.Lock()
         self._steps: Batcher[Admit | _Settle, Any] = Batcher(self._step, start=self._start)
@@ -221,6 +226,7 @@ class RedisStore:
                 )
                 self._client = aioredis.Redis(connection_pool=pool)
             self._script = self._client.register_script(_script("step.lua"))
+            self._expire = self._client.register_script(_script("expire.lua"))
         return self._client
 
     def _now_arg(self) -> str:
@@ -272,7 +278,7 @@ class RedisStore:
         else:
             admission = await self._call("admit", self._admit_cluster(item))
         if admission.key_active and budgets:
-            self._remember(budgets, admission)
+            self._remember(budgets, admission, hold_ttl)
         return admission
 
     async def charge(self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]) -> list[CounterState]:
@@ -309,7 +315,12 @@ class RedisStore:
         except NoScriptError:
             self._script.sha = await self._redis().script_load(self._script.script)
             raws = await self._evalsha(packed.keys, packed.args)
-        return packed.results(raws)
+        return self._results(packed, raws)
+
+    def _results(self, packed: _Packed, raws: Sequence[Any]) -> list[Any]:
+        results = packed.results(raws)
+        self._store_now = _reply_time(packed.sent, raws) or self._store_now
+        return results
 
     def _packed_evalsha(self, keys: list[bytes], args: list[bytes]) -> bytes:
         """EVALSHA of the step script, packed here in one `bytes.join`: redis-py's general packing
@@ -364,7 +375,7 @@ class RedisStore:
             results.set_exception(exc)
         else:
             try:
-                results.set_result(packed.results(reply.result()))
+                results.set_result(self._results(packed, reply.result()))
             except Exception as error:  # a reply the script cannot have sent
                 results.set_exception(RedisError(f"unexpected reply from the step script: {error!r}"))
 
@@ -414,65 +425,112 @@ class RedisStore:
 
     # -- the dashboard's index, written off the request path -------------------------------------
 
-    def _remember(self, budgets: Sequence[Budget], admission: Admission) -> None:
+    def _remember(self, budgets: Sequence[Budget], admission: Admission, hold_ttl: float = 0.0) -> None:
         """Queue index updates: a budget new to this worker, one whose usage ratio moved by a
-        point or more, or one whose index entry is half-way to its expiry."""
-        now = self.clock() if self.clock else time.time()
+        point or more, or one whose index entry is half-way to its expiry. Entries expire by the
+        counters' own clock (the time of the store's last reply), holds included."""
+        now = self._store_now if self._store_now is not None else self._local_now()
         indexed = self._indexed
         for budget, state in zip(budgets, admission.states, strict=True):
             ratio = (state.used + state.held) / budget.quota if budget.quota else 1.0
             last = indexed.get(budget.id)
             if last is None or abs(ratio - last[0]) >= 0.01 or last[1] - now < budget.window / 2:
-                entry = (ratio, now + budget.window)
+                entry = (ratio, now + budget.window + (hold_ttl if budget.holds else 0.0))
                 self._touched[budget.id] = indexed[budget.id] = entry
         if len(indexed) > INDEXED_REMEMBERED:
             indexed.clear()
         if not admission.allowed:
-            for budget, state in zip(budgets, admission.states, strict=True):
-                if state.retry_after:
-                    policy = min(budget.policies, key=lambda p: p.scaled_quota).normal_form()
-                    self._denials.append(
-                        orjson.dumps(
-                            {
-                                "at": now,
-                                "key_id": budget.key_id,
-                                "policy": policy,
-                                "segment": budget.segment,
-                                "value": budget.value,
-                            }
-                        )
-                    )
+            self._note_denials(budgets, admission, now)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
+    def _note_denials(self, budgets: Sequence[Budget], admission: Admission, now: float) -> None:
+        for budget, state in zip(budgets, admission.states, strict=True):
+            if state.retry_after:
+                policy = min(budget.policies, key=lambda p: p.scaled_quota).normal_form()
+                self._denials.append(
+                    orjson.dumps(
+                        {
+                            "at": now,
+                            "key_id": budget.key_id,
+                            "policy": policy,
+                            "segment": budget.segment,
+                            "value": budget.value,
+                        }
+                    )
+                )
+
+    def _local_now(self) -> float:
+        return self.clock() if self.clock else time.time()
+
     async def _flush_soon(self) -> None:
-        await asyncio.sleep(FLUSH_SECONDS)
-        try:
-            await self._flush()
-        except (RedisError, OSError) as exc:
-            log.warning("could not update the budget index: %s", exc)
+        """Once a second while there is work: the index writes gathered, then expired entries removed
+        (a bounded number; while more remain, again a second later)."""
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            try:
+                await self._flush()
+                more = await self._expire_index(EXPIRY_CHUNKS)
+            except (RedisError, OSError) as exc:
+                log.warning("could not update the budget index: %s", exc)
+                return
+            if not more and not self._touched and not self._denials:
+                return
 
     async def _flush(self) -> None:
         """The index entries and denials gathered since the last flush, in commands of at most
         INDEX_CHUNK entries, packed one at a time with the event loop free between them: one ZADD
         of the 3,000 entries a busy worker gathers in a second took ~11 ms to pack, a stall that
-        every request in flight waited out."""
+        every request in flight waited out. Sent in order (each chunk's expiry before its ratio:
+        see `_expire_index`); through redis-py one after another, for the Cluster's nodes."""
         touched, self._touched = self._touched, {}
         denials, self._denials = self._denials, []
         if not touched and not denials:
             return
         pipelined = self._pipelined
         replies = []
-        pipe = None if pipelined is not None else self._redis().pipeline(transaction=False)
         for command in _index_commands(touched, denials):
             if pipelined is not None:
                 replies.append(pipelined.execute(resp.pack(command)))
+                await asyncio.sleep(0)
             else:
-                pipe.execute_command(command[0].decode(), *command[1:])  # type: ignore[union-attr]
-            await asyncio.sleep(0)
-        if pipe is not None:
-            await pipe.execute()
+                await self._redis().execute_command(command[0].decode(), *command[1:])
         await asyncio.gather(*replies)
+
+    async def _expire_index(self, chunks: int) -> bool:
+        """Remove the index entries whose budgets expired, at most `chunks` times EXPIRY_CHUNK of them
+        (each step bounded: one ZREM of 4 million entries held Redis for 2 s); True if more remain.
+        Safe with any number of workers doing it at once: the expiry set loses its entries in one
+        atomic step (`lua/expire.lua`, by the counters' clock), then the ratio set; an entry that a
+        writer re-added meanwhile (expiry first, then ratio) is put back by `_restore`."""
+        client = self._redis()
+        for _ in range(chunks):
+            gone = await self._expire(keys=[INDEX_EXPIRY], args=[self._now_arg(), EXPIRY_CHUNK], client=client)
+            if gone:
+                await client.zrem(INDEX, *gone)
+                await self._restore(gone)
+            if len(gone) < EXPIRY_CHUNK:
+                return False
+        return True
+
+    async def _restore(self, gone: list[bytes]) -> None:
+        """Entries written again while they were being removed (their budget came back to life):
+        their ratio, which the removal may have taken away, read from their budgets."""
+        client = self._redis()
+        back = [m for m, score in zip(gone, await client.zmscore(INDEX_EXPIRY, gone), strict=True) if score is not None]
+        if not back:
+            return
+        ids = [m.decode() for m in back]
+        for budget_id, usage in zip(ids, await self._read_budgets(ids, await self._store_time(), {}), strict=True):
+            if usage is not None:
+                await client.zadd(INDEX, {budget_id: usage.ratio})
+
+    async def _store_time(self) -> float:
+        """Now, by the counters' clock: the injected one, else the Redis server's."""
+        if self.clock is not None:
+            return self.clock()
+        seconds, micros = await self._redis().time()
+        return float(seconds) + micros / 1_000_000
 
     async def usage(
         self,
@@ -488,15 +546,13 @@ class RedisStore:
         self, key_id: str | None, segment: str | None, value: str | None, limit: int, offset: int
     ) -> list[BudgetUsage]:
         await self._flush()
+        while await self._expire_index(EXPIRY_CHUNKS):  # a backlog (after an upgrade, say): bounded steps
+            pass
         client = self._redis()
-        now = self.clock() if self.clock else time.time()
-        expired = await client.zrangebyscore(INDEX_EXPIRY, "-inf", now)
-        if expired:
-            await client.zrem(INDEX, *expired)
-            await client.zrem(INDEX_EXPIRY, *expired)
+        now = await self._store_time()
         names = {k.id: k.name for k in await self.list_keys()}
         out: list[BudgetUsage] = []
-        skipped, start, chunk = 0, 0, max(100, limit)
+        skipped, start, chunk = 0, 0, min(max(100, limit), SCAN_CHUNK)
         while len(out) < limit:
             ids = await client.zrevrange(INDEX, start, start + chunk - 1)
             if not ids:
@@ -577,12 +633,12 @@ class RedisStore:
 
 
 def _index_commands(touched: dict[str, tuple[float, float]], denials: list[bytes]) -> Iterator[list[bytes]]:
-    """The index's ZADDs, INDEX_CHUNK entries each, then the denials' LPUSH and LTRIM."""
+    """The index's ZADDs, INDEX_CHUNK entries each (expiry, then ratio), then the denials' LPUSH and LTRIM."""
     items = list(touched.items())
     for first in range(0, len(items), INDEX_CHUNK):
         chunk = items[first : first + INDEX_CHUNK]
-        for key, score in ((INDEX, 0), (INDEX_EXPIRY, 1)):
-            command = [b"ZADD", key.encode()]
+        for key, score, flags in ((INDEX_EXPIRY, 1, [b"GT"]), (INDEX, 0, [])):  # an expiry never moves back
+            command = [b"ZADD", key.encode(), *flags]
             for member, entry in chunk:
                 command += (repr(entry[score]).encode(), member.encode())
             yield command
@@ -601,6 +657,15 @@ def _decode_step(items: Sequence[Admit | _Settle], raws: Sequence[Any]) -> list[
         else _states(raw[1:], len(item.budgets))
         for raw, item in zip(raws, items, strict=True)
     ]
+
+
+def _reply_time(items: Sequence[Admit | _Settle], raws: Sequence[Any]) -> float | None:
+    """The step's time (the script read it from its clock): in every result, after the admission's
+    two flags or first in a settlement's."""
+    for item, raw in zip(items, raws, strict=True):
+        if not isinstance(raw, Exception):
+            return float(raw[2] if isinstance(item, Admit) else raw[0])
+    return None
 
 
 def _copy_outcome(target: asyncio.Future[Any], source: asyncio.Future[Any]) -> None:

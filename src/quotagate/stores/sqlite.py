@@ -3,9 +3,10 @@
 A step runs inside `BEGIN IMMEDIATE`, which takes SQLite's write lock up front: the check and the
 take of an admission are one atomic step across all processes sharing the file. While the lock is
 free a step runs on the event loop itself (a fraction of a millisecond); when another process
-holds it, on one dedicated thread per process, so the event loop never waits on a lock, and WAL
-checkpoints (which write and sync the database file) run on that thread too. The window algorithm
-is the one in `quotagate.limiter`; each counter's state is a small JSON document in its row.
+holds it, on one dedicated thread per process, so the event loop never waits on a lock, and the
+maintenance (expired rows deleted in small chunks, then a WAL checkpoint, which writes and syncs
+the database file) runs on that thread too. The window algorithm is the one in
+`quotagate.limiter`; each counter's state is a small JSON document in its row.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from .batch import Admit, Batcher, Charge, Failed
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 CHECKPOINT_COMMITS = 64  # ~1 MB of WAL for new budgets (a commit writes about 16 KB of pages)
+PURGE_CHUNK = 100  # expired counter rows deleted per statement: the write lock held a few ms
+PURGE_ROWS = 1000  # rows a maintenance pass may delete, at least (twice the rows inserted since the last)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -56,7 +59,8 @@ CREATE TABLE IF NOT EXISTS counters (
     updated_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     last_denied_at REAL,
-    state BLOB NOT NULL
+    state BLOB NOT NULL,
+    purge_at REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS counters_by_ratio ON counters (ratio DESC);
 DROP INDEX IF EXISTS counters_by_expiry;
@@ -104,10 +108,11 @@ class SQLiteStore:
         self._seen_version: tuple[int, int] | None = None
         self._states_known: dict[str, dict] = {}
         self._keys_known: dict[str, bool] = {}
-        # the WAL is checkpointed on the store thread, never by a commit on the event loop
-        self._commits = 0  # on the event loop since the last checkpoint
-        self._checkpointing = False
-        self._checkpointer: sqlite3.Connection | None = None  # on the store thread only
+        # expired rows are deleted and the WAL checkpointed on the store thread, never on the event loop
+        self._commits = 0  # on the event loop since the last maintenance
+        self._maintaining = False
+        self._maintenance: sqlite3.Connection | None = None  # on the store thread only
+        self._inserted = 0  # counter rows inserted since the last maintenance pass
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -116,31 +121,43 @@ class SQLiteStore:
             self._db = self._open(busy_ms=30000)
         return self._db
 
-    def _checkpoint_soon(self) -> None:
+    def _maintain_soon(self) -> None:
         """After commits on the event loop (whose connection never checkpoints: a checkpoint
-        writes the database file and syncs it, milliseconds the loop would stall), copy the WAL
-        back on the store thread every CHECKPOINT_COMMITS commits, so that it stays small."""
+        writes the database file and syncs it, milliseconds the loop would stall), delete expired
+        rows and copy the WAL back on the store thread every CHECKPOINT_COMMITS commits. A pass may
+        delete twice the rows inserted since the last one, so that deletion keeps up with new budgets."""
         self._commits += 1
-        if self._checkpointing or self._commits < CHECKPOINT_COMMITS:
+        if self._maintaining or self._commits < CHECKPOINT_COMMITS:
             return
-        self._checkpointing, self._commits = True, 0
+        allowance, self._inserted = max(PURGE_ROWS, 2 * self._inserted), 0
+        self._maintaining, self._commits = True, 0
         try:
-            self._executor.submit(self._checkpoint)
+            self._executor.submit(self._maintain, allowance)
         except RuntimeError:  # the store is closing
-            self._checkpointing = False
+            self._maintaining = False
 
-    def _checkpoint(self) -> None:
-        """RESTART, so that the next commit starts the WAL over instead of growing it. While it runs
-        it holds writers off; its own connection waits at most 50 ms for readers, then leaves the
-        rest to the next checkpoint."""
+    def _maintain(self, allowance: int) -> None:
+        """Delete one chunk of expired rows; while the allowance lasts and rows remain, queue the
+        next chunk behind whatever store step waits for this thread; then checkpoint with RESTART,
+        so that the next commit starts the WAL over. Its own connection (the others see its
+        deletions through `PRAGMA data_version`) waits at most 50 ms for the lock, then leaves
+        the rest to the next pass."""
+        again = False
         try:
-            if self._checkpointer is None:
-                self._checkpointer = self._open(busy_ms=50)
-            self._checkpointer.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-        except sqlite3.Error as exc:  # busy with another process's checkpoint: the next one will do
-            log.debug("WAL checkpoint skipped: %s", exc)
+            if self._maintenance is None:
+                self._maintenance = self._open(busy_ms=50)
+            deleted = _purge(self._maintenance, self.clock())
+            if deleted == PURGE_CHUNK and allowance > deleted:
+                self._executor.submit(self._maintain, allowance - deleted)
+                again = True
+                return
+            self._maintenance.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        except sqlite3.Error as exc:  # busy with another process's maintenance: the next one will do
+            log.debug("SQLite maintenance skipped: %s", exc)
+        except RuntimeError:  # the store is closing
+            pass
         finally:
-            self._checkpointing = False
+            self._maintaining = again
 
     def _open(self, busy_ms: int) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +168,7 @@ class SQLiteStore:
         db.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages: budgets stay in memory
         db.execute("PRAGMA mmap_size=268435456")  # reads without a system call each
         db.executescript(SCHEMA)
+        _migrate(db)
         return db
 
     async def _execute_steps(self, items: list[Admit | Charge]) -> list[Any]:
@@ -166,7 +184,7 @@ class SQLiteStore:
                     self._inline = self._open(busy_ms=0)
                     self._inline.execute("PRAGMA wal_autocheckpoint=0")
                 results = self._guarded(self._inline, self._run_steps, items)
-                self._checkpoint_soon()
+                self._maintain_soon()
                 return results
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
@@ -216,9 +234,9 @@ class SQLiteStore:
         if self._db is not None:
             await self._run(_close)
         self._executor.shutdown(wait=True)
-        if self._checkpointer is not None:  # its thread is done
-            self._checkpointer.close()
-            self._checkpointer = None
+        if self._maintenance is not None:  # its thread is done
+            self._maintenance.close()
+            self._maintenance = None
 
     # -- counters ----------------------------------------------------------------------------
 
@@ -325,7 +343,7 @@ class SQLiteStore:
         missing = [b.id for b in budgets if b.id not in known]
         if missing:
             marks = ",".join("?" * len(missing))
-            query = f"SELECT id, state, ratio, quota, policies FROM counters WHERE id IN ({marks})"
+            query = f"SELECT id, state, ratio, quota, policies, purge_at FROM counters WHERE id IN ({marks})"
             for row in db.execute(query, missing):
                 state = _load(row[1])
                 state["_row"] = row[2:]
@@ -350,15 +368,18 @@ class SQLiteStore:
         denied: bool,
     ) -> None:
         """Write the states back; a denial marks only the budgets that refused. Columns that did
-        not change (the indexed ratio, to two decimals, above all) are not rewritten."""
+        not change (the indexed ratio, to two decimals, above all) are not rewritten; the indexed
+        purge time only when the row's expiry would pass it (`_purge_after`)."""
         for budget, state, view in zip(budgets, states, views, strict=True):
             refused = now if denied and not limiter.fits(state, budget) else None
             expires = now + budget.window + (hold_ttl if budget.holds else 0)
             policies = limiter.policies_json(budget.policies).decode()
             ratio = round((view.used + view.held) / budget.quota, 2) if budget.quota else 1.0
             row, blob = state["_row"], _dump(state)
-            state["_row"] = (ratio, budget.quota, policies)
+            purge = row[3] if row is not None and expires <= row[3] else _purge_after(expires, budget.window)
+            state["_row"] = (ratio, budget.quota, policies, purge)
             if row is None:
+                self._inserted += 1
                 db.execute(
                     _INSERT,
                     (
@@ -377,14 +398,18 @@ class SQLiteStore:
                         expires,
                         refused,
                         blob,
+                        purge,
                     ),
                 )
                 continue
             sets = _UPDATE_ALWAYS
             args: list[Any] = [view.used, view.held, now, expires, refused, blob]
-            if (ratio, budget.quota, policies) != tuple(row):
+            if (ratio, budget.quota, policies) != tuple(row[:3]):
                 sets += ", ratio=?, quota=?, policies=?"
                 args += [ratio, budget.quota, policies]
+            if purge != row[3]:
+                sets += ", purge_at=?"
+                args.append(purge)
             db.execute(f"UPDATE counters SET {sets} WHERE id=?", [*args, budget.id])
 
     def _record_denial(
@@ -494,10 +519,49 @@ class SQLiteStore:
 _KEY_COLUMNS = "id, name, salt, digest, policies, created_at, revoked_at"
 _INSERT = (
     "INSERT INTO counters (id, key_id, unit, window, segment, value, quota, used, held, ratio, policies,"
-    " updated_at, expires_at, last_denied_at, state) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " updated_at, expires_at, last_denied_at, state, purge_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _UPDATE_ALWAYS = (
     "used=?, held=?, updated_at=?, expires_at=max(expires_at, ?), last_denied_at=coalesce(?, last_denied_at), state=?"
+)
+
+
+def _purge_after(expires: float, window: int) -> float:
+    """When a row may be deleted: past its expiry (holds included) by up to a window (an hour at
+    most), so that a busy budget rewrites its indexed purge time about once a window, not per step."""
+    return expires + min(window, 3600)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Files made before rows were purged get the purge column (from each row's expiry) and its index."""
+    if not _has_purge_column(db):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if not _has_purge_column(db):  # another process may have added it meanwhile
+                db.execute("ALTER TABLE counters ADD COLUMN purge_at REAL NOT NULL DEFAULT 0")
+                db.execute("UPDATE counters SET purge_at = expires_at")
+            db.commit()
+        except BaseException:
+            db.rollback()
+            raise
+    db.execute("CREATE INDEX IF NOT EXISTS counters_by_purge ON counters (purge_at)")
+
+
+def _has_purge_column(db: sqlite3.Connection) -> bool:
+    return any(row[1] == "purge_at" for row in db.execute("PRAGMA table_info(counters)"))
+
+
+def _purge(db: sqlite3.Connection, now: float) -> int:
+    """Delete up to PURGE_CHUNK counters past their purge time (and so past their expiry, holds
+    included), in one short write transaction; none to delete: no write lock taken."""
+    if db.execute(_PURGEABLE, (now, now)).fetchone() is None:
+        return 0
+    return int(db.execute(_PURGE, (now, now, PURGE_CHUNK)).rowcount)
+
+
+_PURGEABLE = "SELECT 1 FROM counters WHERE purge_at <= ? AND expires_at <= ? LIMIT 1"
+_PURGE = (
+    "DELETE FROM counters WHERE rowid IN (SELECT rowid FROM counters WHERE purge_at <= ? AND expires_at <= ? LIMIT ?)"
 )
 
 
