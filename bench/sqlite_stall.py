@@ -81,14 +81,17 @@ async def measure(requests: int, batch: int, stale: int) -> None:
 
     tick = asyncio.ensure_future(ticker())
     times: list[float] = []
+    cpu = time.process_time()
     for first in range(0, requests, batch):
         started = time.perf_counter()
         await admit_and_charge(store, [f"user{n}" for n in range(first, min(first + batch, requests))])
         times.append(time.perf_counter() - started)
+    cpu = time.process_time() - cpu
     running = False
     await tick
     await store.close()
     print(f"{requests:,} requests in batches of {batch}, {sum(times):.2f} s in the store")
+    print(f"  process CPU per request       {cpu / requests * 1e6:6.1f} us (store thread and ticker included)")
     print(f"  store batch (admit + charge)  {percentiles(times)}")
     print(f"  event-loop lag                {percentiles(lags)}  ({sum(1 for x in lags if x > 0.005)} over 5 ms)")
     print(f"  counter rows at the end       {count_rows(url):,}")

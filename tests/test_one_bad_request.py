@@ -206,6 +206,9 @@ def test_an_admission_that_fails_on_its_own_data_fails_alone(store_url: str, clo
         assert sum(r.allowed for r in decided) == 5  # type: ignore[union-attr]
         assert sorted(r.states[0].used for r in decided) == [1, 2, 3, 4, 5, 5, 5]  # type: ignore[union-attr]
         assert await global_used(store, key_id) == 5
+        with pytest.raises(StepError):  # alone in its step, too
+            await store.admit(key_id, requests_of(key_id, bad), "alone", 60)
+        assert await global_used(store, key_id) == 6  # the first check's own admission, nothing else
         again = await store.admit(key_id, requests_of(key_id, "a", "100;w=60;s=user"), "again", 60)
         assert again.states[0].used == 1 + results[0].allowed  # type: ignore[union-attr]
 

@@ -123,26 +123,40 @@ class _Packed:
 
 
 def _pack(items: Sequence[Admit | _Settle], check_key: bool, now: str) -> _Packed:
+    """The whole batch in one go; if that fails, item by item, leaving out those that fail."""
+    try:
+        keys, args = _arguments(items, check_key)
+    except Exception:
+        return _pack_each(items, check_key, now)
+    return _Packed(list(items), keys, [now.encode(), b"%d" % len(items), *args], [None] * len(items))
+
+
+def _pack_each(items: Sequence[Admit | _Settle], check_key: bool, now: str) -> _Packed:
     packed = _Packed([], [], [now.encode(), b""], [])
     for item in items:
-        keys: list[str] = []
-        args: list[Any] = []
         try:
-            if isinstance(item, Admit):
-                _admit_arguments(item, check_key, keys, args)
-            else:
-                _settle_arguments(item, keys, args)
-            encoded_keys = [k.encode() for k in keys]
-            encoded_args = [a if isinstance(a, bytes) else a.encode() for a in args]
+            keys, args = _arguments([item], check_key)
         except Exception as exc:  # the item's own data: it alone fails
             packed.failed.append(Failed(_step_error(exc)))
             continue
         packed.sent.append(item)
-        packed.keys += encoded_keys
-        packed.args += encoded_args
+        packed.keys += keys
+        packed.args += args
         packed.failed.append(None)
     packed.args[1] = b"%d" % len(packed.sent)
     return packed
+
+
+def _arguments(items: Sequence[Admit | _Settle], check_key: bool) -> tuple[list[bytes], list[bytes]]:
+    """The script call's keys and per-item arguments, encoded."""
+    keys: list[str] = []
+    args: list[Any] = []
+    for item in items:
+        if isinstance(item, Admit):
+            _admit_arguments(item, check_key, keys, args)
+        else:
+            _settle_arguments(item, keys, args)
+    return [k.encode() for k in keys], [a if isinstance(a, bytes) else a.encode() for a in args]
 
 
 def _step_error(cause: Exception) -> StepError:

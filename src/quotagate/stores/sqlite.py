@@ -257,7 +257,7 @@ class SQLiteStore:
         self._refresh(db)
         now = self.clock()
         try:
-            results = [self._isolated(db, self._step_one, i, now, savepoint=True) for i in items]
+            results = [self._isolated(db, self._step_one, i, now, savepoint=len(items) > 1) for i in items]
             db.commit()
         except BaseException:
             self._forget()
@@ -268,7 +268,8 @@ class SQLiteStore:
         self, db: sqlite3.Connection, fn: Callable[..., T], item: Admit | Charge, now: float, savepoint: bool = False
     ) -> T | Failed:
         """One item's step; an error of its own (not of the store: locked, I/O, corrupt file) undoes
-        its writes back to its savepoint and fails only it, its cached states forgotten."""
+        its writes (back to its savepoint, or the whole transaction when it is the batch's only
+        item) and fails only it, its cached states forgotten."""
         if savepoint:
             db.execute("SAVEPOINT item")
         try:
@@ -279,6 +280,8 @@ class SQLiteStore:
             if savepoint:
                 db.execute("ROLLBACK TO item")
                 db.execute("RELEASE item")
+            elif db.in_transaction:
+                db.rollback()
             for budget in item.budgets:
                 self._states_known.pop(budget.id, None)
             failure = StepError(f"SQLite store step failed on this request's data: {exc!r}")
