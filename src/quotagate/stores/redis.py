@@ -14,7 +14,9 @@ says no, the groups that said yes are refunded. A budget is therefore never over
 requests racing for the last units of different budgets may both be refused.
 
 The dashboard's index of budgets (sorted sets by usage ratio, with expiry) and the list of recent
-denials are written in the background, batched once a second, in chunks, off the request path.
+denials are written in the background, batched once a second, in chunks, off the request path;
+the same background task removes expired index entries, in bounded steps, by the counters' clock.
+An item of a batch that fails on its own data fails alone (see `_pack` and `lua/step.lua`).
 """
 
 from __future__ import annotations
