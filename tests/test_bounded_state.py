@@ -196,36 +196,6 @@ def test_an_admin_read_of_a_large_stale_index_sends_only_bounded_commands(redis_
     client.close()
 
 
-def test_a_sqlite_file_from_before_the_purge_is_migrated_and_purged(sqlite_url: str, clock: FakeClock) -> None:
-    """A file written before rows were purged (no purge column) gets one, from each row's expiry,
-    the first time it is opened: its expired rows then go like any others, its live ones stay."""
-
-    async def fill(store: Store, key_id: str) -> None:
-        await admit_users(store, key_id, SHORT, [f"old-{n}" for n in range(300)])
-        await admit_users(store, key_id, LONG, ["alive"])
-
-    run(sqlite_url, clock, fill)
-    db = sqlite3.connect(path_from_url(sqlite_url))
-    db.execute("DROP INDEX counters_by_purge")
-    db.execute("ALTER TABLE counters DROP COLUMN purge_at")  # as an earlier version left the file
-    key_id = db.execute("SELECT id FROM keys").fetchone()[0]
-    db.close()
-    clock.advance(3 * 60)
-
-    async def main() -> None:
-        store = open_store(sqlite_url, clock)
-        try:
-            for n in range(130):
-                assert (await store.admit(key_id, budget(key_id, LONG, "alive"), f"n{n}", 60)).allowed
-            await until(lambda: stored(sqlite_url) == 1, "the old expired rows purged")
-            [state] = (await store.admit(key_id, budget(key_id, LONG, "alive"), "last", 60)).states
-            assert state.used == 132
-        finally:
-            await store.close()
-
-    asyncio.run(main())
-
-
 def test_an_index_entry_written_again_while_it_expired_is_put_back(shared_url: str, clock: FakeClock) -> None:
     """The expiry step removes an entry from the expiry set, then from the ratio set; a writer
     that re-adds it in between (expiry first, then ratio) may see its ratio removed: the expiry

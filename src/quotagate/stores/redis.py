@@ -110,49 +110,53 @@ class _Packed:
     """A batch's script call with its arguments encoded item by item: an item that cannot be
     encoded (a value no store can hold) is left out of the call and fails alone."""
 
-    sent: list[Admit | _Settle]
+    sent: Sequence[Admit | _Settle]
     keys: list[bytes]
     args: list[bytes]
-    failed: list[Failed | None]  # per item of the batch: its failure, or None when it was sent
+    failed: list[Failed | None] | None = None  # per item of the batch: its failure, or None if sent
 
     def results(self, raws: Sequence[Any]) -> list[Any]:
         """Each item's result (or its failure), in the batch's order."""
+        if self.failed is None:
+            return _decode_step(self.sent, raws)
         decoded = iter(_decode_step(self.sent, raws))
         return [next(decoded) if failure is None else failure for failure in self.failed]
 
     def failure(self) -> Failed | None:
-        return next((f for f in self.failed if f is not None), None)
+        return next((f for f in self.failed if f is not None), None) if self.failed else None
 
 
 def _pack(items: Sequence[Admit | _Settle], check_key: bool, now: str) -> _Packed:
     """The whole batch in one go; if that fails, item by item, leaving out those that fail."""
     try:
-        keys, args = _arguments(items, check_key)
+        keys, args = _arguments(items, check_key, [now, str(len(items))])
     except Exception:
         return _pack_each(items, check_key, now)
-    return _Packed(list(items), keys, [now.encode(), b"%d" % len(items), *args], [None] * len(items))
+    return _Packed(items, keys, args)
 
 
 def _pack_each(items: Sequence[Admit | _Settle], check_key: bool, now: str) -> _Packed:
-    packed = _Packed([], [], [now.encode(), b""], [])
+    sent: list[Admit | _Settle] = []
+    failed: list[Failed | None] = []
+    packed = _Packed(sent, [], [now.encode(), b""], failed)
     for item in items:
         try:
-            keys, args = _arguments([item], check_key)
+            keys, args = _arguments([item], check_key, [])
         except Exception as exc:  # the item's own data: it alone fails
-            packed.failed.append(Failed(_step_error(exc)))
+            failed.append(Failed(_step_error(exc)))
             continue
-        packed.sent.append(item)
+        sent.append(item)
         packed.keys += keys
         packed.args += args
-        packed.failed.append(None)
-    packed.args[1] = b"%d" % len(packed.sent)
+        failed.append(None)
+    packed.args[1] = b"%d" % len(sent)
     return packed
 
 
-def _arguments(items: Sequence[Admit | _Settle], check_key: bool) -> tuple[list[bytes], list[bytes]]:
-    """The script call's keys and per-item arguments, encoded."""
+def _arguments(items: Sequence[Admit | _Settle], check_key: bool, head: list[Any]) -> tuple[list[bytes], list[bytes]]:
+    """The script call's keys, and its arguments after `head`, encoded."""
     keys: list[str] = []
-    args: list[Any] = []
+    args: list[Any] = head
     for item in items:
         if isinstance(item, Admit):
             _admit_arguments(item, check_key, keys, args)

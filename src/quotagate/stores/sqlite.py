@@ -31,8 +31,9 @@ from .batch import Admit, Batcher, Charge, Failed
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 CHECKPOINT_COMMITS = 64  # ~1 MB of WAL for new budgets (a commit writes about 16 KB of pages)
-PURGE_CHUNK = 100  # expired counter rows deleted per statement: the write lock held a few ms
-PURGE_ROWS = 1000  # rows a maintenance pass may delete, at least (twice the rows inserted since the last)
+PURGE_SPAN = 1000  # rowids a maintenance job reads looking for expired rows (a read: no lock)
+PURGE_CHUNK = 100  # expired rows deleted per statement: the write lock held a few milliseconds
+PURGE_ROWS = 1000  # rows a maintenance pass reads, at least (four times the rows inserted since the last)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -59,8 +60,7 @@ CREATE TABLE IF NOT EXISTS counters (
     updated_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     last_denied_at REAL,
-    state BLOB NOT NULL,
-    purge_at REAL NOT NULL DEFAULT 0
+    state BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS counters_by_ratio ON counters (ratio DESC);
 DROP INDEX IF EXISTS counters_by_expiry;
@@ -113,6 +113,8 @@ class SQLiteStore:
         self._maintaining = False
         self._maintenance: sqlite3.Connection | None = None  # on the store thread only
         self._inserted = 0  # counter rows inserted since the last maintenance pass
+        self._sweep = 0  # the rowid the maintenance reads on from
+        self._expired: list[int] = []  # rows it found expired and has not deleted yet
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -124,12 +126,12 @@ class SQLiteStore:
     def _maintain_soon(self) -> None:
         """After commits on the event loop (whose connection never checkpoints: a checkpoint
         writes the database file and syncs it, milliseconds the loop would stall), delete expired
-        rows and copy the WAL back on the store thread every CHECKPOINT_COMMITS commits. A pass may
-        delete twice the rows inserted since the last one, so that deletion keeps up with new budgets."""
+        rows and copy the WAL back on the store thread every CHECKPOINT_COMMITS commits. A pass reads
+        four times the rows inserted since the last one, so that deletion keeps up with new budgets."""
         self._commits += 1
         if self._maintaining or self._commits < CHECKPOINT_COMMITS:
             return
-        allowance, self._inserted = max(PURGE_ROWS, 2 * self._inserted), 0
+        allowance, self._inserted = max(PURGE_ROWS, 4 * self._inserted), 0
         self._maintaining, self._commits = True, 0
         try:
             self._executor.submit(self._maintain, allowance)
@@ -137,22 +139,28 @@ class SQLiteStore:
             self._maintaining = False
 
     def _maintain(self, allowance: int) -> None:
-        """Delete one chunk of expired rows; while the allowance lasts and rows remain, queue the
-        next chunk behind whatever store step waits for this thread; then checkpoint with RESTART,
-        so that the next commit starts the WAL over. Its own connection (the others see its
-        deletions through `PRAGMA data_version`) waits at most 50 ms for the lock, then leaves
-        the rest to the next pass."""
+        """One job of a pass: delete PURGE_CHUNK of the expired rows found, or read the next
+        PURGE_SPAN rows for expired ones (a read: no lock). The next job waits behind whatever store
+        step waits for this thread; the pass ends when its allowance is read or the sweep comes
+        round, with a RESTART checkpoint, so that the next commit starts the WAL over. Its own
+        connection (the others see its deletions through `PRAGMA data_version`) waits at most
+        50 ms for the lock, then leaves the rest to the next pass."""
         again = False
         try:
             if self._maintenance is None:
                 self._maintenance = self._open(busy_ms=50)
-            deleted = _purge(self._maintenance, self.clock())
-            if deleted == PURGE_CHUNK and allowance > deleted:
-                self._executor.submit(self._maintain, allowance - deleted)
+            if self._expired:
+                chunk, self._expired = self._expired[:PURGE_CHUNK], self._expired[PURGE_CHUNK:]
+                _delete_expired(self._maintenance, chunk, self.clock())
+            elif allowance > 0:
+                self._expired, read, self._sweep = _find_expired(self._maintenance, self._sweep, self.clock())
+                allowance = allowance - max(read, 1) if self._sweep else 0  # round the table: this pass is done
+            if self._expired or allowance > 0:
+                self._executor.submit(self._maintain, allowance)
                 again = True
                 return
             self._maintenance.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-        except sqlite3.Error as exc:  # busy with another process's maintenance: the next one will do
+        except sqlite3.Error as exc:  # busy with another process's maintenance: the next pass will do
             log.debug("SQLite maintenance skipped: %s", exc)
         except RuntimeError:  # the store is closing
             pass
@@ -168,7 +176,6 @@ class SQLiteStore:
         db.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages: budgets stay in memory
         db.execute("PRAGMA mmap_size=268435456")  # reads without a system call each
         db.executescript(SCHEMA)
-        _migrate(db)
         return db
 
     async def _execute_steps(self, items: list[Admit | Charge]) -> list[Any]:
@@ -249,53 +256,54 @@ class SQLiteStore:
         return result
 
     def _run_steps(self, db: sqlite3.Connection, items: Sequence[Admit | Charge]) -> list[Any]:
-        """A batch of admissions and charges in one transaction, each on its own, in order."""
+        """A batch of admissions and charges in one transaction, each on its own, in order. An item
+        that fails on its own data is left out and the batch runs again from the start (nothing of
+        the failed attempt was committed or handed out): it fails alone, every other item is
+        decided and committed once, and a batch where nothing fails pays nothing for it."""
         if all(isinstance(i, Admit) and not i.budgets for i in items):  # key checks only: no write lock
             self._refresh(db)
-            return [self._isolated(db, self._key_check, i, 0.0) for i in items]
+            return [self._key_check(db, i) for i in items]  # type: ignore[arg-type]
+        now = self.clock()
+        failed: dict[int, Failed] = {}
+        while (results := self._attempt(db, items, now, failed)) is None:
+            pass
+        return results
+
+    def _attempt(
+        self, db: sqlite3.Connection, items: Sequence[Admit | Charge], now: float, failed: dict[int, Failed]
+    ) -> list[Any] | None:
+        """One transaction over the items not known to fail; None (rolled back) if another one fails."""
         db.execute("BEGIN IMMEDIATE")
         self._refresh(db)
-        now = self.clock()
+        results: list[Any] = []
         try:
-            results = [self._isolated(db, self._step_one, i, now, savepoint=len(items) > 1) for i in items]
+            for index, item in enumerate(items):
+                if index in failed:
+                    results.append(failed[index])
+                    continue
+                try:
+                    step = self._admit_one if isinstance(item, Admit) else self._charge_one
+                    results.append(step(db, item, now))  # type: ignore[arg-type]
+                except Exception as exc:
+                    if _unavailable(exc):
+                        raise
+                    failed[index] = _failure(exc)
+                    db.rollback()
+                    self._forget()
+                    return None
             db.commit()
         except BaseException:
             self._forget()
             raise
         return results
 
-    def _isolated(
-        self, db: sqlite3.Connection, fn: Callable[..., T], item: Admit | Charge, now: float, savepoint: bool = False
-    ) -> T | Failed:
-        """One item's step; an error of its own (not of the store: locked, I/O, corrupt file) undoes
-        its writes (back to its savepoint, or the whole transaction when it is the batch's only
-        item) and fails only it, its cached states forgotten."""
-        if savepoint:
-            db.execute("SAVEPOINT item")
+    def _key_check(self, db: sqlite3.Connection, item: Admit) -> Admission | Failed:
         try:
-            result = fn(db, item, now)
+            return Admission(self._key_active(db, item.key_id), True, [])
         except Exception as exc:
             if _unavailable(exc):
                 raise
-            if savepoint:
-                db.execute("ROLLBACK TO item")
-                db.execute("RELEASE item")
-            elif db.in_transaction:
-                db.rollback()
-            for budget in item.budgets:
-                self._states_known.pop(budget.id, None)
-            failure = StepError(f"SQLite store step failed on this request's data: {exc!r}")
-            failure.__cause__ = exc
-            return Failed(failure)
-        if savepoint:
-            db.execute("RELEASE item")
-        return result
-
-    def _key_check(self, db: sqlite3.Connection, item: Admit, now: float) -> Admission:
-        return Admission(self._key_active(db, item.key_id), True, [])
-
-    def _step_one(self, db: sqlite3.Connection, item: Admit | Charge, now: float) -> Admission | list[CounterState]:
-        return self._admit_one(db, item, now) if isinstance(item, Admit) else self._charge_one(db, item, now)
+            return _failure(exc)
 
     def _refresh(self, db: sqlite3.Connection) -> None:
         """Forget what another connection may have changed since this one last looked."""
@@ -346,7 +354,7 @@ class SQLiteStore:
         missing = [b.id for b in budgets if b.id not in known]
         if missing:
             marks = ",".join("?" * len(missing))
-            query = f"SELECT id, state, ratio, quota, policies, purge_at FROM counters WHERE id IN ({marks})"
+            query = f"SELECT id, state, ratio, quota, policies FROM counters WHERE id IN ({marks})"
             for row in db.execute(query, missing):
                 state = _load(row[1])
                 state["_row"] = row[2:]
@@ -371,16 +379,14 @@ class SQLiteStore:
         denied: bool,
     ) -> None:
         """Write the states back; a denial marks only the budgets that refused. Columns that did
-        not change (the indexed ratio, to two decimals, above all) are not rewritten; the indexed
-        purge time only when the row's expiry would pass it (`_purge_after`)."""
+        not change (the indexed ratio, to two decimals, above all) are not rewritten."""
         for budget, state, view in zip(budgets, states, views, strict=True):
             refused = now if denied and not limiter.fits(state, budget) else None
             expires = now + budget.window + (hold_ttl if budget.holds else 0)
             policies = limiter.policies_json(budget.policies).decode()
             ratio = round((view.used + view.held) / budget.quota, 2) if budget.quota else 1.0
             row, blob = state["_row"], _dump(state)
-            purge = row[3] if row is not None and expires <= row[3] else _purge_after(expires, budget.window)
-            state["_row"] = (ratio, budget.quota, policies, purge)
+            state["_row"] = (ratio, budget.quota, policies)
             if row is None:
                 self._inserted += 1
                 db.execute(
@@ -401,18 +407,14 @@ class SQLiteStore:
                         expires,
                         refused,
                         blob,
-                        purge,
                     ),
                 )
                 continue
             sets = _UPDATE_ALWAYS
             args: list[Any] = [view.used, view.held, now, expires, refused, blob]
-            if (ratio, budget.quota, policies) != tuple(row[:3]):
+            if (ratio, budget.quota, policies) != tuple(row):
                 sets += ", ratio=?, quota=?, policies=?"
                 args += [ratio, budget.quota, policies]
-            if purge != row[3]:
-                sets += ", purge_at=?"
-                args.append(purge)
             db.execute(f"UPDATE counters SET {sets} WHERE id=?", [*args, budget.id])
 
     def _record_denial(
@@ -522,50 +524,38 @@ class SQLiteStore:
 _KEY_COLUMNS = "id, name, salt, digest, policies, created_at, revoked_at"
 _INSERT = (
     "INSERT INTO counters (id, key_id, unit, window, segment, value, quota, used, held, ratio, policies,"
-    " updated_at, expires_at, last_denied_at, state, purge_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " updated_at, expires_at, last_denied_at, state) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _UPDATE_ALWAYS = (
     "used=?, held=?, updated_at=?, expires_at=max(expires_at, ?), last_denied_at=coalesce(?, last_denied_at), state=?"
 )
 
 
-def _purge_after(expires: float, window: int) -> float:
-    """When a row may be deleted: past its expiry (holds included) by up to a window (an hour at
-    most), so that a busy budget rewrites its indexed purge time about once a window, not per step."""
-    return expires + min(window, 3600)
+def _find_expired(db: sqlite3.Connection, start: int, now: float) -> tuple[list[int], int, int]:
+    """The expired rows (an expiry includes the lifetime of any hold) among rowids `start` to
+    `start + PURGE_SPAN`, how many rows that range holds, and the next rowid to read from (0 past
+    the table's end). Only the expired rows reach Python."""
+    [(rows, expired)] = db.execute(_SPAN, (now, start, start + PURGE_SPAN)).fetchall()
+    [(following,)] = db.execute("SELECT min(rowid) FROM counters WHERE rowid >= ?", (start + PURGE_SPAN,)).fetchall()
+    return [int(r) for r in expired.split(",")] if expired else [], rows, following or 0
 
 
-def _migrate(db: sqlite3.Connection) -> None:
-    """Files made before rows were purged get the purge column (from each row's expiry) and its index."""
-    if not _has_purge_column(db):
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if not _has_purge_column(db):  # another process may have added it meanwhile
-                db.execute("ALTER TABLE counters ADD COLUMN purge_at REAL NOT NULL DEFAULT 0")
-                db.execute("UPDATE counters SET purge_at = expires_at")
-            db.commit()
-        except BaseException:
-            db.rollback()
-            raise
-    db.execute("CREATE INDEX IF NOT EXISTS counters_by_purge ON counters (purge_at)")
-
-
-def _has_purge_column(db: sqlite3.Connection) -> bool:
-    return any(row[1] == "purge_at" for row in db.execute("PRAGMA table_info(counters)"))
-
-
-def _purge(db: sqlite3.Connection, now: float) -> int:
-    """Delete up to PURGE_CHUNK counters past their purge time (and so past their expiry, holds
-    included), in one short write transaction; none to delete: no write lock taken."""
-    if db.execute(_PURGEABLE, (now, now)).fetchone() is None:
-        return 0
-    return int(db.execute(_PURGE, (now, now, PURGE_CHUNK)).rowcount)
-
-
-_PURGEABLE = "SELECT 1 FROM counters WHERE purge_at <= ? AND expires_at <= ? LIMIT 1"
-_PURGE = (
-    "DELETE FROM counters WHERE rowid IN (SELECT rowid FROM counters WHERE purge_at <= ? AND expires_at <= ? LIMIT ?)"
+_SPAN = (
+    "SELECT count(*), group_concat(CASE WHEN expires_at <= ? THEN rowid END) FROM counters"
+    " WHERE rowid >= ? AND rowid < ?"
 )
+
+
+def _delete_expired(db: sqlite3.Connection, rowids: list[int], now: float) -> None:
+    """One short write transaction; a row written since it was found expired is kept."""
+    marks = ",".join("?" * len(rowids))
+    db.execute(f"DELETE FROM counters WHERE expires_at <= ? AND rowid IN ({marks})", [now, *rowids])
+
+
+def _failure(exc: Exception) -> Failed:
+    error = StepError(f"SQLite store step failed on this request's data: {exc!r}")
+    error.__cause__ = exc
+    return Failed(error)
 
 
 def _unavailable(exc: Exception) -> bool:
