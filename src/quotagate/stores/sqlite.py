@@ -32,7 +32,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 CHECKPOINT_COMMITS = 64  # ~1 MB of WAL for new budgets (a commit writes about 16 KB of pages)
 PURGE_SPAN = 1000  # rowids a maintenance job reads looking for expired rows (a read: no lock)
-PURGE_CHUNK = 100  # expired rows deleted per statement: the write lock held a few milliseconds
+PURGE_CHUNK = 50  # expired rows deleted per transaction: the write lock held about a millisecond
 PURGE_ROWS = 1000  # rows a maintenance pass reads, at least (four times the rows inserted since the last)
 
 SCHEMA = """
@@ -144,11 +144,11 @@ class SQLiteStore:
         step waits for this thread; the pass ends when its allowance is read or the sweep comes
         round, with a RESTART checkpoint, so that the next commit starts the WAL over. Its own
         connection (the others see its deletions through `PRAGMA data_version`) waits at most
-        50 ms for the lock, then leaves the rest to the next pass."""
+        50 ms for the lock or for readers, then leaves the rest to the next pass."""
         again = False
         try:
             if self._maintenance is None:
-                self._maintenance = self._open(busy_ms=50)
+                self._maintenance = self._open(busy_ms=0)  # the deletes wait their own way (`_begin`)
             if self._expired:
                 chunk, self._expired = self._expired[:PURGE_CHUNK], self._expired[PURGE_CHUNK:]
                 _delete_expired(self._maintenance, chunk, self.clock())
@@ -159,7 +159,7 @@ class SQLiteStore:
                 self._executor.submit(self._maintain, allowance)
                 again = True
                 return
-            self._maintenance.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            _checkpoint(self._maintenance)
         except sqlite3.Error as exc:  # busy with another process's maintenance: the next pass will do
             log.debug("SQLite maintenance skipped: %s", exc)
         except RuntimeError:  # the store is closing
@@ -548,8 +548,38 @@ _SPAN = (
 
 def _delete_expired(db: sqlite3.Connection, rowids: list[int], now: float) -> None:
     """One short write transaction; a row written since it was found expired is kept."""
-    marks = ",".join("?" * len(rowids))
-    db.execute(f"DELETE FROM counters WHERE expires_at <= ? AND rowid IN ({marks})", [now, *rowids])
+    _begin(db)
+    try:
+        marks = ",".join("?" * len(rowids))
+        db.execute(f"DELETE FROM counters WHERE expires_at <= ? AND rowid IN ({marks})", [now, *rowids])
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+
+
+def _checkpoint(db: sqlite3.Connection) -> None:
+    """RESTART: it waits up to 50 ms for readers (SQLite's busy handler), then leaves it to the next."""
+    db.execute("PRAGMA busy_timeout=50")
+    try:
+        db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+    finally:
+        db.execute("PRAGMA busy_timeout=0")
+
+
+def _begin(db: sqlite3.Connection, patience: float = 0.05) -> None:
+    """BEGIN IMMEDIATE, tried again after pauses of 0.1 ms for up to `patience` seconds: SQLite's own
+    busy handler sleeps a millisecond or more, and a busy event loop, committing back to back, would
+    take the lock in between every time."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.0001)
 
 
 def _failure(exc: Exception) -> Failed:
