@@ -12,6 +12,7 @@ the database file) runs on that thread too. The window algorithm is the one in
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import sqlite3
 import time
@@ -25,6 +26,7 @@ import orjson
 
 from .. import limiter
 from ..limiter import Admission, Budget, CounterState
+from ..policy import MIN_WINDOW
 from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
 from .batch import Admit, Batcher, Charge, Failed
 
@@ -114,6 +116,7 @@ class SQLiteStore:
         self._maintenance: sqlite3.Connection | None = None  # on the store thread only
         self._inserted = 0  # counter rows inserted since the last maintenance pass
         self._sweep = 0  # the rowid the maintenance reads on from
+        self._marks: collections.deque[tuple[float, int]] = collections.deque()  # (when, the largest rowid then)
         self._expired: list[int] = []  # rows it found expired and has not deleted yet
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -134,28 +137,31 @@ class SQLiteStore:
         allowance, self._inserted = max(PURGE_ROWS, 4 * self._inserted), 0
         self._maintaining, self._commits = True, 0
         try:
-            self._executor.submit(self._maintain, allowance)
+            self._executor.submit(self._maintain, allowance, True)
         except RuntimeError:  # the store is closing
             self._maintaining = False
 
-    def _maintain(self, allowance: int) -> None:
+    def _maintain(self, allowance: int, first: bool = False) -> None:
         """One job of a pass: delete PURGE_CHUNK of the expired rows found, or read the next
-        PURGE_SPAN rows for expired ones (a read: no lock). The next job waits behind whatever store
-        step waits for this thread; the pass ends when its allowance is read or the sweep comes
-        round, with a RESTART checkpoint, so that the next commit starts the WAL over. Its own
-        connection (the others see its deletions through `PRAGMA data_version`) waits at most
-        50 ms for the lock or for readers, then leaves the rest to the next pass."""
+        PURGE_SPAN rows for expired ones (a read: no lock), among the rows that were in the table
+        MIN_WINDOW seconds ago (a younger one cannot have expired). The next job waits behind
+        whatever store step waits for this thread; the pass ends when its allowance is read or the
+        sweep comes round, with a RESTART checkpoint, so that the next commit starts the WAL over.
+        Its own connection (the others see its deletions through `PRAGMA data_version`) waits at
+        most 50 ms for the lock or for readers, then leaves the rest to the next pass."""
         again = False
         try:
             if self._maintenance is None:
                 self._maintenance = self._open(busy_ms=0)  # the deletes wait their own way (`_begin`)
+            now = self.clock()
+            oldest = self._oldest_rowid(self._maintenance, now, first)
             if self._expired:
                 chunk, self._expired = self._expired[:PURGE_CHUNK], self._expired[PURGE_CHUNK:]
-                _delete_expired(self._maintenance, chunk, self.clock())
-            elif allowance > 0:
-                self._expired, read, self._sweep = _find_expired(self._maintenance, self._sweep, self.clock())
+                _delete_expired(self._maintenance, chunk, now)
+            elif allowance > 0 and oldest:
+                self._expired, read, self._sweep = _find_expired(self._maintenance, self._sweep, oldest, now)
                 allowance = allowance - max(read, 1) if self._sweep else 0  # round the table: this pass is done
-            if self._expired or allowance > 0:
+            if self._expired or (allowance > 0 and oldest):
                 self._executor.submit(self._maintain, allowance)
                 again = True
                 return
@@ -166,6 +172,17 @@ class SQLiteStore:
             pass
         finally:
             self._maintaining = again
+
+    def _oldest_rowid(self, db: sqlite3.Connection, now: float, first: bool) -> int:
+        """The largest rowid the table held MIN_WINDOW seconds ago (0: none known), from the largest
+        rowid noted at the start of each pass; rows there before this process began count as old."""
+        marks = self._marks
+        if first:
+            [(top,)] = db.execute("SELECT max(rowid) FROM counters").fetchall()
+            marks.append((now if marks else float("-inf"), top or 0))
+            while len(marks) > 1 and marks[1][0] <= now - MIN_WINDOW:
+                marks.popleft()
+        return marks[0][1] if marks and marks[0][0] <= now - MIN_WINDOW else 0
 
     def _open(self, busy_ms: int) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -531,13 +548,15 @@ _UPDATE_ALWAYS = (
 )
 
 
-def _find_expired(db: sqlite3.Connection, start: int, now: float) -> tuple[list[int], int, int]:
+def _find_expired(db: sqlite3.Connection, start: int, last: int, now: float) -> tuple[list[int], int, int]:
     """The expired rows (an expiry includes the lifetime of any hold) among rowids `start` to
-    `start + PURGE_SPAN`, how many rows that range holds, and the next rowid to read from (0 past
-    the table's end). Only the expired rows reach Python."""
-    [(rows, expired)] = db.execute(_SPAN, (now, start, start + PURGE_SPAN)).fetchall()
-    [(following,)] = db.execute("SELECT min(rowid) FROM counters WHERE rowid >= ?", (start + PURGE_SPAN,)).fetchall()
-    return [int(r) for r in expired.split(",")] if expired else [], rows, following or 0
+    `start + PURGE_SPAN` (`last` at most), how many rows that range holds, and the next rowid to
+    read from (0 past `last`). Only the expired rows reach Python."""
+    end = min(start + PURGE_SPAN, last + 1)
+    [(rows, expired)] = db.execute(_SPAN, (now, start, end)).fetchall()
+    [(following,)] = db.execute("SELECT min(rowid) FROM counters WHERE rowid >= ?", (end,)).fetchall()
+    found = [int(r) for r in expired.split(",")] if expired else []
+    return found, rows, (following if following is not None and following <= last else 0)
 
 
 _SPAN = (
