@@ -104,22 +104,23 @@ local function settle_one()
   return out
 end
 
--- an operation's function and how many keys and arguments it spans, read from its head alone
+-- how many keys and arguments an operation spans, read from its head alone (to find the next
+-- operation after one that failed part-way)
 local function extent(head)
   local check, count, metas = string.match(head, '^A %S+ %S+ (%d) (%d+) (%d+)$')
-  if check then return admit_one, check + count, 1 + count + metas end
+  if check then return check + count, 1 + count + metas end
   count = tonumber(string.match(head, '^S %S+ (%d+)$'))
-  return settle_one, count, 1 + count
+  return count, 1 + count
 end
 
 for r = 1, tonumber(ARGV[2]) do
-  local step, keys, args = extent(ARGV[arg])
   local first_key, first_arg = key, arg
-  local ok, out = pcall(step)
+  local ok, out = pcall(string.sub(ARGV[arg], 1, 1) == 'A' and admit_one or settle_one)
   if not ok then
+    local keys, args = extent(ARGV[first_arg])
+    key, arg = first_key + keys, first_arg + args
     out = redis.error_reply('step failed: ' .. (type(out) == 'table' and tostring(out.err) or tostring(out)))
   end
   results[r] = out
-  key, arg = first_key + keys, first_arg + args
 end
 return results
