@@ -37,6 +37,10 @@ class MissingSegment(GatewayError):
     status, type, code = 400, "invalid_request_error", "missing_segment_value"
 
 
+class InvalidSegmentValue(GatewayError):
+    status, type, code = 400, "invalid_request_error", "invalid_segment_value"
+
+
 class NotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "unknown_route"
 

@@ -36,6 +36,7 @@ from .errors import (
     ClientGone,
     EndpointNotAllowed,
     GatewayError,
+    InvalidSegmentValue,
     MissingSegment,
     NotFound,
     RateLimited,
@@ -338,7 +339,7 @@ class Proxy:
         values: dict[str | None, str | None] = {None: None, USER: call.user}
         for name, value in request.headers.items():
             if name[:18].lower() == "helicone-property-" and value:
-                call.properties.setdefault(name[18:].lower(), value)
+                call.properties.setdefault(name[18:].lower(), _valid_id(value, name))
         for policy in policies:
             segment = policy.segment
             if segment is None or (segment in values and values[segment] is not None):
@@ -362,16 +363,16 @@ class Proxy:
     def _user_id(self, request: web.Request, call: Call) -> str | None:
         user = request.headers.get("Helicone-User-Id")
         if user:
-            return user
+            return _valid_id(user, "Helicone-User-Id")
         body = call.json()
         if body is None:
             return None
         if call.provider == "anthropic":
             meta = body.get("metadata")
-            user = meta.get("user_id") if isinstance(meta, dict) else None
+            user, where = (meta.get("user_id") if isinstance(meta, dict) else None), "metadata.user_id"
         else:
-            user = body.get("user")
-        return user if isinstance(user, str) and user else None
+            user, where = body.get("user"), "user"
+        return _valid_id(user, where) if isinstance(user, str) and user else None
 
     async def _hold(self, call: Call, route: Route) -> None:
         """What a call holds against cents and token budgets in flight, if the gateway can meter it:
@@ -785,6 +786,22 @@ def _price_amount(price: CallPrice | None, unit: Unit) -> int | None:
 
 def _succeeded(call: Call) -> bool:
     return call.upstream_status is not None and 200 <= call.upstream_status < 300
+
+
+def _valid_id(value: str, where: str) -> str:
+    """A user id or property value as every store can keep it: UTF-8 text without NUL. aiohttp
+    hands over header bytes that are not UTF-8 as lone surrogates, which no store can encode."""
+    if value.isascii() and "\x00" not in value:
+        return value
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidSegmentValue(
+            f"{where} is not valid UTF-8: user ids and property values must be UTF-8 text", param=where
+        ) from None
+    if "\x00" in value:
+        raise InvalidSegmentValue(f"{where} contains a NUL character, which ids may not hold", param=where)
+    return value
 
 
 def _segment_kind(segment: str | None) -> str:

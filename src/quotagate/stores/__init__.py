@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from ..redact import redact_url
-from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, Store, StoreError
+from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, Store, StoreError
 
 __all__ = [
     "GLOBAL",
@@ -14,6 +14,7 @@ __all__ = [
     "BudgetUsage",
     "Denial",
     "KeyRecord",
+    "StepError",
     "Store",
     "StoreError",
     "check_url",

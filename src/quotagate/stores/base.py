@@ -15,6 +15,11 @@ class StoreError(Exception):
     """The store could not be reached or failed; the caller decides fail-open or fail-closed."""
 
 
+class StepError(Exception):
+    """One request's own data made its store step fail, the store itself being fine: that request
+    fails alone (never fail-open, which would let it through unlimited), its batch goes on."""
+
+
 @dataclass(slots=True)
 class KeyRecord:
     id: str

@@ -4,7 +4,9 @@ Under load many requests of a worker reach admission (or their charge) in the sa
 event loop; sending them to the store as one Lua script call (Redis) or one transaction (SQLite)
 pays the client's per-call cost, the round trip and the store's per-call overhead once instead of
 once per request. Each item is still decided on its own, in order, inside that one atomic step. A
-lone request waits for nothing: the batch leaves at the end of the current loop turn.
+lone request waits for nothing: the batch leaves at the end of the current loop turn. An item whose
+own data makes its step fail comes back as `Failed`: its waiter alone gets the error, the others
+their results; an error of the whole step (the store unreachable) reaches every waiter.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ class Charge:
     amounts: Sequence[int]
 
 
+@dataclass(slots=True)
+class Failed:
+    """The outcome of one item whose own step failed, in place of its result."""
+
+    error: BaseException
+
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -48,9 +57,9 @@ class Batcher(Generic[Item, Result]):
 
     def __init__(
         self,
-        run: Callable[[list[Item]], Awaitable[Sequence[Result]]],
+        run: Callable[[list[Item]], Awaitable[Sequence[Result | Failed]]],
         max_size: int = 64,
-        start: Callable[[list[Item]], asyncio.Future[Sequence[Result]] | None] | None = None,
+        start: Callable[[list[Item]], asyncio.Future[Sequence[Result | Failed]] | None] | None = None,
     ) -> None:
         self._run = run
         self._start = start
@@ -97,12 +106,23 @@ class Batcher(Generic[Item, Result]):
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+        _deliver(batch, results)
 
 
-def _hand_out(batch: list[tuple[Item, asyncio.Future[Result]]], started: asyncio.Future[Sequence[Result]]) -> None:
+def _deliver(batch: list[tuple[Item, asyncio.Future[Result]]], results: Sequence[Result | Failed]) -> None:
+    """Each waiter gets its own result, or its own item's error."""
+    for (_, future), result in zip(batch, results, strict=True):
+        if future.done():
+            continue
+        if isinstance(result, Failed):
+            future.set_exception(result.error)
+        else:
+            future.set_result(result)
+
+
+def _hand_out(
+    batch: list[tuple[Item, asyncio.Future[Result]]], started: asyncio.Future[Sequence[Result | Failed]]
+) -> None:
     """A started batch is done: each waiter gets its result, or the batch's exception."""
     exc: BaseException | None = asyncio.CancelledError() if started.cancelled() else started.exception()
     if exc is not None:
@@ -110,6 +130,4 @@ def _hand_out(batch: list[tuple[Item, asyncio.Future[Result]]], started: asyncio
             if not future.done():
                 future.set_exception(exc)
         return
-    for (_, future), result in zip(batch, started.result(), strict=True):
-        if not future.done():
-            future.set_result(result)
+    _deliver(batch, started.result())

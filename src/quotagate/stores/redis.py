@@ -14,7 +14,9 @@ says no, the groups that said yes are refunded. A budget is therefore never over
 requests racing for the last units of different budgets may both be refused.
 
 The dashboard's index of budgets (sorted sets by usage ratio, with expiry) and the list of recent
-denials are written in the background, batched once a second, in chunks, off the request path.
+denials are written in the background, batched once a second, in chunks, off the request path;
+the same background task removes expired index entries, in bounded steps, by the counters' clock.
+An item of a batch that fails on its own data fails alone (see `_pack` and `lua/step.lua`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -43,8 +45,8 @@ from ..limiter import Admission, Budget, CounterState
 from ..policy import Policy
 from ..redact import redact_url
 from . import resp
-from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
-from .batch import Admit, Batcher
+from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
+from .batch import Admit, Batcher, Failed
 
 log = logging.getLogger("quotagate.store")
 
@@ -84,6 +86,10 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
 end
 return 0
 """
+EXPIRY_CHUNK = 500  # expired index entries removed per step (a ZREM of 500 takes well under a millisecond)
+EXPIRY_CHUNKS = 20  # steps per flush or admin read, at most: 10,000 entries a second per worker
+SCAN_CHUNK = 500  # index entries an admin read fetches per command
+CONNECTIONS = 64  # redis-py commands in flight per worker; more wait for a free connection
 
 
 @dataclass(slots=True)
@@ -105,7 +111,8 @@ def _spec(window: int, quota: int, holds: bool, policies: tuple[Policy, ...], me
 def _admit_arguments(item: Admit, check_key: bool, keys: list[str], args: list[Any]) -> None:
     if check_key:
         keys.append(key_record_key(item.key_id))
-    args.append(f"A {item.reservation} {item.hold_ttl!r} {int(check_key)} {len(item.budgets)}")
+    first, metas = len(args), 0
+    args.append("")
     for b in item.budgets:
         keys.append(budget_key(b.id))
         meta = _meta(b)
@@ -113,6 +120,8 @@ def _admit_arguments(item: Admit, check_key: bool, keys: list[str], args: list[A
         args.append(f"{head}{b.amount}{tail}")
         if meta:
             args.append(meta)
+            metas += 1
+    args[first] = f"A {item.reservation} {item.hold_ttl!r} {int(check_key)} {len(item.budgets)} {metas}"
 
 
 def _settle_arguments(item: _Settle, keys: list[str], args: list[Any]) -> None:
@@ -123,6 +132,72 @@ def _settle_arguments(item: _Settle, keys: list[str], args: list[Any]) -> None:
             f"{budget.window}:{limiter.granularity(budget.window)}:{budget.quota}:{amount}:"
             f"{int(budget.holds)}:{item.mode}:{item.taken_at}"
         )
+
+
+@dataclass(slots=True)
+class _Packed:
+    """A batch's script call with its arguments encoded item by item: an item that cannot be
+    encoded (a value no store can hold) is left out of the call and fails alone."""
+
+    sent: Sequence[Admit | _Settle]
+    keys: list[bytes]
+    args: list[bytes]
+    failed: list[Failed | None] | None = None  # per item of the batch: its failure, or None if sent
+
+    def results(self, raws: Sequence[Any]) -> list[Any]:
+        """Each item's result (or its failure), in the batch's order."""
+        if self.failed is None:
+            return _decode_step(self.sent, raws)
+        decoded = iter(_decode_step(self.sent, raws))
+        return [next(decoded) if failure is None else failure for failure in self.failed]
+
+    def failure(self) -> Failed | None:
+        return next((f for f in self.failed if f is not None), None) if self.failed else None
+
+
+def _pack(items: Sequence[Admit | _Settle], check_key: bool, now: str) -> _Packed:
+    """The whole batch in one go; if that fails, item by item, leaving out those that fail."""
+    try:
+        keys, args = _arguments(items, check_key, [now, str(len(items))])
+    except Exception:
+        return _pack_each(items, check_key, now)
+    return _Packed(items, keys, args)
+
+
+def _pack_each(items: Sequence[Admit | _Settle], check_key: bool, now: str) -> _Packed:
+    sent: list[Admit | _Settle] = []
+    failed: list[Failed | None] = []
+    packed = _Packed(sent, [], [now.encode(), b""], failed)
+    for item in items:
+        try:
+            keys, args = _arguments([item], check_key, [])
+        except Exception as exc:  # the item's own data: it alone fails
+            failed.append(Failed(_step_error(exc)))
+            continue
+        sent.append(item)
+        packed.keys += keys
+        packed.args += args
+        failed.append(None)
+    packed.args[1] = b"%d" % len(sent)
+    return packed
+
+
+def _arguments(items: Sequence[Admit | _Settle], check_key: bool, head: list[Any]) -> tuple[list[bytes], list[bytes]]:
+    """The script call's keys, and its arguments after `head`, encoded."""
+    keys: list[str] = []
+    args: list[Any] = head
+    for item in items:
+        if isinstance(item, Admit):
+            _admit_arguments(item, check_key, keys, args)
+        else:
+            _settle_arguments(item, keys, args)
+    return [k.encode() for k in keys], [a if isinstance(a, bytes) else a.encode() for a in args]
+
+
+def _step_error(cause: Exception) -> StepError:
+    error = StepError(f"Redis store step failed on this request's data: {cause}")
+    error.__cause__ = cause
+    return error
 
 
 def _meta(budget: Budget) -> bytes:
@@ -149,6 +224,19 @@ def _client_url(url: str) -> tuple[str, bool]:
     return ("rediss" if scheme.lower().startswith("rediss") else "redis") + "://" + rest, cluster
 
 
+class _WaitingCluster(RedisCluster):
+    """redis-py's Cluster client raises MaxConnectionsError when a node's connections are all in use;
+    here a command waits instead (pipelines, used off the hot path, keep a reserve of connections)."""
+
+    _waiting: asyncio.Semaphore | None = None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._waiting is None:
+            self._waiting = asyncio.Semaphore(CONNECTIONS)
+        async with self._waiting:
+            return await super().execute_command(*args, **kwargs)
+
+
 class RedisStore:
     def __init__(self, url: str, clock: Callable[[], float] | None = None) -> None:
         self.url = url
@@ -161,9 +249,11 @@ class RedisStore:
         )
         self._client: Any = None
         self._script: Any = None
+        self._expire: Any = None
         self._touched: dict[str, tuple[float, float]] = {}  # index entries to write
         self._indexed: dict[str, tuple[float, float]] = {}  # what this worker last wrote, per budget
         self._denials: list[bytes] = []
+        self._store_now: float | None = None  # the counters' clock, as the last step reply told it
         self._flusher: asyncio.Task[None] | None = None
         self._init_lock = asyncio.Lock()
         self._steps: Batcher[Admit | _Settle, Any] = Batcher(self._step, start=self._start)
@@ -173,13 +263,19 @@ class RedisStore:
     # -- plumbing ----------------------------------------------------------------------------
 
     def _redis(self) -> Any:
+        """redis-py's client; a command waits for a free connection rather than failing when all
+        are busy (a burst of requests must not look like an unreachable store)."""
         if self._client is None:
             options: dict[str, Any] = {"socket_connect_timeout": 1.0, "socket_timeout": 5.0}
             if self.cluster:
-                self._client = RedisCluster.from_url(self._client_url, max_connections=256, **options)
+                self._client = _WaitingCluster.from_url(self._client_url, max_connections=CONNECTIONS + 32, **options)
             else:
-                self._client = aioredis.Redis.from_url(self._client_url, max_connections=256, **options)
+                pool = aioredis.BlockingConnectionPool.from_url(
+                    self._client_url, max_connections=CONNECTIONS, timeout=5.0, **options
+                )
+                self._client = aioredis.Redis(connection_pool=pool)
             self._script = self._client.register_script(_script("step.lua"))
+            self._expire = self._client.register_script(_script("expire.lua"))
         return self._client
 
     def _now_arg(self) -> str:
@@ -231,55 +327,56 @@ class RedisStore:
         else:
             admission = await self._call("admit", self._admit_cluster(item))
         if admission.key_active and budgets:
-            self._remember(budgets, admission)
+            self._remember(budgets, admission, hold_ttl)
         return admission
 
     async def charge(self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]) -> list[CounterState]:
         if not self.cluster:
             states = await self._call("charge", self._steps.submit(_Settle(budgets, reservation, amounts, "charge")))
-        else:  # each budget in its own slot's script call, in parallel
-            settled = await self._call(
-                "charge",
-                asyncio.gather(
-                    *(
-                        self._step([_Settle([b], reservation, [a], "charge")])
-                        for b, a in zip(budgets, amounts, strict=True)
-                    )
-                ),
-            )
-            states = [s[0][0] for s in settled]
+        else:
+            states = await self._call("charge", self._charge_cluster(budgets, reservation, amounts))
         self._remember(budgets, Admission(True, True, states))
         return states
 
+    async def _charge_cluster(
+        self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]
+    ) -> list[CounterState]:
+        """Each budget in its own slot's script call, in parallel; all packed before any is sent."""
+        now = self._now_arg()
+        packs = [
+            _pack([_Settle([b], reservation, [a], "charge")], True, now) for b, a in zip(budgets, amounts, strict=True)
+        ]
+        _raise_failure(p.failure() for p in packs)
+        settled = [s[0] for s in await asyncio.gather(*(self._send(p) for p in packs))]
+        _raise_failure(s for s in settled if isinstance(s, Failed))
+        return [s[0] for s in settled]
+
     async def _step(self, items: Sequence[Admit | _Settle], check_key: bool = True) -> list[Any]:
-        """One script call for a batch of admissions and settlements, each on its own, in order;
-        the script is loaded again if the server forgot it (a restart)."""
-        keys, args = self._step_arguments(items, check_key)
+        """One script call for a batch of admissions and settlements, each on its own, in order."""
+        return await self._send(_pack(items, check_key, self._now_arg()))
+
+    async def _send(self, packed: _Packed) -> list[Any]:
+        """The packed call; the script is loaded again if the server forgot it (a restart)."""
+        if not packed.sent:
+            return packed.results([])
         try:
-            raws = await self._evalsha(keys, args)
+            raws = await self._evalsha(packed.keys, packed.args)
         except NoScriptError:
             self._script.sha = await self._redis().script_load(self._script.script)
-            raws = await self._evalsha(keys, args)
-        return _decode_step(items, raws)
+            raws = await self._evalsha(packed.keys, packed.args)
+        return self._results(packed, raws)
 
-    def _step_arguments(self, items: Sequence[Admit | _Settle], check_key: bool) -> tuple[list[str], list[Any]]:
-        keys: list[str] = []
-        args: list[Any] = [self._now_arg(), len(items)]
-        for item in items:
-            if isinstance(item, Admit):
-                _admit_arguments(item, check_key, keys, args)
-            else:
-                _settle_arguments(item, keys, args)
-        return keys, args
+    def _results(self, packed: _Packed, raws: Sequence[Any]) -> list[Any]:
+        results = packed.results(raws)
+        self._store_now = _reply_time(packed.sent, raws) or self._store_now
+        return results
 
-    def _packed_evalsha(self, keys: list[str], args: list[Any]) -> bytes:
+    def _packed_evalsha(self, keys: list[bytes], args: list[bytes]) -> bytes:
         """EVALSHA of the step script, packed here in one `bytes.join`: redis-py's general packing
         of each argument cost more than the rest of the call (`python bench/run.py --profile`)."""
-        parts = [b"EVALSHA", self._script.sha.encode(), b"%d" % len(keys), *(k.encode() for k in keys)]
-        parts += [a if isinstance(a, bytes) else str(a).encode() for a in args]
-        return resp.pack(parts)
+        return resp.pack([b"EVALSHA", self._script.sha.encode(), b"%d" % len(keys), *keys, *args])
 
-    async def _evalsha(self, keys: list[str], args: list[Any]) -> Any:
+    async def _evalsha(self, keys: list[bytes], args: list[bytes]) -> Any:
         """The step script's call: on the pipelined connection (`resp.py`) on a single server, on a
         pooled redis-py connection for a URL that one cannot open, through redis-py on a Cluster."""
         client = self._redis()
@@ -308,15 +405,18 @@ class RedisStore:
         if protocol is None or self._script is None:
             return None
         results: asyncio.Future[Sequence[Any]] = asyncio.get_running_loop().create_future()
-        keys, args = self._step_arguments(items, True)
-        reply = protocol.send(self._packed_evalsha(keys, args))
-        reply.add_done_callback(functools.partial(self._started, items, results))
+        packed = _pack(items, True, self._now_arg())
+        if not packed.sent:
+            results.set_result(packed.results([]))
+            return results
+        reply = protocol.send(self._packed_evalsha(packed.keys, packed.args))
+        reply.add_done_callback(functools.partial(self._started, packed, results))
         return results
 
-    def _started(self, items: list[Admit | _Settle], results: asyncio.Future[Sequence[Any]], reply: Any) -> None:
+    def _started(self, packed: _Packed, results: asyncio.Future[Sequence[Any]], reply: Any) -> None:
         exc = reply.exception()
         if isinstance(exc, NoScriptError):  # the server restarted: load the script, call again
-            retry = asyncio.ensure_future(self._step(items))
+            retry = asyncio.ensure_future(self._send(packed))
             self._retries.add(retry)
             retry.add_done_callback(functools.partial(_copy_outcome, results))
             retry.add_done_callback(self._retries.discard)
@@ -324,104 +424,162 @@ class RedisStore:
             results.set_exception(exc)
         else:
             try:
-                results.set_result(_decode_step(items, reply.result()))
+                results.set_result(self._results(packed, reply.result()))
             except Exception as error:  # a reply the script cannot have sent
                 results.set_exception(RedisError(f"unexpected reply from the step script: {error!r}"))
 
     async def _admit_cluster(self, item: Admit) -> Admission:
-        """Budgets in different slots: each slot's group in its own script call, in parallel; if
-        any group (or the key check) refuses, the groups that admitted are refunded."""
+        """Budgets in different slots: each slot's group in its own script call, in parallel (all
+        packed before any is sent); if any group (or the key check) refuses, or fails on its own
+        data, the groups that admitted are refunded."""
         budgets = item.budgets
         groups: dict[int, list[int]] = {}
         for index, budget in enumerate(budgets):
             groups.setdefault(key_slot(budget_key(budget.id).encode()), []).append(index)
         members = list(groups.values())
-        calls = [
-            self._step([Admit(item.key_id, [budgets[i] for i in m], item.reservation, item.hold_ttl)], False)
+        now = self._now_arg()
+        packs = [
+            _pack([Admit(item.key_id, [budgets[i] for i in m], item.reservation, item.hold_ttl)], False, now)
             for m in members
         ]
-        revoked, *grouped = await asyncio.gather(self._redis().hget(key_record_key(item.key_id), "revoked_at"), *calls)
-        results: list[Admission] = [g[0] for g in grouped]
-        allowed = revoked == b"" and all(r.allowed for r in results)
+        _raise_failure(p.failure() for p in packs)
+        revoked, *grouped = await asyncio.gather(
+            self._redis().hget(key_record_key(item.key_id), "revoked_at"), *(self._send(p) for p in packs)
+        )
+        results: list[Admission | None] = [g[0] if isinstance(g[0], Admission) else None for g in grouped]
+        allowed = revoked == b"" and all(r is not None and r.allowed for r in results)
         states: list[CounterState] = [CounterState(0, 0, 0)] * len(budgets)
         for m, result in zip(members, results, strict=True):
-            for i, state in zip(m, result.states, strict=True):
+            for i, state in zip(m, result.states, strict=True) if result is not None else ():
                 states[i] = state
         if not allowed:
-            taken_at = self._now_arg() or repr(time.time())
-            undo = [[budgets[i] for i in m] for m, result in zip(members, results, strict=True) if result.allowed]
-            await asyncio.gather(
-                *(
-                    self._step([_Settle(group, item.reservation, [b.amount for b in group], "refund", taken_at)])
-                    for group in undo
-                )
+            await self._refund(
+                item, [[budgets[i] for i in m] for m, r in zip(members, results, strict=True) if r and r.allowed]
             )
             states = [
                 _without(states[i], b) if _took(results, members, i) else states[i] for i, b in enumerate(budgets)
             ]
+        _raise_failure(g[0] for g in grouped if isinstance(g[0], Failed))
         return Admission(revoked == b"", allowed, states)
+
+    async def _refund(self, item: Admit, groups: list[list[Budget]]) -> None:
+        """Undo the takes (or holds) of the groups that admitted a request another group refused."""
+        taken_at = self._now_arg() or repr(time.time())
+        await asyncio.gather(
+            *(
+                self._step([_Settle(group, item.reservation, [b.amount for b in group], "refund", taken_at)])
+                for group in groups
+            )
+        )
 
     # -- the dashboard's index, written off the request path -------------------------------------
 
-    def _remember(self, budgets: Sequence[Budget], admission: Admission) -> None:
+    def _remember(self, budgets: Sequence[Budget], admission: Admission, hold_ttl: float = 0.0) -> None:
         """Queue index updates: a budget new to this worker, one whose usage ratio moved by a
-        point or more, or one whose index entry is half-way to its expiry."""
-        now = self.clock() if self.clock else time.time()
+        point or more, or one whose index entry is half-way to its expiry. Entries expire by the
+        counters' own clock (the time of the store's last reply), holds included."""
+        now = self._store_now if self._store_now is not None else self._local_now()
         indexed = self._indexed
         for budget, state in zip(budgets, admission.states, strict=True):
             ratio = (state.used + state.held) / budget.quota if budget.quota else 1.0
             last = indexed.get(budget.id)
             if last is None or abs(ratio - last[0]) >= 0.01 or last[1] - now < budget.window / 2:
-                entry = (ratio, now + budget.window)
+                entry = (ratio, now + budget.window + (hold_ttl if budget.holds else 0.0))
                 self._touched[budget.id] = indexed[budget.id] = entry
         if len(indexed) > INDEXED_REMEMBERED:
             indexed.clear()
         if not admission.allowed:
-            for budget, state in zip(budgets, admission.states, strict=True):
-                if state.retry_after:
-                    policy = min(budget.policies, key=lambda p: p.scaled_quota).normal_form()
-                    self._denials.append(
-                        orjson.dumps(
-                            {
-                                "at": now,
-                                "key_id": budget.key_id,
-                                "policy": policy,
-                                "segment": budget.segment,
-                                "value": budget.value,
-                            }
-                        )
-                    )
+            self._note_denials(budgets, admission, now)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
+    def _note_denials(self, budgets: Sequence[Budget], admission: Admission, now: float) -> None:
+        for budget, state in zip(budgets, admission.states, strict=True):
+            if state.retry_after:
+                policy = min(budget.policies, key=lambda p: p.scaled_quota).normal_form()
+                self._denials.append(
+                    orjson.dumps(
+                        {
+                            "at": now,
+                            "key_id": budget.key_id,
+                            "policy": policy,
+                            "segment": budget.segment,
+                            "value": budget.value,
+                        }
+                    )
+                )
+
+    def _local_now(self) -> float:
+        return self.clock() if self.clock else time.time()
+
     async def _flush_soon(self) -> None:
-        await asyncio.sleep(FLUSH_SECONDS)
-        try:
-            await self._flush()
-        except (RedisError, OSError) as exc:
-            log.warning("could not update the budget index: %s", exc)
+        """Once a second while there is work: the index writes gathered, then expired entries removed
+        (a bounded number; while more remain, again a second later)."""
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            try:
+                await self._flush()
+                more = await self._expire_index(EXPIRY_CHUNKS)
+            except (RedisError, OSError) as exc:
+                log.warning("could not update the budget index: %s", exc)
+                return
+            if not more and not self._touched and not self._denials:
+                return
 
     async def _flush(self) -> None:
         """The index entries and denials gathered since the last flush, in commands of at most
         INDEX_CHUNK entries, packed one at a time with the event loop free between them: one ZADD
         of the 3,000 entries a busy worker gathers in a second took ~11 ms to pack, a stall that
-        every request in flight waited out."""
+        every request in flight waited out. Sent in order (each chunk's expiry before its ratio:
+        see `_expire_index`); through redis-py one after another, for the Cluster's nodes."""
         touched, self._touched = self._touched, {}
         denials, self._denials = self._denials, []
         if not touched and not denials:
             return
         pipelined = self._pipelined
         replies = []
-        pipe = None if pipelined is not None else self._redis().pipeline(transaction=False)
         for command in _index_commands(touched, denials):
             if pipelined is not None:
                 replies.append(pipelined.execute(resp.pack(command)))
+                await asyncio.sleep(0)
             else:
-                pipe.execute_command(command[0].decode(), *command[1:])  # type: ignore[union-attr]
-            await asyncio.sleep(0)
-        if pipe is not None:
-            await pipe.execute()
+                await self._redis().execute_command(command[0].decode(), *command[1:])
         await asyncio.gather(*replies)
+
+    async def _expire_index(self, chunks: int) -> bool:
+        """Remove the index entries whose budgets expired, at most `chunks` times EXPIRY_CHUNK of them
+        (each step bounded: one ZREM of 4 million entries held Redis for 2 s); True if more remain.
+        Safe with any number of workers doing it at once: the expiry set loses its entries in one
+        atomic step (`lua/expire.lua`, by the counters' clock), then the ratio set; an entry that a
+        writer re-added meanwhile (expiry first, then ratio) is put back by `_restore`."""
+        client = self._redis()
+        for _ in range(chunks):
+            gone = await self._expire(keys=[INDEX_EXPIRY], args=[self._now_arg(), EXPIRY_CHUNK], client=client)
+            if gone:
+                await client.zrem(INDEX, *gone)
+                await self._restore(gone)
+            if len(gone) < EXPIRY_CHUNK:
+                return False
+        return True
+
+    async def _restore(self, gone: list[bytes]) -> None:
+        """Entries written again while they were being removed (their budget came back to life):
+        their ratio, which the removal may have taken away, read from their budgets."""
+        client = self._redis()
+        back = [m for m, score in zip(gone, await client.zmscore(INDEX_EXPIRY, gone), strict=True) if score is not None]
+        if not back:
+            return
+        ids = [m.decode() for m in back]
+        for budget_id, usage in zip(ids, await self._read_budgets(ids, await self._store_time(), {}), strict=True):
+            if usage is not None:
+                await client.zadd(INDEX, {budget_id: usage.ratio})
+
+    async def _store_time(self) -> float:
+        """Now, by the counters' clock: the injected one, else the Redis server's."""
+        if self.clock is not None:
+            return self.clock()
+        seconds, micros = await self._redis().time()
+        return float(seconds) + micros / 1_000_000
 
     async def usage(
         self,
@@ -437,15 +595,13 @@ class RedisStore:
         self, key_id: str | None, segment: str | None, value: str | None, limit: int, offset: int
     ) -> list[BudgetUsage]:
         await self._flush()
+        while await self._expire_index(EXPIRY_CHUNKS):  # a backlog (after an upgrade, say): bounded steps
+            pass
         client = self._redis()
-        now = self.clock() if self.clock else time.time()
-        expired = await client.zrangebyscore(INDEX_EXPIRY, "-inf", now)
-        if expired:
-            await client.zrem(INDEX, *expired)
-            await client.zrem(INDEX_EXPIRY, *expired)
+        now = await self._store_time()
         names = {k.id: k.name for k in await self.list_keys()}
         out: list[BudgetUsage] = []
-        skipped, start, chunk = 0, 0, max(100, limit)
+        skipped, start, chunk = 0, 0, min(max(100, limit), SCAN_CHUNK)
         while len(out) < limit:
             ids = await client.zrevrange(INDEX, start, start + chunk - 1)
             if not ids:
@@ -588,12 +744,12 @@ class RedisStore:
 
 
 def _index_commands(touched: dict[str, tuple[float, float]], denials: list[bytes]) -> Iterator[list[bytes]]:
-    """The index's ZADDs, INDEX_CHUNK entries each, then the denials' LPUSH and LTRIM."""
+    """The index's ZADDs, INDEX_CHUNK entries each (expiry, then ratio), then the denials' LPUSH and LTRIM."""
     items = list(touched.items())
     for first in range(0, len(items), INDEX_CHUNK):
         chunk = items[first : first + INDEX_CHUNK]
-        for key, score in ((INDEX, 0), (INDEX_EXPIRY, 1)):
-            command = [b"ZADD", key.encode()]
+        for key, score, flags in ((INDEX_EXPIRY, 1, [b"GT"]), (INDEX, 0, [])):  # an expiry never moves back
+            command = [b"ZADD", key.encode(), *flags]
             for member, entry in chunk:
                 command += (repr(entry[score]).encode(), member.encode())
             yield command
@@ -603,10 +759,24 @@ def _index_commands(touched: dict[str, tuple[float, float]], denials: list[bytes
 
 
 def _decode_step(items: Sequence[Admit | _Settle], raws: Sequence[Any]) -> list[Any]:
+    """Each item's result; an error reply in its place (the script failed on that item) is its failure."""
     return [
-        _admission(raw, len(item.budgets)) if isinstance(item, Admit) else _states(raw[1:], len(item.budgets))
+        Failed(_step_error(raw))
+        if isinstance(raw, Exception)
+        else _admission(raw, len(item.budgets))
+        if isinstance(item, Admit)
+        else _states(raw[1:], len(item.budgets))
         for raw, item in zip(raws, items, strict=True)
     ]
+
+
+def _reply_time(items: Sequence[Admit | _Settle], raws: Sequence[Any]) -> float | None:
+    """The step's time (the script read it from its clock): in every result, after the admission's
+    two flags or first in a settlement's."""
+    for item, raw in zip(items, raws, strict=True):
+        if not isinstance(raw, Exception):
+            return float(raw[2] if isinstance(item, Admit) else raw[0])
+    return None
 
 
 def _copy_outcome(target: asyncio.Future[Any], source: asyncio.Future[Any]) -> None:
@@ -636,8 +806,15 @@ def _admission(raw: Sequence[Any], count: int) -> Admission:
     return Admission(True, bool(int(raw[1])), _states(raw[3:], count))
 
 
-def _took(results: list[Admission], members: list[list[int]], index: int) -> bool:
-    return any(result.allowed and index in m for result, m in zip(results, members, strict=True))
+def _took(results: list[Admission | None], members: list[list[int]], index: int) -> bool:
+    return any(result is not None and result.allowed and index in m for result, m in zip(results, members, strict=True))
+
+
+def _raise_failure(failures: Iterable[Failed | None]) -> None:
+    """Raise the first item failure, if any."""
+    for failure in failures:
+        if failure is not None:
+            raise failure.error
 
 
 def _without(state: CounterState, budget: Budget) -> CounterState:

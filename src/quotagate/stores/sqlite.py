@@ -3,14 +3,16 @@
 A step runs inside `BEGIN IMMEDIATE`, which takes SQLite's write lock up front: the check and the
 take of an admission are one atomic step across all processes sharing the file. While the lock is
 free a step runs on the event loop itself (a fraction of a millisecond); when another process
-holds it, on one dedicated thread per process, so the event loop never waits on a lock, and WAL
-checkpoints (which write and sync the database file) run on that thread too. The window algorithm
-is the one in `quotagate.limiter`; each counter's state is a small JSON document in its row.
+holds it, on one dedicated thread per process, so the event loop never waits on a lock, and the
+maintenance (expired rows deleted in small chunks, then a WAL checkpoint, which writes and syncs
+the database file) runs on that thread too. The window algorithm is the one in
+`quotagate.limiter`; each counter's state is a small JSON document in its row.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -26,13 +28,17 @@ import orjson
 
 from .. import limiter
 from ..limiter import Admission, Budget, CounterState
+from ..policy import MIN_WINDOW
 from ..redact import redact_url
-from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StoreError
-from .batch import Admit, Batcher, Charge
+from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
+from .batch import Admit, Batcher, Charge, Failed
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 CHECKPOINT_COMMITS = 64  # ~1 MB of WAL for new budgets (a commit writes about 16 KB of pages)
+PURGE_SPAN = 1000  # rowids a maintenance job reads looking for expired rows (a read: no lock)
+PURGE_CHUNK = 50  # expired rows deleted per transaction: the write lock held about a millisecond
+PURGE_ROWS = 1000  # rows a maintenance pass reads, at least (four times the rows inserted since the last)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -124,10 +130,14 @@ class SQLiteStore:
         self._seen_version: tuple[int, int] | None = None
         self._states_known: dict[str, dict] = {}
         self._keys_known: dict[str, bool] = {}
-        # the WAL is checkpointed on the store thread, never by a commit on the event loop
-        self._commits = 0  # on the event loop since the last checkpoint
-        self._checkpointing = False
-        self._checkpointer: sqlite3.Connection | None = None  # on the store thread only
+        # expired rows are deleted and the WAL checkpointed on the store thread, never on the event loop
+        self._commits = 0  # on the event loop since the last maintenance
+        self._maintaining = False
+        self._maintenance: sqlite3.Connection | None = None  # on the store thread only
+        self._inserted = 0  # counter rows inserted since the last maintenance pass
+        self._sweep = 0  # the rowid the maintenance reads on from
+        self._marks: collections.deque[tuple[float, int]] = collections.deque()  # (when, the largest rowid then)
+        self._expired: list[int] = []  # rows it found expired and has not deleted yet
         self._duplicates_logged = False
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -137,31 +147,63 @@ class SQLiteStore:
             self._db = self._open(busy_ms=30000)
         return self._db
 
-    def _checkpoint_soon(self) -> None:
+    def _maintain_soon(self) -> None:
         """After commits on the event loop (whose connection never checkpoints: a checkpoint
-        writes the database file and syncs it, milliseconds the loop would stall), copy the WAL
-        back on the store thread every CHECKPOINT_COMMITS commits, so that it stays small."""
+        writes the database file and syncs it, milliseconds the loop would stall), delete expired
+        rows and copy the WAL back on the store thread every CHECKPOINT_COMMITS commits. A pass reads
+        four times the rows inserted since the last one, so that deletion keeps up with new budgets."""
         self._commits += 1
-        if self._checkpointing or self._commits < CHECKPOINT_COMMITS:
+        if self._maintaining or self._commits < CHECKPOINT_COMMITS:
             return
-        self._checkpointing, self._commits = True, 0
+        allowance, self._inserted = max(PURGE_ROWS, 4 * self._inserted), 0
+        self._maintaining, self._commits = True, 0
         try:
-            self._executor.submit(self._checkpoint)
+            self._executor.submit(self._maintain, allowance, True)
         except RuntimeError:  # the store is closing
-            self._checkpointing = False
+            self._maintaining = False
 
-    def _checkpoint(self) -> None:
-        """RESTART, so that the next commit starts the WAL over instead of growing it. While it runs
-        it holds writers off; its own connection waits at most 50 ms for readers, then leaves the
-        rest to the next checkpoint."""
+    def _maintain(self, allowance: int, first: bool = False) -> None:
+        """One job of a pass: delete PURGE_CHUNK of the expired rows found, or read the next
+        PURGE_SPAN rows for expired ones (a read: no lock), among the rows that were in the table
+        MIN_WINDOW seconds ago (a younger one cannot have expired). The next job waits behind
+        whatever store step waits for this thread; the pass ends when its allowance is read or the
+        sweep comes round, with a RESTART checkpoint, so that the next commit starts the WAL over.
+        Its own connection (the others see its deletions through `PRAGMA data_version`) waits at
+        most 50 ms for the lock or for readers, then leaves the rest to the next pass."""
+        again = False
         try:
-            if self._checkpointer is None:
-                self._checkpointer = self._open(busy_ms=50)
-            self._checkpointer.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-        except sqlite3.Error as exc:  # busy with another process's checkpoint: the next one will do
-            log.debug("WAL checkpoint skipped: %s", exc)
+            if self._maintenance is None:
+                self._maintenance = self._open(busy_ms=0)  # the deletes wait their own way (`_begin`)
+            now = self.clock()
+            oldest = self._oldest_rowid(self._maintenance, now, first)
+            if self._expired:
+                chunk, self._expired = self._expired[:PURGE_CHUNK], self._expired[PURGE_CHUNK:]
+                _delete_expired(self._maintenance, chunk, now)
+            elif allowance > 0 and oldest:
+                self._expired, read, self._sweep = _find_expired(self._maintenance, self._sweep, oldest, now)
+                allowance = allowance - max(read, 1) if self._sweep else 0  # round the table: this pass is done
+            if self._expired or (allowance > 0 and oldest):
+                self._executor.submit(self._maintain, allowance)
+                again = True
+                return
+            _checkpoint(self._maintenance)
+        except sqlite3.Error as exc:  # busy with another process's maintenance: the next pass will do
+            log.debug("SQLite maintenance skipped: %s", exc)
+        except RuntimeError:  # the store is closing
+            pass
         finally:
-            self._checkpointing = False
+            self._maintaining = again
+
+    def _oldest_rowid(self, db: sqlite3.Connection, now: float, first: bool) -> int:
+        """The largest rowid the table held MIN_WINDOW seconds ago (0: none known), from the largest
+        rowid noted at the start of each pass; rows there before this process began count as old."""
+        marks = self._marks
+        if first:
+            [(top,)] = db.execute("SELECT max(rowid) FROM counters").fetchall()
+            marks.append((now if marks else float("-inf"), top or 0))
+            while len(marks) > 1 and marks[1][0] <= now - MIN_WINDOW:
+                marks.popleft()
+        return marks[0][1] if marks and marks[0][0] <= now - MIN_WINDOW else 0
 
     def _open(self, busy_ms: int) -> sqlite3.Connection:
         _private_files(self.path)
@@ -198,7 +240,7 @@ class SQLiteStore:
                     self._inline = self._open(busy_ms=0)
                     self._inline.execute("PRAGMA wal_autocheckpoint=0")
                 results = self._guarded(self._inline, self._run_steps, items)
-                self._checkpoint_soon()
+                self._maintain_soon()
                 return results
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
@@ -248,9 +290,9 @@ class SQLiteStore:
         if self._db is not None:
             await self._run(_close)
         self._executor.shutdown(wait=True)
-        if self._checkpointer is not None:  # its thread is done
-            self._checkpointer.close()
-            self._checkpointer = None
+        if self._maintenance is not None:  # its thread is done
+            self._maintenance.close()
+            self._maintenance = None
 
     # -- counters ----------------------------------------------------------------------------
 
@@ -263,22 +305,54 @@ class SQLiteStore:
         return result
 
     def _run_steps(self, db: sqlite3.Connection, items: Sequence[Admit | Charge]) -> list[Any]:
-        """A batch of admissions and charges in one transaction, each on its own, in order."""
+        """A batch of admissions and charges in one transaction, each on its own, in order. An item
+        that fails on its own data is left out and the batch runs again from the start (nothing of
+        the failed attempt was committed or handed out): it fails alone, every other item is
+        decided and committed once, and a batch where nothing fails pays nothing for it."""
         if all(isinstance(i, Admit) and not i.budgets for i in items):  # key checks only: no write lock
             self._refresh(db)
-            return [Admission(self._key_active(db, i.key_id), True, []) for i in items]  # type: ignore[union-attr]
+            return [self._key_check(db, i) for i in items]  # type: ignore[arg-type]
+        now = self.clock()
+        failed: dict[int, Failed] = {}
+        while (results := self._attempt(db, items, now, failed)) is None:
+            pass
+        return results
+
+    def _attempt(
+        self, db: sqlite3.Connection, items: Sequence[Admit | Charge], now: float, failed: dict[int, Failed]
+    ) -> list[Any] | None:
+        """One transaction over the items not known to fail; None (rolled back) if another one fails."""
         db.execute("BEGIN IMMEDIATE")
         self._refresh(db)
-        now = self.clock()
+        results: list[Any] = []
         try:
-            results = [
-                self._admit_one(db, i, now) if isinstance(i, Admit) else self._charge_one(db, i, now) for i in items
-            ]
+            for index, item in enumerate(items):
+                if index in failed:
+                    results.append(failed[index])
+                    continue
+                try:
+                    step = self._admit_one if isinstance(item, Admit) else self._charge_one
+                    results.append(step(db, item, now))  # type: ignore[arg-type]
+                except Exception as exc:
+                    if _unavailable(exc):
+                        raise
+                    failed[index] = _failure(exc)
+                    db.rollback()
+                    self._forget()
+                    return None
             db.commit()
         except BaseException:
             self._forget()
             raise
         return results
+
+    def _key_check(self, db: sqlite3.Connection, item: Admit) -> Admission | Failed:
+        try:
+            return Admission(self._key_active(db, item.key_id), True, [])
+        except Exception as exc:
+            if _unavailable(exc):
+                raise
+            return _failure(exc)
 
     def _refresh(self, db: sqlite3.Connection) -> None:
         """Forget what another connection may have changed since this one last looked."""
@@ -363,6 +437,7 @@ class SQLiteStore:
             row, blob = state["_row"], _dump(state)
             state["_row"] = (ratio, budget.quota, policies)
             if row is None:
+                self._inserted += 1
                 db.execute(
                     _INSERT,
                     (
@@ -563,6 +638,72 @@ _INSERT = (
 _UPDATE_ALWAYS = (
     "used=?, held=?, updated_at=?, expires_at=max(expires_at, ?), last_denied_at=coalesce(?, last_denied_at), state=?"
 )
+
+
+def _find_expired(db: sqlite3.Connection, start: int, last: int, now: float) -> tuple[list[int], int, int]:
+    """The expired rows (an expiry includes the lifetime of any hold) among rowids `start` to
+    `start + PURGE_SPAN` (`last` at most), how many rows that range holds, and the next rowid to
+    read from (0 past `last`). Only the expired rows reach Python."""
+    end = min(start + PURGE_SPAN, last + 1)
+    [(rows, expired)] = db.execute(_SPAN, (now, start, end)).fetchall()
+    [(following,)] = db.execute("SELECT min(rowid) FROM counters WHERE rowid >= ?", (end,)).fetchall()
+    found = [int(r) for r in expired.split(",")] if expired else []
+    return found, rows, (following if following is not None and following <= last else 0)
+
+
+_SPAN = (
+    "SELECT count(*), group_concat(CASE WHEN expires_at <= ? THEN rowid END) FROM counters"
+    " WHERE rowid >= ? AND rowid < ?"
+)
+
+
+def _delete_expired(db: sqlite3.Connection, rowids: list[int], now: float) -> None:
+    """One short write transaction; a row written since it was found expired is kept."""
+    _begin(db)
+    try:
+        marks = ",".join("?" * len(rowids))
+        db.execute(f"DELETE FROM counters WHERE expires_at <= ? AND rowid IN ({marks})", [now, *rowids])
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+
+
+def _checkpoint(db: sqlite3.Connection) -> None:
+    """RESTART: it waits up to 50 ms for readers (SQLite's busy handler), then leaves it to the next."""
+    db.execute("PRAGMA busy_timeout=50")
+    try:
+        db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+    finally:
+        db.execute("PRAGMA busy_timeout=0")
+
+
+def _begin(db: sqlite3.Connection, patience: float = 0.05) -> None:
+    """BEGIN IMMEDIATE, tried again after pauses of 0.1 ms for up to `patience` seconds: SQLite's own
+    busy handler sleeps a millisecond or more, and a busy event loop, committing back to back, would
+    take the lock in between every time."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.0001)
+
+
+def _failure(exc: Exception) -> Failed:
+    error = StepError(f"SQLite store step failed on this request's data: {exc!r}")
+    error.__cause__ = exc
+    return Failed(error)
+
+
+def _unavailable(exc: Exception) -> bool:
+    """An error of the store itself (locked, busy, I/O, disk full, a corrupt file), not of one item's data."""
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.ProgrammingError
+    )
 
 
 def _key_active(db: sqlite3.Connection, key_id: str) -> bool:

@@ -1,6 +1,6 @@
 -- One step of a batch of admissions and settlements, one after the other, atomically.
 -- ARGV: now ('' = server time), operation count, then per operation:
---   an admission: "A <reservation> <hold ttl> <check key 0/1> <budget count>",
+--   an admission: "A <reservation> <hold ttl> <check key 0/1> <budget count> <meta count>",
 --       then per budget "<window>:<granularity>:<quota>:<amount>:<holds 0/1>:<meta 0/1>:<policies JSON>",
 --       followed by its meta JSON when it has one (a budget id that holds only a hash of its value);
 --       KEYS: [the key record's hash, if check key], then each budget's hash.
@@ -10,6 +10,9 @@
 --       mode 'charge' replaces the reservation's hold by `amount` spent now, 'refund' undoes an
 --       admission (its take or its hold) that another Cluster slot refused; KEYS: each budget's hash.
 --       Returns {now, then per budget: used, held, reset, retry}.
+-- An operation that fails (its budget's hash broken, say) returns an error reply in its place, and
+-- the next operations run: one bad request fails alone. Redis has no rollback: what the failing
+-- operation wrote before its error stays (it never takes more than its own amounts).
 -- (Few arguments, each one string: packing arguments is the client's main cost per call.)
 local now = clock(ARGV[1])
 local stamp = string.format('%.6f', now)
@@ -17,7 +20,7 @@ local arg, key = 3, 1
 local results = {}
 
 local function admit_one()
-  local reservation, ttl, check, count = string.match(ARGV[arg], '^A (%S+) (%S+) (%d) (%d+)$')
+  local reservation, ttl, check, count = string.match(ARGV[arg], '^A (%S+) (%S+) (%d) (%d+) %d+$')
   ttl, check, count = tonumber(ttl), check == '1', tonumber(count)
   arg = arg + 1
   local active = true
@@ -70,18 +73,22 @@ local function settle_one()
   count = tonumber(count)
   arg = arg + 1
   local out = {tostring(now)}
+  local budgets = {}
   for b = 1, count do
-    local h = KEYS[key]
     local window, g, quota, amount, holds, mode, taken =
       string.match(ARGV[arg], '^(%d+):(%d+):(%d+):(%d+):(%d):(%a+):(.+)$')
-    window, g, quota, amount, holds = tonumber(window), tonumber(g), tonumber(quota), tonumber(amount), holds == '1'
+    budgets[b] = {h = KEYS[key], window = tonumber(window), g = tonumber(g), quota = tonumber(quota),
+                  amount = tonumber(amount), holds = holds == '1', mode = mode, taken = taken}
     key, arg = key + 1, arg + 1
-    local s = load(h, window, now, reservation)
+  end
+  for _, x in ipairs(budgets) do x.s = load(x.h, x.window, now, reservation) end  -- every budget read before any write
+  for _, x in ipairs(budgets) do
+    local s, h, g, amount = x.s, x.h, x.g, x.amount
     release_hold(s, reservation)
-    if mode == 'charge' then
+    if x.mode == 'charge' then
       add(s, g, now, stamp, amount)
-    elseif not holds then
-      local i = math.floor(tonumber(taken) / g)
+    elseif not x.holds then
+      local i = math.floor(tonumber(x.taken) / g)
       local a = num(redis.call('HGET', h, 'a' .. i))
       if a then
         local back = math.min(a, amount)
@@ -92,12 +99,28 @@ local function settle_one()
       end
     end
     if s.dirty then save(s) end
-    view(out, s, window, now, quota, 0, holds, false)
+    view(out, s, x.window, now, x.quota, 0, x.holds, false)
   end
   return out
 end
 
+-- how many keys and arguments an operation spans, read from its head alone (to find the next
+-- operation after one that failed part-way)
+local function extent(head)
+  local check, count, metas = string.match(head, '^A %S+ %S+ (%d) (%d+) (%d+)$')
+  if check then return check + count, 1 + count + metas end
+  count = tonumber(string.match(head, '^S %S+ (%d+)$'))
+  return count, 1 + count
+end
+
 for r = 1, tonumber(ARGV[2]) do
-  if string.sub(ARGV[arg], 1, 1) == 'A' then results[r] = admit_one() else results[r] = settle_one() end
+  local first_key, first_arg = key, arg
+  local ok, out = pcall(string.sub(ARGV[arg], 1, 1) == 'A' and admit_one or settle_one)
+  if not ok then
+    local keys, args = extent(ARGV[first_arg])
+    key, arg = first_key + keys, first_arg + args
+    out = redis.error_reply('step failed: ' .. (type(out) == 'table' and tostring(out.err) or tostring(out)))
+  end
+  results[r] = out
 end
 return results

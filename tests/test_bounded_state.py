@@ -1,0 +1,214 @@
+"""State stays bounded by what is live: expired counters, rows and index entries go away by
+themselves in every store, in bounded chunks, without anyone reading the dashboard; live budgets
+(holds of calls in flight included) stay exact; an admin read sends only bounded commands."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis
+
+from quotagate.keys import create_key
+from quotagate.limiter import Budget, budgets_for
+from quotagate.policy import parse_policies
+from quotagate.stores import Store, open_store
+from quotagate.stores.redis import INDEX, INDEX_EXPIRY
+from quotagate.stores.sqlite import path_from_url
+
+from .conftest import FakeClock, flush_redis
+
+SHORT = parse_policies("10;w=60;s=user")
+LONG = parse_policies("1000;w=3600;s=user")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_800_000_000.0)
+
+
+def run(store_url: str, clock: FakeClock, body: Callable[[Store, str], Awaitable[None]]) -> None:
+    async def main() -> None:
+        store = open_store(store_url, clock)
+        try:
+            _, key = await create_key(store, "bounded", [])
+            await body(store, key.id)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def budget(key_id: str, policies: Any, user: str, amount: int = 1) -> list[Budget]:
+    budgets = budgets_for(key_id, policies, {None: None, "user": user})
+    for b in budgets:
+        b.amount = amount
+    return budgets
+
+
+def stored(store_url: str) -> int:
+    """What the store keeps of budgets: SQLite counter rows, or entries in the Redis index (-1
+    while an expiry step is between its two sets)."""
+    if store_url.startswith("sqlite"):
+        db = sqlite3.connect(path_from_url(store_url))
+        try:
+            return int(db.execute("SELECT count(*) FROM counters").fetchone()[0])
+        finally:
+            db.close()
+    client = _client(store_url)
+    try:
+        ratio, expiry = client.zcard(INDEX), client.zcard(INDEX_EXPIRY)
+    finally:
+        client.close()
+    return int(ratio) if ratio == expiry else -1
+
+
+def _client(store_url: str) -> Any:
+    if "+cluster" in store_url:
+        return redis.RedisCluster.from_url(store_url.replace("+cluster", ""))
+    return redis.Redis.from_url(store_url)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    """Wait for background work (the Redis index flush runs once a second, SQLite's purge on the
+    store thread): a real-time behaviour, polled."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached in {timeout} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def admit_users(store: Store, key_id: str, policies: Any, users: list[str], hold_ttl: float = 60) -> None:
+    for first in range(0, len(users), 50):
+        chunk = users[first : first + 50]
+        results = await asyncio.gather(
+            *(store.admit(key_id, budget(key_id, policies, u), f"r{u}", hold_ttl) for u in chunk)
+        )
+        assert all(r.allowed for r in results)
+
+
+def test_expired_budgets_go_away_without_an_admin_read(store_url: str, clock: FakeClock) -> None:
+    """600 users whose minute has passed disappear from the store (rows, index entries) while the
+    gateway keeps serving a live one; the live budgets keep their exact counts."""
+
+    async def body(store: Store, key_id: str) -> None:
+        await admit_users(store, key_id, SHORT, [f"gone-{n}" for n in range(600)])
+        await admit_users(store, key_id, LONG, ["alive-1", "alive-2"])
+        await until(lambda: stored(store_url) == 602, "every budget stored")
+        clock.advance(3 * 60)  # every 60 s window (and the index slack) has passed; the hour has not
+        for n in range(130):  # traffic goes on for a live user only: one store step (commit) each
+            result = await store.admit(key_id, budget(key_id, LONG, "alive-1"), f"live{n}", 60)
+            assert result.allowed and result.states[0].used == n + 2
+        await until(lambda: stored(store_url) == 2, "only the live budgets left")
+        [state] = (await store.admit(key_id, budget(key_id, LONG, "alive-2"), "last", 60)).states
+        assert state.used == 2
+
+    run(store_url, clock, body)
+
+
+def test_a_budget_whose_call_is_still_in_flight_is_kept(store_url: str, clock: FakeClock) -> None:
+    """A hold outlives the window (a slow call): its budget is not removed before the hold expires."""
+    tokens = parse_policies("1000;w=60;u=token;s=user")
+
+    async def body(store: Store, key_id: str) -> None:
+        slow = budget(key_id, tokens, "slow", amount=400)
+        assert (await store.admit(key_id, slow, "slow-call", 600)).allowed
+        await admit_users(store, key_id, SHORT, [f"gone-{n}" for n in range(100)])
+        await until(lambda: stored(store_url) == 101, "every budget stored")
+        clock.advance(3 * 60)  # the window has passed, the hold (600 s) has not
+        for n in range(130):
+            assert (await store.admit(key_id, budget(key_id, LONG, "alive"), f"live{n}", 60)).allowed
+        await until(lambda: stored(store_url) == 2, "the short budgets gone, the held one kept")
+        [state] = await store.charge(slow, "slow-call", [250])
+        assert (state.used, state.held) == (250, 0)
+
+    run(store_url, clock, body)
+
+
+# --- the admin read ----------------------------------------------------------------------------
+
+
+class Monitor:
+    """Every command Redis runs while it is open (MONITOR: scripts' own commands included)."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.db = self.client.connection_pool.connection_kwargs.get("db", 0)
+        self.commands: list[list[str]] = []
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with self.client.monitor() as monitor:
+            self._ready.set()
+            for event in monitor.listen():
+                words = event["command"].split(" ")
+                if words == ["ECHO", "monitor-stop"]:
+                    return
+                if event["db"] == self.db:
+                    self.commands.append(words)
+
+    def __enter__(self) -> Monitor:
+        self._thread.start()
+        self._ready.wait(5)
+        time.sleep(0.2)  # MONITOR is on before the first command is sent
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.echo("monitor-stop")
+        self._thread.join(10)
+        self.client.close()
+
+
+def test_an_admin_read_of_a_large_stale_index_sends_only_bounded_commands(redis_url: str, clock: FakeClock) -> None:
+    """20,000 index entries whose budgets expired long ago, none removed yet (a gateway that was
+    idle, or older versions): reading the dashboard lists the live budgets and removes stale entries
+    in bounded chunks; no command carries thousands of members (one ZREM of 4 million entries held
+    Redis for 2 s: every admission waited)."""
+    flush_redis(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    stale = 20_000
+
+    async def body(store: Store, key_id: str) -> None:
+        await admit_users(store, key_id, LONG, ["alive-1", "alive-2"])
+        await until(lambda: client.zcard(INDEX) == 2, "the live budgets indexed")
+        past = clock() - 7200
+        for first in range(0, stale, 5000):
+            members = [f"{key_id}:request:60:u:stale{n}" for n in range(first, first + 5000)]
+            client.zadd(INDEX_EXPIRY, {m: past for m in members})
+            client.zadd(INDEX, {m: 0.9 for m in members})  # sorted above the live ones
+        with Monitor(redis_url) as monitor:
+            listed = await store.usage(limit=10)
+        assert sorted(u.value or "" for u in listed) == ["alive-1", "alive-2"]
+        assert client.zcard(INDEX) == client.zcard(INDEX_EXPIRY) == 2  # the stale entries are gone
+        largest = max(len(words) for words in monitor.commands)
+        assert largest <= 1100, [words[:3] for words in monitor.commands if len(words) == largest]
+        ranges = [w for w in monitor.commands if w[0].strip('"').upper() == "ZRANGEBYSCORE"]
+        assert ranges and all('"LIMIT"' in w or "LIMIT" in w for w in ranges), ranges
+
+    run(redis_url, clock, body)
+    client.close()
+
+
+def test_an_index_entry_written_again_while_it_expired_is_put_back(shared_url: str, clock: FakeClock) -> None:
+    """The expiry step removes an entry from the expiry set, then from the ratio set; a writer
+    that re-adds it in between (expiry first, then ratio) may see its ratio removed: the expiry
+    step finds the entry back in the expiry set and restores its ratio from the budget."""
+
+    async def body(store: Store, key_id: str) -> None:
+        await admit_users(store, key_id, LONG, ["back"])
+        [entry] = budget(key_id, LONG, "back")
+        client = _client(shared_url)
+        await until(lambda: client.zscore(INDEX, entry.id) is not None, "indexed")
+        client.zrem(INDEX, entry.id)  # what the remover's ZREM did after the writer's ZADDs
+        await store._restore([entry.id.encode()])  # type: ignore[attr-defined]
+        assert client.zscore(INDEX, entry.id) == pytest.approx(1 / 1000)
+        client.close()
+
+    run(shared_url, clock, body)
