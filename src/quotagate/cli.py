@@ -59,10 +59,11 @@ def _option_for(field: Field[Any]) -> Callable[[F], F]:
     names = "--" + field.name.replace("_", "-")
     if kind is bool:
         names = f"{names}/--no-{field.name.replace('_', '-')}"
+    choices = field.metadata["choices"]
     return click.option(
         names,
         field.name,
-        type=kind,
+        type=click.Choice(choices, case_sensitive=False) if choices else kind,
         default=default,
         show_default=default is not None,
         envvar=env_name(field.name),
@@ -107,10 +108,15 @@ def serve(ctx: click.Context, **values: Any) -> None:
         if "prometheus_client" in sys.modules:
             raise click.ClickException("internal error: prometheus_client imported before its multi-process setup")
         created = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="quotagate-metrics-")
+    from .server import StartError
     from .server import serve as run
 
     try:
         run(settings)
+    except StartError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:  # Ctrl-C before the worker's own handler was in place
+        sys.exit(130)
     finally:
         if created:  # the workers are gone (forked workers never return here)
             shutil.rmtree(created, ignore_errors=True)
@@ -210,11 +216,12 @@ def keys_revoke(name_or_id: str, store: str) -> None:
     async def revoke(s: Any) -> Any:
         return await keymod.revoke_key(s, name_or_id)
 
+    from .terminal import inert
+
     try:
         record = _run(_with_store(store, revoke))
     except keymod.KeyError_ as exc:
-        raise click.ClickException(str(exc)) from None
-    from .terminal import inert
+        raise click.ClickException(inert(str(exc))) from None
 
     click.echo(f"revoked key '{inert(record.name)}' (id {inert(record.id)})")
 
@@ -237,7 +244,7 @@ def _when(ts: float | None) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-@main.command()
+@main.command(short_help="Show usage per key, user and property, closest to a limit first.")
 @click.option("--key", "key_name", help="Only this key (name or id).")
 @click.option("--watch", is_flag=True, help="Refresh until interrupted (Ctrl-C).")
 @click.option(
@@ -263,7 +270,7 @@ def usage(key_name: str | None, watch: bool, interval: float, limit: int, store:
     show_usage(store, key_name, watch, limit, interval)
 
 
-@main.command()
+@main.command(short_help="See limits at work against a fake provider (no account needed).")
 @click.option("--calls", default=6, show_default=True, type=click.IntRange(1, 1000), help="Calls in the burst.")
 def demo(calls: int) -> None:
     """See it work without a provider account: a burst through the OpenAI SDK to a fake provider."""
