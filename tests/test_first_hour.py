@@ -88,6 +88,35 @@ def test_a_second_serve_on_a_served_port_is_refused_and_the_first_keeps_all_traf
     assert (arrived(upstream, "/first"), arrived(upstream, "/second")) == (20, 0)
 
 
+def test_of_two_serves_started_at_once_on_one_port_one_is_refused(tmp_path: Path) -> None:
+    """Between a port check and the workers' binds lie a fork and a tokenizer load: two started at
+    once must not both pass the check."""
+    port = free_port()
+    args = ("--port", str(port), "--workers", "2", "--store", f"sqlite:///{tmp_path}/x.db")
+    both = [
+        subprocess.Popen(
+            quotagate_command("serve", *args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while all(p.poll() is None for p in both):
+            assert time.monotonic() < deadline, "both are serving on one port"
+            time.sleep(0.05)
+        refused = next(p for p in both if p.poll() is not None)
+        assert refused.returncode == 1
+        assert refused.communicate()[1].decode().splitlines() == [f"Error: 127.0.0.1:{port} {BUSY}"]
+        serving = next(p for p in both if p is not refused)
+        wait_ready(f"http://127.0.0.1:{port}", serving)
+    finally:
+        for process in both:
+            stop_process(process)
+
+
 def test_a_port_another_program_listens_on_is_refused(tmp_path: Path) -> None:
     port = free_port()
     with socket.create_server(("127.0.0.1", port)):  # another program, without SO_REUSEPORT
@@ -123,13 +152,20 @@ def test_a_restart_on_the_same_port_starts(serve: Callable[..., Gateway], upstre
     port = free_port()
     before = serve("--workers", "2", port=port)
     key = before.key()
-    with before.http() as client:  # keep-alive connections, closed by the gateway as it stops
+    assert before.process is not None
+    with before.http() as client:  # a keep-alive connection, closed by the gateway as it stops
         for _ in range(5):
             assert client.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}"}).status_code == 200
-    assert before.process is not None
-    stop_process(before.process)
+        stop_process(before.process)
+    assert time_wait_on(port)
     after = serve("--workers", "2", port=port)
     assert fresh_connection_calls(after.url, key, 3) == [200] * 3
+
+
+def time_wait_on(port: int) -> bool:
+    """Whether a connection from this local port is in TIME_WAIT (Linux's /proc/net/tcp, state 06)."""
+    rows = [line.split() for name in ("tcp", "tcp6") for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]]
+    return any(int(row[1].rsplit(":", 1)[1], 16) == port and row[3] == "06" for row in rows)
 
 
 def banner_and_workers_bound(log: Path, timeout: float = 30) -> tuple[list[str], int]:
@@ -355,7 +391,8 @@ def test_settings_with_fixed_values_are_usage_errors(tmp_path: Path) -> None:
     result = cli("serve", "--log-level", "loud", "--store", store, check=False)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines()[-1] == (
-        "Error: Invalid value for '--log-level': 'loud' is not one of 'debug', 'info', 'warning', 'error'."
+        "Error: Invalid value for '--log-level': 'loud' is not one of 'debug', 'info', 'warning', 'error' "
+        "(the log_level setting)"
     )
     assert "Traceback" not in result.stderr
     for name, choices in FIXED.items():
@@ -363,11 +400,11 @@ def test_settings_with_fixed_values_are_usage_errors(tmp_path: Path) -> None:
         listed = ", ".join(repr(c) for c in choices)
         by_flag = cli("serve", flag, "nonsense", "--store", store, check=False)
         assert by_flag.returncode == 2
-        assert (
-            by_flag.stderr.splitlines()[-1] == f"Error: Invalid value for '{flag}': 'nonsense' is not one of {listed}."
-        )
+        refusal = f"Error: Invalid value for '{flag}': 'nonsense' is not one of {listed} (the {name} setting"
+        assert by_flag.stderr.splitlines()[-1] == refusal + ")"
         by_env = cli("serve", "--store", store, env={f"QUOTAGATE_{name.upper()}": "nonsense"}, check=False)
-        assert by_env.returncode == 2 and by_env.stderr.splitlines()[-1] == by_flag.stderr.splitlines()[-1]
+        assert by_env.returncode == 2
+        assert by_env.stderr.splitlines()[-1] == f"{refusal}, from QUOTAGATE_{name.upper()})"
         config = tmp_path / f"{name}.toml"
         config.write_text(f'{name} = "nonsense"\n')
         by_file = cli("serve", "--config", str(config), "--store", store, check=False)
@@ -449,3 +486,90 @@ def test_demo_removes_its_folder_on_ctrl_c(tmp_path: Path) -> None:
     output = process.stdout.read()
     assert process.wait(timeout=30) == 1 and output.splitlines()[-1] == "Aborted!"
     assert not list(temp.glob("quotagate-demo-*"))
+
+
+LONG_KEY = "usage-b426b37c-5d1e-4c1a-9f0e-2b8e6c1d7a90"
+LONG_USER = "alice-" + "0123456789abcdef" * 4
+POLICIES = {
+    "1;w=120": "1 request / 2 minutes",
+    "12;w=3600;s=user": "12 requests / hour",
+    "2;w=90": "2 requests / 90 seconds",
+    "3;w=172800": "3 requests / 2 days",
+    "2000;w=7200;u=token;s=user": "2,000 tokens / 2 hours",
+    "1;w=86400;u=cents": "1¢ / day",
+    "500;w=2592000;u=cents": "$5.00 / 30 days",
+}
+
+
+def seed_usage(gateway: Gateway) -> None:
+    client = gateway.openai(
+        gateway.key(LONG_KEY), **{"Helicone-RateLimit-Policy": ", ".join(POLICIES), "Helicone-User-Id": LONG_USER}
+    )
+    client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=8)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=8)
+
+
+def usage_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR", "NO_COLOR", "TERM")}
+    return {**env, "TERM": "xterm-256color"}
+
+
+def test_usage_writes_units_and_windows_in_singular_and_plural(gateway: Gateway) -> None:
+    seed_usage(gateway)
+    output = subprocess.run(
+        quotagate_command("usage", "--store", gateway.store_url), capture_output=True, text=True, env=usage_env()
+    ).stdout
+    assert sorted(text for text in POLICIES.values() if text in output) == sorted(POLICIES.values())
+    assert "1 requests" not in output and "1 tokens" not in output
+
+
+def test_usage_piped_into_grep_finds_whole_ids(gateway: Gateway) -> None:
+    seed_usage(gateway)
+    command = " ".join(quotagate_command("usage", "--store", gateway.store_url)) + f" | grep {LONG_USER}"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=usage_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[:3] == [LONG_KEY, "user", LONG_USER]  # awk's $1, $2, $3
+    whole = subprocess.run(
+        quotagate_command("usage", "--store", gateway.store_url), capture_output=True, text=True, env=usage_env()
+    ).stdout
+    assert "…" not in whole and all(text in whole for text in POLICIES.values())
+
+
+def on_terminal(args: list[str], columns: int) -> list[str]:
+    """The lines a command writes to a real terminal (a pty) `columns` wide, colours removed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    process = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=usage_env())
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other end is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert process.wait(timeout=30) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode())
+    return text.replace("\r\n", "\n").splitlines()
+
+
+def test_usage_on_an_80_column_terminal_keeps_policies_whole(gateway: Gateway) -> None:
+    from rich.cells import cell_len
+
+    seed_usage(gateway)
+    lines = on_terminal(quotagate_command("usage", "--store", gateway.store_url), 80)
+    table = "\n".join(lines)
+    assert all(text in table for text in POLICIES.values()), table
+    assert max(cell_len(line) for line in lines) <= 80
+    assert "…" in table  # the long key and user id were shortened instead
+    wide = "\n".join(on_terminal(quotagate_command("usage", "--store", gateway.store_url), 240))
+    assert LONG_KEY in wide and LONG_USER in wide and "████" in wide

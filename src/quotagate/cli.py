@@ -17,6 +17,7 @@ from dataclasses import MISSING, Field, fields
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from .config import ConfigError, Settings, env_name, flag_settings, load_file
 
@@ -52,6 +53,25 @@ config_option = click.option(
 )
 
 
+class SettingChoice(click.Choice):
+    """A setting's fixed values, any case; a refusal names the setting, and the variable when the
+    value came from it."""
+
+    def __init__(self, setting: str, choices: tuple[str, ...]) -> None:
+        super().__init__(choices, case_sensitive=False)
+        self.setting = setting
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            listed = ", ".join(repr(c) for c in self.choices)
+            where = f"the {self.setting} setting"
+            if ctx and param and param.name and ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT:
+                where += f", from {env_name(self.setting)}"
+            self.fail(f"{value!r} is not one of {listed} ({where})", param, ctx)
+
+
 def _option_for(field: Field[Any]) -> Callable[[F], F]:
     hint = typing.get_type_hints(Settings)[field.name]
     kind = next((t for t in (bool, int, float, str) if t == hint or t in typing.get_args(hint)), str)
@@ -63,7 +83,7 @@ def _option_for(field: Field[Any]) -> Callable[[F], F]:
     return click.option(
         names,
         field.name,
-        type=click.Choice(choices, case_sensitive=False) if choices else kind,
+        type=SettingChoice(field.name, choices) if choices else kind,
         default=default,
         show_default=default is not None,
         envvar=env_name(field.name),
