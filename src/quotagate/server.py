@@ -412,13 +412,14 @@ class Supervisor:
         try:
             with start_lock(self.settings.port):
                 check_port_free(self.settings.host, self.settings.port)
-                self.workers = [self.spawn() for _ in range(self.settings.workers)]
+                for _ in range(self.settings.workers):
+                    self.workers.append(self.spawn())
                 for worker in self.workers:
                     self.await_listening(worker)
             if not self.stopping:
                 ready()
                 self.watch()
-        except StartError:
+        except BaseException:  # a worker that cannot start, or anything else: none is left behind
             self.stop()
             raise
         finally:
@@ -461,6 +462,7 @@ class Supervisor:
                     )
                     if worker.process.pid is not None:
                         metrics.mark_dead(worker.process.pid)
+                    worker.report.close()
                     self.workers[index] = self.spawn()
                     self.await_listening(self.workers[index])
 
