@@ -206,7 +206,9 @@ def start_lock(port: int) -> Iterator[None]:
         except OSError:  # another quotagate is starting on this port: wait until it listens
             if time.monotonic() > deadline:
                 lock.close()
-                raise StartError(f"another quotagate has been starting on port {port} for 30 s; try again") from None
+                raise StartError(
+                    f"another quotagate has been starting on port {port} for {START_LOCK_WAIT:g} s; try again"
+                ) from None
             time.sleep(0.05)
     _start_lock = lock
     try:
