@@ -17,6 +17,7 @@ from dataclasses import MISSING, Field, fields
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from .config import ConfigError, Settings, env_name, flag_settings, load_file
 
@@ -52,6 +53,25 @@ config_option = click.option(
 )
 
 
+class SettingChoice(click.Choice):
+    """A setting's fixed values, any case; a refusal names the setting, and the variable when the
+    value came from it."""
+
+    def __init__(self, setting: str, choices: tuple[str, ...]) -> None:
+        super().__init__(choices, case_sensitive=False)
+        self.setting = setting
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            listed = ", ".join(repr(c) for c in self.choices)
+            where = f"the {self.setting} setting"
+            if ctx and param and param.name and ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT:
+                where += f", from {env_name(self.setting)}"
+            self.fail(f"{value!r} is not one of {listed} ({where})", param, ctx)
+
+
 def _option_for(field: Field[Any]) -> Callable[[F], F]:
     hint = typing.get_type_hints(Settings)[field.name]
     kind = next((t for t in (bool, int, float, str) if t == hint or t in typing.get_args(hint)), str)
@@ -59,10 +79,11 @@ def _option_for(field: Field[Any]) -> Callable[[F], F]:
     names = "--" + field.name.replace("_", "-")
     if kind is bool:
         names = f"{names}/--no-{field.name.replace('_', '-')}"
+    choices = field.metadata["choices"]
     return click.option(
         names,
         field.name,
-        type=kind,
+        type=SettingChoice(field.name, choices) if choices else kind,
         default=default,
         show_default=default is not None,
         envvar=env_name(field.name),
@@ -107,10 +128,15 @@ def serve(ctx: click.Context, **values: Any) -> None:
         if "prometheus_client" in sys.modules:
             raise click.ClickException("internal error: prometheus_client imported before its multi-process setup")
         created = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="quotagate-metrics-")
+    from .server import StartError
     from .server import serve as run
 
     try:
         run(settings)
+    except StartError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:  # Ctrl-C before the worker's own handler was in place
+        sys.exit(130)
     finally:
         if created:  # the workers are gone (forked workers never return here)
             shutil.rmtree(created, ignore_errors=True)
@@ -210,11 +236,12 @@ def keys_revoke(name_or_id: str, store: str) -> None:
     async def revoke(s: Any) -> Any:
         return await keymod.revoke_key(s, name_or_id)
 
+    from .terminal import inert
+
     try:
         record = _run(_with_store(store, revoke))
     except keymod.KeyError_ as exc:
-        raise click.ClickException(str(exc)) from None
-    from .terminal import inert
+        raise click.ClickException(inert(str(exc))) from None
 
     click.echo(f"revoked key '{inert(record.name)}' (id {inert(record.id)})")
 
@@ -237,7 +264,7 @@ def _when(ts: float | None) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-@main.command()
+@main.command(short_help="Show usage per key, user and property, closest to a limit first.")
 @click.option("--key", "key_name", help="Only this key (name or id).")
 @click.option("--watch", is_flag=True, help="Refresh until interrupted (Ctrl-C).")
 @click.option(
@@ -263,7 +290,7 @@ def usage(key_name: str | None, watch: bool, interval: float, limit: int, store:
     show_usage(store, key_name, watch, limit, interval)
 
 
-@main.command()
+@main.command(short_help="See limits at work against a fake provider (no account needed).")
 @click.option("--calls", default=6, show_default=True, type=click.IntRange(1, 1000), help="Calls in the burst.")
 def demo(calls: int) -> None:
     """See it work without a provider account: a burst through the OpenAI SDK to a fake provider."""

@@ -54,10 +54,11 @@ def default_store_url() -> str:
     return f"sqlite:///{path}"
 
 
-def setting(default: Any, help: str, flag: bool = True) -> Any:
-    """Declare a setting: its default, its help text, and whether it has a CLI flag."""
+def setting(default: Any, help: str, flag: bool = True, choices: tuple[str, ...] | None = None) -> Any:
+    """Declare a setting: its default, its help text, whether it has a CLI flag, and for a text
+    setting with a fixed set of values, those values (a usage error for anything else, any case)."""
     factory = default if callable(default) else None
-    meta = {"help": help, "flag": flag}
+    meta = {"help": help, "flag": flag, "choices": choices}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -115,7 +116,9 @@ class Settings:
         None, "Provider key sent to the Anthropic upstream when the client sends none."
     )
     on_store_error: str = setting(
-        "open", "When the store is unreachable: 'open' serves without limits, 'closed' answers 503."
+        "open",
+        "When the store is unreachable: 'open' serves without limits, 'closed' answers 503.",
+        choices=("open", "closed"),
     )
     admin_token: str | None = setting(None, "Token for /admin/ and /dashboard (off without one).")
     metrics_require_token: bool = setting(False, "Require the admin token on /metrics too.")
@@ -144,7 +147,12 @@ class Settings:
         4096, "Output tokens a call is assumed to cost while in flight when it sets no max_tokens."
     )
     access_log: bool = setting(True, "Write one structured log line per request.")
-    log_level: str = setting("info", "Logging level: debug, info, warning, error.")
+    log_level: str = setting("info", "Logging level.", choices=("debug", "info", "warning", "error"))
+    fake_provider: bool = setting(
+        False,
+        "Answer every route from the built-in fake provider instead of calling a provider: made-up "
+        "replies with usage, counted and limited as real ones (to try quotagate out; nothing is billed).",
+    )
     upstreams: dict[str, Upstream] = setting(dict, "Further upstreams ([upstreams.NAME]).", flag=False)
     prices: dict[str, PriceOverride] = setting(dict, "Per-model price overrides ([prices.MODEL]).", flag=False)
     openai_api_key_endpoints: tuple[str, ...] | None = setting(
@@ -159,9 +167,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         _check_numbers(self)
+        _check_choices(self)
         _check_store(self.store)
-        if self.on_store_error not in ("open", "closed"):
-            raise ConfigError(f"on_store_error must be 'open' or 'closed', not {self.on_store_error!r}")
         self._check_http_limits()
         for name in ("openai_base_url", "anthropic_base_url"):
             _check_url(getattr(self, name), name)
@@ -207,6 +214,26 @@ def _check_numbers(settings: Settings) -> None:
         if not finite_between(value, low, high) or (whole and not isinstance(value, int)):
             kind = "a whole number" if whole else "a number"
             raise ConfigError(f"{name} must be {kind} from {low:g} to {high:g}, not {str(value)[:40]!r}")
+
+
+def choices_of(name: str) -> tuple[str, ...] | None:
+    """The values a text setting may take, from its one declaration (None: any text)."""
+    return next(f.metadata["choices"] for f in fields(Settings) if f.name == name)
+
+
+def choice(name: str, value: Any) -> str:
+    """The value of a setting with fixed values, in its declared spelling; a ConfigError otherwise."""
+    allowed = choices_of(name) or ()
+    if isinstance(value, str) and value.lower() in allowed:
+        return value.lower()
+    listed = ", ".join(repr(c) for c in allowed)
+    raise ConfigError(f"{name} must be one of {listed}, not {str(value)[:40]!r}")
+
+
+def _check_choices(settings: Settings) -> None:
+    for item in fields(settings):
+        if item.metadata.get("choices"):
+            setattr(settings, item.name, choice(item.name, getattr(settings, item.name)))
 
 
 def _check_store(url: str) -> None:
@@ -266,6 +293,11 @@ def _typed(name: str, value: Any, path: Path) -> Any:
         raise ConfigError(f"config file {path}: {name} must be a whole number, not {str(value)[:40]!r}")
     if hint is float and not finite_between(value, -math.inf, math.inf):
         raise ConfigError(f"config file {path}: {name} must be a finite number, not {str(value)[:40]!r}")
+    if choices_of(name):
+        try:
+            return choice(name, value)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
     return value
 
 

@@ -33,31 +33,42 @@ def free_port() -> int:
 
 
 def run_demo(calls: int) -> int:
+    """The burst, in a temporary folder that is removed afterwards (on an error or Ctrl-C too)."""
+    with tempfile.TemporaryDirectory(prefix="quotagate-demo-") as folder:
+        upstream = BackgroundServer(FakeUpstream(record=False).app).start()
+        try:
+            settings = Settings(
+                port=free_port(),
+                store=f"sqlite:///{Path(folder) / 'demo.db'}",
+                workers=1,
+                openai_base_url=upstream.url,
+                access_log=False,
+            )
+            gateway = BackgroundServer(build_app(settings, open_store(settings.store)), port=settings.port).start()
+            try:
+                burst(calls, upstream.url, gateway.url, settings.store)
+            finally:
+                gateway.stop()
+        finally:
+            upstream.stop()
+    return 0
+
+
+def burst(calls: int, upstream_url: str, gateway_url: str, store_url: str) -> None:
     import openai
 
-    upstream = BackgroundServer(FakeUpstream().app).start()
-    folder = Path(tempfile.mkdtemp(prefix="quotagate-demo-"))
-    settings = Settings(
-        port=free_port(),
-        store=f"sqlite:///{folder / 'demo.db'}",
-        workers=1,
-        openai_base_url=upstream.url,
-        access_log=False,
-    )
-    gateway = BackgroundServer(build_app(settings, open_store(settings.store)), port=settings.port).start()
-
     async def make_key() -> str:
-        store = open_store(settings.store)
+        store = open_store(store_url)
         try:
             return (await create_key(store, "demo", []))[0]
         finally:
             await store.close()
 
     key = asyncio.run(make_key())
-    print(f"fake provider at {upstream.url}, gateway at {gateway.url}, store {redact_url(settings.store)}")
+    print(f"fake provider at {upstream_url}, gateway at {gateway_url}, store {redact_url(store_url)}")
     print(f"policy: Helicone-RateLimit-Policy: {POLICY}  (user alice)\n")
     client = openai.OpenAI(
-        base_url=f"{gateway.url}/v1",
+        base_url=f"{gateway_url}/v1",
         api_key="sk-demo-not-a-real-key",
         max_retries=0,
         default_headers={
@@ -66,7 +77,7 @@ def run_demo(calls: int) -> int:
             "Helicone-User-Id": "alice",
         },
     )
-    try:
+    with client:
         for number in range(1, calls + 1):
             try:
                 raw = client.chat.completions.with_raw_response.create(
@@ -76,12 +87,7 @@ def run_demo(calls: int) -> int:
                 note = repr(raw.parse().choices[0].message.content)
             except openai.RateLimitError as exc:
                 status, headers, note = exc.status_code, exc.response.headers, "openai.RateLimitError raised"
-            print(f"call {number}: HTTP {status}  {note}")
+            print(f"call {number}: HTTP {status}  {note}", flush=True)
             for name in SHOWN:
                 if name in headers:
                     print(f"    {name}: {headers[name]}")
-    finally:
-        client.close()
-        gateway.stop()
-        upstream.stop()
-    return 0

@@ -460,10 +460,12 @@ def _other(method: str, path: str, plan: Plan) -> dict[str, Any] | None:
 
 
 class FakeUpstream:
-    """The fake provider as an aiohttp application, with a record of what it received."""
+    """The fake provider as an aiohttp application, with a record of what it received (for tests;
+    `record=False` keeps none, for a long-running `quotagate serve --fake-provider`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, record: bool = True) -> None:
         self.url = ""  # set by whoever serves it
+        self.record = record
         self.received: list[Received] = []
         self.gates: dict[str, asyncio.Event] = {}
         self.abandoned: list[str] = []  # holds whose caller closed the connection while held
@@ -498,8 +500,9 @@ class FakeUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.loop = asyncio.get_running_loop()
         raw = await request.read()
-        headers = CIMultiDict(request.headers)
-        self.received.append(Received(request.method, request.path, headers, raw, request.raw_path))
+        if self.record:
+            headers = CIMultiDict(request.headers)
+            self.received.append(Received(request.method, request.path, headers, raw, request.raw_path))
         try:
             body = orjson.loads(raw) if raw else {}
         except orjson.JSONDecodeError:
@@ -625,12 +628,22 @@ class BackgroundServer:
         self._thread.join(timeout=10)
 
 
-def main() -> None:
-    """`python -m quotagate.fake_upstream [port]`: run the fake provider in the foreground."""
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    """`python -m quotagate.fake_upstream [--host H] [PORT]`: the fake provider alone, in the
+    foreground (the benchmark's upstream); `quotagate serve --fake-provider` is the way to try it."""
+    import argparse
 
-    port = int(sys.argv[1]) if len(sys.argv) > 1 else 9999
-    web.run_app(FakeUpstream().app, host="127.0.0.1", port=port, access_log=None)
+    parser = argparse.ArgumentParser(
+        prog="python -m quotagate.fake_upstream",
+        description="Run the fake OpenAI and Anthropic provider alone, for benchmarks and experiments. "
+        "To try quotagate without a provider account, run `quotagate serve --fake-provider` instead.",
+    )
+    parser.add_argument("port", nargs="?", type=int, default=9999, help="port to listen on (default: 9999)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"port must be from 1 to 65535, not {args.port}")
+    web.run_app(FakeUpstream(record=False).app, host=args.host, port=args.port, access_log=None)
 
 
 if __name__ == "__main__":

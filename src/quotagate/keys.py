@@ -77,6 +77,13 @@ async def find_key(store: Store, name_or_id: str) -> KeyRecord:
 
 
 async def revoke_key(store: Store, name_or_id: str) -> KeyRecord:
+    """Revoke the key with this id, else the active one with this name; a name whose keys are all
+    revoked is 'already revoked', not unknown."""
+    keys = await store.list_keys()
+    if not any(k.id == name_or_id or (k.name == name_or_id and k.active) for k in keys):
+        gone = [k for k in keys if k.name == name_or_id]
+        if gone:
+            raise KeyError_(f"key {name_or_id!r} ({', '.join(k.id for k in gone)}) is already revoked")
     record = await find_key(store, name_or_id)
     if not await store.revoke_key(record.id, time.time()):
         raise KeyError_(f"key {record.name!r} ({record.id}) is already revoked")

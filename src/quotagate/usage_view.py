@@ -67,13 +67,18 @@ async def fetch(store_url: str, key: str | None, limit: int) -> list[BudgetUsage
 # --- formatting -----------------------------------------------------------------------------------
 
 
+def counted(amount: str, noun: str) -> str:
+    """'1 request', '2 requests', '0.50 requests': the noun singular only for exactly one."""
+    return f"{amount} {noun}" if amount == "1" else f"{amount} {noun}s"
+
+
 def window_text(seconds: int) -> str:
     if seconds in WINDOWS:
         return WINDOWS[seconds]
-    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
-        if seconds % size == 0:
-            return f"{seconds // size} {unit}"
-    return f"{seconds} s"
+    size, unit = next(
+        (s, u) for s, u in ((86400, "day"), (3600, "hour"), (60, "minute"), (1, "second")) if seconds % s == 0
+    )
+    return counted(f"{seconds // size:,}", unit)
 
 
 def amount_text(scaled: int, unit: str, quota_scaled: int | None = None) -> str:
@@ -89,8 +94,11 @@ def amount_text(scaled: int, unit: str, quota_scaled: int | None = None) -> str:
 
 
 def policy_text(item: BudgetUsage) -> str:
-    unit = {"request": " requests", "token": " tokens", "cents": ""}[item.unit]
-    return f"{amount_text(item.quota, item.unit)}{unit} / {window_text(item.window)}"
+    """'1 request / minute', '200,000 tokens / 2 hours', '$5.00 / 30 days', '0.5¢ / minute'."""
+    quota = amount_text(item.quota, item.unit)
+    if item.unit != Unit.CENTS.value:
+        quota = counted(quota, item.unit)
+    return f"{quota} / {window_text(item.window)}"
 
 
 def who(entity: Entity) -> Text:
@@ -103,9 +111,13 @@ def who(entity: Entity) -> Text:
 
 
 def bar(ratio: float, width: int = 20) -> Text:
+    """A bar of `width` cells and the percentage; at width 0, the percentage alone."""
     filled = min(width, round(ratio * width))
     style = "red" if ratio >= 1 else ("yellow" if ratio >= NEAR else "blue")
-    return Text.assemble(("█" * filled, style), ("░" * (width - filled), "bright_black"), f" {ratio * 100:3.0f}%")
+    percent = f"{ratio * 100:3.0f}%"
+    if not width:
+        return Text(percent, style=style)
+    return Text.assemble(("█" * filled, style), ("░" * (width - filled), "bright_black"), " " + percent)
 
 
 def ago(seconds: float) -> str:
@@ -127,7 +139,53 @@ def status(entity: Entity, now: float) -> Text:
     return Text("ok", style="dim")
 
 
-def render(items: list[BudgetUsage], now: float | None = None, more: bool = False, bar_width: int = 20) -> Group:
+HEADERS = ("key", "who", "policy", "used/quota", "status")  # and "usage", the bar, before status
+PADDING = 2 * 5  # between the six columns of a box-less table: one space on each side
+WIDE = 1_000_000  # the width a pipe gets: no value is ever cut or wrapped
+
+
+@dataclass(slots=True)
+class Row:
+    cells: tuple[Text, Text, Text, Text, Text]  # as HEADERS
+    ratio: float
+
+
+def rows_of(entities: list[Entity], now: float) -> list[Row]:
+    rows = []
+    for entity in entities:
+        for index, item in enumerate(entity.budgets):
+            first = index == 0
+            used = amount_text(item.used + item.held, item.unit, item.quota)
+            cells = (
+                inert_text(entity.key, "bold") if first else Text(""),
+                who(entity) if first else Text(""),
+                Text(policy_text(item)),
+                Text(f"{used} / {amount_text(item.quota, item.unit)}"),
+                status(entity, now) if first else Text(""),
+            )
+            rows.append(Row(cells, item.ratio))
+    return rows
+
+
+def fit(rows: list[Row], width: int) -> tuple[int, int, int]:
+    """The bar's width and the key and who columns' widths in a terminal `width` columns wide:
+    policies, amounts and statuses stay whole; the bar shrinks first, then keys and who."""
+    key, who_, *rest = (max([len(name), *(row.cells[i].cell_len for row in rows)]) for i, name in enumerate(HEADERS))
+    for bar_width in (20, 8, 0) if width >= 120 else (8, 0):
+        room = width - PADDING - sum(rest) - max(len("usage"), bar(0, bar_width).cell_len)
+        wanted = key + who_ if bar_width == 20 else min(key, 12) + min(who_, 12)
+        if room >= wanted:
+            break
+    if key + who_ <= room:
+        return bar_width, key, who_
+    short = min(key, who_, max(room // 2, 1))
+    long = max(room - short, 1)
+    return (bar_width, short, long) if key <= who_ else (bar_width, long, short)
+
+
+def render(items: list[BudgetUsage], now: float | None = None, more: bool = False, width: int | None = None) -> Group:
+    """The title and the table. In a terminal `width` columns wide every line fits (see `fit`);
+    without a width (a pipe, a file) every value is whole, for grep, cut and awk."""
     now = time.time() if now is None else now
     entities = group(items)
     near = sum(1 for e in entities if e.ratio >= NEAR)
@@ -139,25 +197,18 @@ def render(items: list[BudgetUsage], now: float | None = None, more: bool = Fals
         (f"{near} at 80 % or more", "yellow" if near else ""),
         f" · {time.strftime('%H:%M:%S', time.localtime(now))}",
     )
+    rows = rows_of(entities, now)
+    bar_width, key_width, who_width = (20, None, None) if width is None else fit(rows, width)
     table = Table(box=None, pad_edge=False, header_style="bold dim", show_edge=False)
-    table.add_column("key", no_wrap=True, min_width=min(12, max((len(e.key) for e in entities), default=3)))
-    table.add_column("who", no_wrap=True, min_width=10)
-    table.add_column("policy", no_wrap=True, overflow="ellipsis")
-    table.add_column("used/quota", justify="right", no_wrap=True, min_width=10)
-    table.add_column("usage", no_wrap=True, min_width=bar_width + 5)
-    table.add_column("status", no_wrap=True, min_width=14)
-    for entity in entities:
-        for index, item in enumerate(entity.budgets):
-            first = index == 0
-            used = amount_text(item.used + item.held, item.unit, item.quota)
-            table.add_row(
-                inert_text(entity.key, "bold") if first else "",
-                who(entity) if first else "",
-                Text(policy_text(item)),
-                Text(f"{used} / {amount_text(item.quota, item.unit)}"),
-                bar(item.ratio, bar_width),
-                status(entity, now) if first else "",
-            )
+    table.add_column("key", no_wrap=True, width=key_width, overflow="ellipsis")
+    table.add_column("who", no_wrap=True, width=who_width, overflow="ellipsis")
+    table.add_column("policy", no_wrap=True)
+    table.add_column("used/quota", justify="right", no_wrap=True)
+    table.add_column("usage", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for row in rows:
+        key, who_, policy, used, state = row.cells
+        table.add_row(key, who_, policy, used, bar(row.ratio, bar_width), state)
     parts: list[Text | Table] = [title, table]
     if not entities:
         parts.append(Text("no budget in use: budgets appear with the first request that names a policy", "dim"))
@@ -169,15 +220,17 @@ def render(items: list[BudgetUsage], now: float | None = None, more: bool = Fals
 # --- the command ----------------------------------------------------------------------------------
 
 
-def snapshot(store_url: str, key: str | None, limit: int, width: int = 200) -> Group:
+def snapshot(store_url: str, key: str | None, limit: int, console: Console) -> Group:
     items = asyncio.run(fetch(store_url, key, limit + 1))
-    return render(items[:limit], more=len(items) > limit, bar_width=20 if width >= 120 else 8)
+    return render(items[:limit], more=len(items) > limit, width=console.width if console.is_terminal else None)
 
 
 def show_usage(store_url: str, key: str | None, watch: bool, limit: int, interval: float = 2.0) -> None:
     console = Console()
+    if not console.is_terminal:  # a pipe or a file: lines as long as their values
+        console = Console(width=WIDE)
     try:
-        view = snapshot(store_url, key, limit, console.width)
+        view = snapshot(store_url, key, limit, console)
         if not watch:
             console.print(view)
             return
@@ -185,12 +238,12 @@ def show_usage(store_url: str, key: str | None, watch: bool, limit: int, interva
             with Live(view, console=console, auto_refresh=False) as live:
                 while True:
                     time.sleep(interval)
-                    live.update(snapshot(store_url, key, limit, console.width), refresh=True)
+                    live.update(snapshot(store_url, key, limit, console), refresh=True)
         console.print(view)
         while True:  # not a terminal: one table after another, for pipes and logs
             time.sleep(interval)
             console.print()
-            console.print(snapshot(store_url, key, limit, console.width))
+            console.print(snapshot(store_url, key, limit, console))
     except KeyError_ as exc:
         console.print(inert_text(str(exc), "red"))
         raise SystemExit(1) from None
