@@ -367,3 +367,36 @@ def test_aiohttp_log_records_keep_the_event_and_lose_what_the_client_sent() -> N
     assert (lines[0]["error"], lines[0]["status"]) == ("BadHttpMessage", 400)
     assert lines[1]["msg"] == "Illegal cookie name [withheld]"
     assert lines[2]["msg"] == "odd %d"
+
+
+def test_a_client_that_stops_reading_a_stream_is_dropped_and_charged_what_it_was_sent(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream
+) -> None:
+    """A stream far bigger than the socket buffers, to a client that reads nothing: once one write
+    has waited `write_timeout`, the connection is dropped, the upstream call with it, and the call
+    is charged its prompt and what had been written (not the whole reply, nor a hold that lingers);
+    the gateway serves others meanwhile."""
+    from quotagate.usage import count_tokens
+
+    from .test_spend import ledger
+
+    gateway = make_gateway(write_timeout=0.5)
+    key = gateway.key()
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": CHAT, "max_tokens": 4000, "stream": True})
+    extra = (b"X-Fake-Pad: 4000", b"X-Fake-Completion-Tokens: 4000", f"{POLICY}: 100000000;w=3600;u=token".encode())
+    head = request_head(key, *extra, length=len(body))
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port_of(gateway)))
+        sock.sendall(head + body)
+        deadline = time.monotonic() + 30
+        while (charged := ledger(gateway, key).get("token", (0, 1)))[1] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with gateway.http() as http:
+            assert http.get("/healthz").status_code == 200
+        received = read_until_closed(sock)
+    assert charged[1] == 0  # nothing held any more
+    whole_reply = 4000 * count_tokens(" word1000" + "x" * 4000)
+    assert 0 < charged[0] < whole_reply // 2  # the prompt and the words written, not the whole reply
+    assert b"[DONE]" not in received and len(received) < 4000 * 4000
+    assert upstream.count("/chat/completions") == 1

@@ -39,6 +39,7 @@ NUMBER_BOUNDS: dict[str, tuple[float, float]] = {
     "head_timeout": (0.001, 86400),
     "body_timeout": (0.001, 86400),
     "idle_timeout": (0.001, 86400),
+    "write_timeout": (0.001, 86400),
     "max_in_flight": (1, 10_000_000),
     "max_in_flight_bytes": (1, 2**50),
 }
@@ -136,6 +137,9 @@ class Settings:
         60.0, "Seconds a client may take to send a request body after its head (408, or closed, beyond)."
     )
     idle_timeout: float = setting(75.0, "Seconds a keep-alive connection may wait for its next request.")
+    write_timeout: float = setting(
+        60.0, "Seconds a client may leave one write of a response unread (the connection is dropped beyond)."
+    )
     max_in_flight: int = setting(512, "Proxied calls one worker handles at once (503 with Retry-After beyond).")
     max_in_flight_bytes: int = setting(
         256 * 1024 * 1024,

@@ -9,6 +9,7 @@ for an hour without a request. Here, for an application built by `server.build_a
   else the connection is closed;
 - a connection waits `idle_timeout` seconds for a request (aiohttp's keep-alive timer);
 - `ClientWatch` lets a handler notice a client that left while it waits for something else;
+- `WriteDeadline` drops a client that stops reading a response (`write_timeout`);
 - `Capacity` bounds the calls a worker has in flight and the request-body bytes they hold.
 
 The hook: `GatewayRunner` (used by `quotagate serve` and by `BackgroundServer`) makes a
@@ -324,6 +325,54 @@ class ClientWatch:
             return
         watch.task.uncancel()  # delivered inside the block (as CancelledError, or turned into another error)
         raise ClientGone("the client closed its connection") from None
+
+
+class WriteDeadline:
+    """Inside the block, a write to the client that waits `seconds` without finishing (a client that
+    stopped reading what it asked for) drops the connection, which ends that write with an error.
+    Only waiting writes are timed: an upstream that is slow to send is not the client's fault.
+
+    One timer per block, looked at every `seconds`; a write costs a clock read.
+    """
+
+    __slots__ = ("handle", "loop", "seconds", "since", "transport")
+
+    def __init__(self, request: web.BaseRequest, seconds: float) -> None:
+        self.transport = request.transport
+        self.seconds = seconds
+        self.since: float | None = None  # when the write in progress began
+        self.handle: asyncio.TimerHandle | None = None
+        self.loop = asyncio.get_running_loop()
+
+    def __enter__(self) -> WriteDeadline:
+        self.handle = self.loop.call_later(self.seconds, self._check)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    async def send(self, write: Awaitable[None]) -> bool:
+        """Wait for one write (or the end of the response); False if the client is gone."""
+        self.since = self.loop.time()
+        try:
+            await write
+        except (ConnectionError, RuntimeError):
+            return False
+        finally:
+            self.since = None
+        return True
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        since = self.since
+        if since is not None and now - since >= self.seconds:
+            self.handle = None
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        self.handle = self.loop.call_at((since if since is not None else now) + self.seconds, self._check)
 
 
 # --- calls in flight -----------------------------------------------------------------------------

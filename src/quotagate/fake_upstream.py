@@ -25,6 +25,7 @@ gateway like any header):
     X-Fake-Hold-After: 3     hold a stream after that many events instead of the first
     X-Fake-Linger: 0.3       seconds to keep a stream open after its last event
     X-Fake-Model: name       report this model in the response
+    X-Fake-Pad: 2000         make each word of the reply that many characters longer
 """
 
 from __future__ import annotations
@@ -74,11 +75,13 @@ class Plan:
     hold: str | None = None
     hold_after: int = 1
     linger: float = 0.0
+    pad: int = 0
 
     @property
     def words(self) -> list[str]:
-        """The reply's text: a word per completion token, up to 4,096 (usage may claim more)."""
-        return [f" word{i}" for i in range(min(self.completion, 4096))]
+        """The reply's text: a word per completion token, up to 4,096 (usage may claim more), each
+        `pad` characters longer when asked (big streams)."""
+        return [f" word{i}" + "x" * self.pad for i in range(min(self.completion, 4096))]
 
 
 # What the fake does not bill: settings, and the parts of a message that are not its text.
@@ -163,6 +166,7 @@ def _plan(request: web.Request, body: dict[str, Any]) -> Plan:
         hold=h.get("X-Fake-Hold"),
         hold_after=int(h.get("X-Fake-Hold-After", 1)),
         linger=float(h.get("X-Fake-Linger", 0)),
+        pad=min(int(h.get("X-Fake-Pad", 0)), 1 << 20),
     )
 
 

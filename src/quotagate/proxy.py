@@ -27,7 +27,7 @@ from yarl import URL
 
 from . import metrics
 from .config import CallPrice, Settings, Upstream
-from .connections import BodyTimeout, Capacity, ClientWatch, Slot
+from .connections import BodyTimeout, Capacity, ClientWatch, Slot, WriteDeadline
 from .errors import (
     BadBody,
     BadPath,
@@ -55,7 +55,7 @@ from .limiter import Admission, Budget, CounterState, budgets_for, rate_limit_he
 from .policy import GRAMMAR, MAX_SCALED_QUOTA, USER, Policy, PolicyError, Unit, join_header_lines, parse_policies
 from .pricing import Pricer
 from .routing import Endpoint, Pattern, Route, RouteError, misread_field, resolve
-from .stores import Store, StoreError
+from .stores import StepError, Store, StoreError
 from .usage import StreamUsage, Usage, from_body
 
 log = logging.getLogger("quotagate")
@@ -552,28 +552,29 @@ class Proxy:
     async def _stream(
         self, request: web.Request, call: Call, response: aiohttp.ClientResponse, strip: bool
     ) -> web.StreamResponse:
-        """Chunk by chunk as the upstream sends; charged before the stream's terminal event."""
+        """Chunk by chunk as the upstream sends; charged before the stream's terminal event. A client
+        that leaves one write unread for `write_timeout` seconds is dropped (`WriteDeadline`)."""
         out = web.StreamResponse(status=response.status, headers=self._response_headers(call, response))
         await out.prepare(request)
         call.streaming = True
         if _is_sse(response):
             call.tracker = StreamUsage(track_text=bool(call.holding), strip_usage_chunk=strip)
         tracker = call.tracker
-        call.outcome = await _pump(request, response, out, tracker)
-        tail = b""
-        if tracker is not None:
-            if call.outcome == "upstream_broken" and tracker.ended:
-                call.outcome = "complete"  # cut after its terminal event: nothing is missing
-            if call.outcome == "complete":
-                tail = tracker.finish()
-            call.model = tracker.model or call.model
-            whole = call.outcome == "complete" and tracker.usage is not None
-            call.usage = tracker.usage if whole else self._partial_usage(call)
-        await self._charge(call, call.usage)
-        if call.outcome == "complete" and (not tail or await _write(out, tail)):
-            await out.write_eof()
-        elif request.transport is not None:
-            request.transport.abort()  # the client must not take a cut stream for a whole one
+        with WriteDeadline(request, self.settings.write_timeout) as writes:
+            call.outcome = await _pump(request, response, out, tracker, writes)
+            tail = b""
+            if tracker is not None:
+                if call.outcome == "upstream_broken" and tracker.ended:
+                    call.outcome = "complete"  # cut after its terminal event: nothing is missing
+                if call.outcome == "complete":
+                    tail = tracker.finish()
+                call.model = tracker.model or call.model
+                whole = call.outcome == "complete" and tracker.usage is not None
+                call.usage = tracker.usage if whole else self._partial_usage(call)
+            await self._charge(call, call.usage)
+            ended = call.outcome == "complete" and (not tail or await writes.send(out.write(tail)))
+            if not (ended and await writes.send(out.write_eof())) and request.transport is not None:
+                request.transport.abort()  # the client must not take a cut stream for a whole one
         return out
 
     def _partial_usage(self, call: Call) -> Usage:
@@ -620,6 +621,10 @@ class Proxy:
             states = await asyncio.shield(self.store.charge(holding, call.reservation, amounts))
         except StoreError as exc:
             self.guard.failed("charge", exc)
+            return
+        except StepError as exc:  # this call's own charge failed: its answer still goes out, its hold expires
+            log.error("charge of a call failed (its hold expires by itself): %s", exc)
+            metrics.STORE_ERRORS.labels("charge").inc()
             return
         by_id = {b.id: s for b, s in zip(holding, states, strict=True)}
         call.states = [by_id.get(b.id, s) for b, s in zip(call.budgets, call.states, strict=True)]
@@ -693,7 +698,11 @@ class Proxy:
 
 
 async def _pump(
-    request: web.Request, response: aiohttp.ClientResponse, out: web.StreamResponse, tracker: StreamUsage | None
+    request: web.Request,
+    response: aiohttp.ClientResponse,
+    out: web.StreamResponse,
+    tracker: StreamUsage | None,
+    writes: WriteDeadline,
 ) -> str:
     """Copy the upstream stream to the client; how it ended: complete, client_gone, upstream_broken.
 
@@ -707,7 +716,7 @@ async def _pump(
             async for chunk in response.content.iter_any():
                 unsent = len(tracker.text) if tracker is not None else 0
                 data = tracker.feed(chunk) if tracker is not None else chunk
-                if data and not await _write(out, data):
+                if data and not await writes.send(out.write(data)):
                     break
                 unsent = None
             else:
@@ -719,14 +728,6 @@ async def _pump(
     if tracker is not None and unsent is not None:
         del tracker.text[unsent:]
     return "client_gone"
-
-
-async def _write(out: web.StreamResponse, data: bytes) -> bool:
-    try:
-        await out.write(data)
-    except (ConnectionError, RuntimeError):
-        return False
-    return True
 
 
 @functools.lru_cache(maxsize=64)
