@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from quotagate.stores import open_store
 from .conftest import CHAT, CLAUDE, FakeClock, Gateway, httpx
 
 POLICY = "Helicone-RateLimit-Policy"
+RETRYING = re.compile(r"Retrying request .*?in ([0-9.]+) seconds")
 
 
 def sdk_openai(gw: Gateway, key: str, **headers: str) -> openai.OpenAI:
@@ -53,7 +55,7 @@ def sdk_anthropic(gw: Gateway, key: str, **headers: str) -> anthropic.Anthropic:
     )
 
 
-def chat(sdk: str, gw: Gateway, key: str, max_tokens: int = 5, **headers: str) -> Callable[[], Any]:
+def chat(sdk: str, gw: Gateway, key: str, headers: dict[str, str], max_tokens: int = 5) -> Callable[[], Any]:
     """One call of the named SDK, at its defaults."""
     if sdk == "openai":
         client = sdk_openai(gw, key, **headers)
@@ -92,10 +94,9 @@ class Watched:
             self.error = exc
 
     def retry_sleeps(self) -> list[float]:
-        return [float(r.args[-1] if r.name.startswith("anthropic") else r.args[0]) for r in self._retries()]
-
-    def _retries(self) -> list[logging.LogRecord]:
-        return [r for r in self.caplog.records if r.getMessage().startswith("Retrying request")]
+        """The sleeps the SDK announced: "Retrying request [to URL] in N seconds"."""
+        found = (RETRYING.match(r.getMessage()) for r in self.caplog.records)
+        return [float(m.group(1)) for m in found if m]
 
 
 def requests_seen(gw: Gateway, status: str) -> float:
@@ -144,7 +145,7 @@ def test_a_long_wait_is_not_retried_by_the_sdks(
     fill(gw, clock, key, policy, int(policy.split(";")[0]), user="alice")
     clock.advance(10)
     denied_before = requests_seen(gw, "429")
-    call = Watched(caplog, chat(sdk, gw, key, **headers)).run()
+    call = Watched(caplog, chat(sdk, gw, key, headers)).run()
     error = call.error
     assert isinstance(error, openai.RateLimitError | anthropic.RateLimitError), error
     assert call.retry_sleeps() == []
@@ -193,7 +194,7 @@ def test_a_short_wait_is_retried_by_the_sdks(gw: Gateway, upstream: FakeUpstream
 
     releaser = threading.Thread(target=release_after_the_first_429)
     releaser.start()
-    answer = chat(sdk, gw, key, **{POLICY: policy})()  # the SDK sleeps its Retry-After: 1 s
+    answer = chat(sdk, gw, key, {POLICY: policy})()  # the SDK sleeps its Retry-After: 1 s
     releaser.join(timeout=20)
     for thread in held:
         thread.join(timeout=20)
@@ -212,7 +213,7 @@ def test_max_retry_wait_decides_what_the_sdks_retry(
     policy = "1000;w=60;u=token"
     held = in_flight(gw, key, upstream, 2, policy)
     denied_before = requests_seen(gw, "429")
-    call = Watched(caplog, chat("anthropic", gw, key, **{POLICY: policy})).run()
+    call = Watched(caplog, chat("anthropic", gw, key, {POLICY: policy})).run()
     upstream.release("held")
     for thread in held:
         thread.join(timeout=20)
@@ -325,7 +326,7 @@ def test_the_sdks_raise_at_once_on_a_request_that_never_fits(
     gw: Gateway, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture, sdk: str
 ) -> None:
     denied_before = requests_seen(gw, "429")
-    call = Watched(caplog, chat(sdk, gw, gw.key(), max_tokens=5000, **{POLICY: "1000;w=60;u=token"})).run()
+    call = Watched(caplog, chat(sdk, gw, gw.key(), {POLICY: "1000;w=60;u=token"}, max_tokens=5000)).run()
     assert isinstance(call.error, openai.RateLimitError | anthropic.RateLimitError)
     assert requests_seen(gw, "429") == denied_before + 1 and call.retry_sleeps() == []
     assert upstream.count() == 0

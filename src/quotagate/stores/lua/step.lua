@@ -4,7 +4,9 @@
 --       then per budget "<window>:<granularity>:<quota>:<amount>:<holds 0/1>:<meta 0/1>:<policies JSON>",
 --       followed by its meta JSON when it has one (a budget id that holds only a hash of its value);
 --       KEYS: [the key record's hash, if check key], then each budget's hash.
---       Returns {key active, allowed, now, then per budget: used, held, reset, retry}.
+--       Returns {key active, allowed, now, then per budget: used, held, reset, retry}, and when
+--       denied, then per budget: the policies (JSON) of the last call it admitted if it refused and
+--       they are not this request's, else ''. A denial leaves a counter's q and p as they were.
 --   a settlement: "S <reservation> <budget count>",
 --       then per budget "<window>:<granularity>:<quota>:<amount>:<holds 0/1>:<mode>:<taken at>";
 --       mode 'charge' replaces the reservation's hold by `amount` spent now, 'refund' undoes an
@@ -46,15 +48,17 @@ local function admit_one()
     if not x.fits then allowed = false end
   end
   local out = {1, allowed and 1 or 0, tostring(now)}
-  for _, x in ipairs(budgets) do
+  local others = {}
+  for b, x in ipairs(budgets) do
     local s = x.s
+    others[b] = (not x.fits and s.p and s.p ~= x.policies) and s.p or ''
     if allowed then
       if x.holds then hold(s, reservation, x.amount, now + ttl) else add(s, x.g, now, stamp, x.amount) end
     elseif not x.fits and (not s.ld or now - s.ld >= 1) then  -- the dashboard needs no finer time
       s.w[#s.w + 1] = 'ld'
       s.w[#s.w + 1] = stamp
     end
-    if s.q ~= x.q or s.p ~= x.policies then
+    if (allowed or s.fresh) and (s.q ~= x.q or s.p ~= x.policies) then
       local f = s.w
       f[#f + 1], f[#f + 2], f[#f + 3], f[#f + 4] = 'q', x.q, 'p', x.policies
     end
@@ -64,6 +68,9 @@ local function admit_one()
       redis.call('PEXPIRE', x.h, math.ceil((x.window + (x.holds and ttl or 0)) * 1000))
     end
     view(out, s, x.window, now, x.quota, x.amount, x.holds, not allowed)
+  end
+  if not allowed then
+    for b = 1, #others do out[#out + 1] = others[b] end
   end
   return out
 end
