@@ -307,7 +307,8 @@ def test_a_quota_below_one_unit_never_fits(gw: Gateway, upstream: FakeUpstream, 
 
 def test_never_fit_is_not_a_budget_denial(gw: Gateway, upstream: FakeUpstream, clock: FakeClock) -> None:
     """Not counted in quotagate_denials_total nor in the store's recent denials (nothing was
-    exhausted); counted in quotagate_requests_total as decision "never_fits"."""
+    exhausted); counted in quotagate_requests_total as decision "never_fits". A revoked key is
+    still a 401."""
     store = gw.server.app[PROXY].store
     with gw.http() as http:
         before = http.get("/metrics").text
@@ -319,6 +320,10 @@ def test_never_fit_is_not_a_budget_denial(gw: Gateway, upstream: FakeUpstream, c
     ]
     assert 'decision="never_fits"' in after
     assert on_gateway(gw, store.denials()) == []
+    key = gw.key("revoked")
+    assert post_chat(gw, key, "0.5;w=60").status_code == 429  # the gateway now knows the key
+    assert on_gateway(gw, store.revoke_key(split_key(key)[0], time.time()))  # type: ignore[index]
+    assert post_chat(gw, key, "0.5;w=60").status_code == 401  # revoked comes first
 
 
 @pytest.mark.parametrize("sdk", ["openai", "anthropic"])

@@ -464,24 +464,29 @@ class Proxy:
         call.decision, call.budgets = "fail_open", []
 
     async def _refuse_never_fitting(self, call: Call, never: list[Budget]) -> None:
-        """A request that no wait can admit: 429 without Retry-After, decided before the store step.
-        The store is only read, for the key's revocation and the headers (nothing taken or held)."""
-        assert call.key is not None
+        """A request that no wait can admit: 429 without Retry-After, decided before the store step."""
         call.decision = "never_fits"
-        if self.guard.attempt():
-            try:
-                active = (await self.store.admit(call.key.id, [], call.reservation, self.hold_ttl)).key_active
-                if active:  # a charge of nothing under a reservation that holds nothing: a read
-                    call.states = await self.store.charge(call.budgets, call.reservation, [0] * len(call.budgets))
-                self.guard.succeeded()
-            except StoreError as exc:
-                self.guard.failed("admit", exc)
-                active = True  # as fail-open admits a key it cannot check
-            if not active:
-                self.keys.forget(call.key.id)
-                raise Unauthorized("unknown or revoked gateway key")
+        await self._peek(call)
         request = refusal.Request(call.prompt_tokens, call.output_tokens, call.json(), call.price is not None)
         raise RateLimited(refusal.never_fits(never, request), should_retry=False)
+
+    async def _peek(self, call: Call) -> None:
+        """The key's revocation and the budgets' state for the headers, read without taking anything:
+        a key check, then a charge of nothing under a reservation that holds nothing."""
+        assert call.key is not None
+        if not self.guard.attempt():
+            return
+        try:
+            active = (await self.store.admit(call.key.id, [], call.reservation, self.hold_ttl)).key_active
+            if active:
+                call.states = await self.store.charge(call.budgets, call.reservation, [0] * len(call.budgets))
+        except StoreError as exc:
+            self.guard.failed("admit", exc)
+            return  # the refusal stands; the key is taken as fail-open takes a key it cannot check
+        self.guard.succeeded()
+        if not active:
+            self.keys.forget(call.key.id)
+            raise Unauthorized("unknown or revoked gateway key")
 
     def _decide(self, call: Call, admission: Admission) -> None:
         assert call.key is not None

@@ -48,10 +48,8 @@ local function admit_one()
     if not x.fits then allowed = false end
   end
   local out = {1, allowed and 1 or 0, tostring(now)}
-  local others = {}
-  for b, x in ipairs(budgets) do
+  for _, x in ipairs(budgets) do
     local s = x.s
-    others[b] = (not x.fits and s.p and s.p ~= x.policies) and s.p or ''
     if allowed then
       if x.holds then hold(s, reservation, x.amount, now + ttl) else add(s, x.g, now, stamp, x.amount) end
     elseif not x.fits and (not s.ld or now - s.ld >= 1) then  -- the dashboard needs no finer time
@@ -69,8 +67,10 @@ local function admit_one()
     end
     view(out, s, x.window, now, x.quota, x.amount, x.holds, not allowed)
   end
-  if not allowed then
-    for b = 1, #others do out[#out + 1] = others[b] end
+  if not allowed then  -- x.s.p: the policies as loaded, before this step
+    for _, x in ipairs(budgets) do
+      out[#out + 1] = (not x.fits and x.s.p and x.s.p ~= x.policies) and x.s.p or ''
+    end
   end
   return out
 end
