@@ -69,7 +69,13 @@ def test_malformed_sse_event_passes_through_and_usage_is_still_read(gateway: Gat
         "X-Fake-Prompt-Tokens": "100",
         "X-Fake-Completion-Tokens": "3",
     }
-    body = {"model": "gpt-4o-mini", "messages": CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    body = {  # max_tokens: without it the call holds default_max_tokens (4096), more than the quota
+        "model": "gpt-4o-mini",
+        "messages": CHAT,
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.Client(base_url=gateway.url) as http:
         with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
             text = response.read()

@@ -177,6 +177,36 @@ def _status(gateway: Gateway, key: str) -> int:
         return http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}", POLICY: "5;w=60"}).status_code
 
 
+def test_the_first_request_after_the_store_answers_again_is_counted(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream, private_redis: RedisServer
+) -> None:
+    """Once Redis answers again, requests are admitted through it at once, not let through for a
+    while longer: the first request after a restart is counted (rate-limit headers, the counter
+    kept by the AOF), both with a key the gateway knows (the request tries the store itself) and
+    with one it has to read from the store (that read is the store answering)."""
+    gateway = make_gateway(store_url=private_redis.url)
+    known = gateway.key("known")
+
+    def remaining(http: httpx.Client, key: str) -> str | None:
+        response = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}", POLICY: "5;w=3600"})
+        assert response.status_code == 200
+        return response.headers.get("Helicone-RateLimit-Remaining")
+
+    with gateway.http() as http:
+        assert remaining(http, known) == "4"
+        private_redis.kill()
+        assert remaining(http, known) is None  # fail-open: let through, not counted
+        private_redis.start()
+        assert remaining(http, known) == "3"
+        private_redis.kill()
+        assert remaining(http, known) is None
+        private_redis.start()
+        fresh = gateway.key("fresh")
+        assert remaining(http, fresh) == "4"
+        assert remaining(http, known) == "2"
+    assert upstream.count() == 6
+
+
 def test_unknown_key_while_the_store_is_down_is_503(
     make_gateway: Callable[..., Gateway], upstream: FakeUpstream, private_redis: RedisServer
 ) -> None:

@@ -42,6 +42,7 @@ NUMBER_BOUNDS: dict[str, tuple[float, float]] = {
     "write_timeout": (0.001, 86400),
     "max_in_flight": (1, 10_000_000),
     "max_in_flight_bytes": (1, 2**50),
+    "max_retry_wait": (0, 31_536_000),
 }
 MAX_PRICE = Decimal(1_000_000)  # US dollars per million tokens
 
@@ -149,6 +150,11 @@ class Settings:
     connect_timeout: float = setting(10.0, "Seconds to wait for a connection to the upstream.")
     default_max_tokens: int = setting(
         4096, "Output tokens a call is assumed to cost while in flight when it sets no max_tokens."
+    )
+    max_retry_wait: float = setting(
+        5.0,
+        "Seconds of Retry-After up to which a 429 leaves the retry to the client's SDK; a longer wait "
+        "carries x-should-retry: false, so the OpenAI and Anthropic SDKs raise at once instead of sleeping.",
     )
     access_log: bool = setting(True, "Write one structured log line per request.")
     log_level: str = setting("info", "Logging level.", choices=("debug", "info", "warning", "error"))

@@ -102,7 +102,14 @@ class ClientGone(GatewayError):
 
 
 class RateLimited(GatewayError):
+    """A 429. `should_retry=False` tells the OpenAI and Anthropic SDKs not to retry it themselves
+    (`x-should-retry: false`): waiting is long or pointless, the application decides."""
+
     status, type, code = 429, "rate_limit_exceeded", "rate_limited"
+
+    def __init__(self, message: str, *, should_retry: bool = True, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.should_retry = should_retry
 
 
 class StoreUnavailable(GatewayError):
@@ -125,6 +132,8 @@ def error_response(exc: GatewayError, headers: Mapping[str, str] | None = None) 
     out = dict(headers or {})
     if isinstance(exc, RateLimited):
         out["X-Helicone-Error"] = "rate_limited"
+        if not exc.should_retry:
+            out["x-should-retry"] = "false"
     if "retry_after" in exc.extra:
         out["Retry-After"] = str(exc.extra["retry_after"])
     return web.Response(status=exc.status, body=error_body(exc), headers=out, content_type="application/json")

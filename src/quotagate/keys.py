@@ -11,6 +11,7 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .policy import Policy, parse_policies
@@ -97,9 +98,10 @@ class KeyRing:
     the same step that checks its budgets.
     """
 
-    def __init__(self, store: Store, size: int = 10_000) -> None:
+    def __init__(self, store: Store, size: int = 10_000, answered: Callable[[], None] | None = None) -> None:
         self.store = store
         self.size = size
+        self.answered = answered  # told each time the store answers a lookup
         self._records: OrderedDict[str, tuple[KeyRecord, GatewayKey] | None] = OrderedDict()
         self._verified: dict[str, str] = {}  # presented keys already checked against their digest -> id
 
@@ -129,6 +131,8 @@ class KeyRing:
             self._records.move_to_end(key_id)
             return self._records[key_id]
         record = await self.store.get_key(key_id)
+        if self.answered is not None:
+            self.answered()
         entry = None
         if record is not None:
             entry = (record, GatewayKey(record.id, record.name, parse_policies(record.policies)))

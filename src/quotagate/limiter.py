@@ -63,6 +63,9 @@ class CounterState:
     held: int  # held by calls in flight (scaled units)
     reset: int  # seconds until the usage next shrinks; 0 when nothing is counted
     retry_after: int = 0  # seconds until a denied request would fit
+    # on a denial, for a counter that refused: the policies of the last call it admitted, when they
+    # are not this request's (policies differing only in quota share a counter)
+    last_policies: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -167,6 +170,12 @@ def expire(state: dict, window: int, now: float) -> None:
 
 def held(state: dict) -> int:
     return int(sum(amount for amount, _ in state["h"].values()))
+
+
+def never_fits(budget: Budget) -> bool:
+    """No wait can admit it: the quota is below one unit of the stored scale, or the request takes
+    (or holds) more than the whole quota."""
+    return budget.quota == 0 or budget.amount > budget.quota
 
 
 def fits(state: dict, budget: Budget) -> bool:

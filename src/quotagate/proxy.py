@@ -25,7 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import metrics
+from . import metrics, refusal
 from .config import CallPrice, Settings, Upstream
 from .connections import BodyTimeout, Capacity, ClientWatch, Slot, WriteDeadline
 from .errors import (
@@ -51,7 +51,7 @@ from .errors import (
 )
 from .estimate import estimate
 from .keys import GatewayKey, KeyRing
-from .limiter import Admission, Budget, CounterState, budgets_for, rate_limit_headers, reports
+from .limiter import Admission, Budget, CounterState, budgets_for, never_fits, rate_limit_headers, reports
 from .policy import GRAMMAR, MAX_SCALED_QUOTA, USER, Policy, PolicyError, Unit, join_header_lines, parse_policies
 from .pricing import Pricer
 from .routing import Endpoint, Pattern, Route, RouteError, misread_field, resolve
@@ -100,6 +100,7 @@ class Call:
     states: list[CounterState] = field(default_factory=list)
     reservation: str = ""
     prompt_tokens: int = 0
+    output_tokens: int = 0  # the output a metered call may return, as estimated
     model: str | None = None
     usage: Usage | None = None
     tracker: StreamUsage | None = None
@@ -139,42 +140,52 @@ class Call:
 
 
 class StoreGuard:
-    """Calls the store; after a failure, skips it for `pause` seconds, then tries again."""
+    """Whether a request calls the store. While it answers, every request does. After a failure,
+    requests skip it (fail-open or closed at once, without waiting on it) while one request at a
+    time tries it; any call that succeeds (that try, a key lookup, a charge, /readyz) brings it back
+    for all."""
 
-    def __init__(self, store: Store, pause: float = 1.0) -> None:
-        self.store = store
-        self.pause = pause
-        self.down_until = 0.0
+    def __init__(self, probe_timeout: float = 10.0) -> None:
+        self.probe_timeout = probe_timeout  # a try that never reports back frees the turn after this
+        self.down = False
+        self.probing_until = 0.0
         metrics.STORE_UP.set(1)
 
     @property
     def up(self) -> bool:
-        return time.monotonic() >= self.down_until
+        return not self.down
+
+    def attempt(self) -> bool:
+        """True if this request should call the store now (while it is down: one at a time)."""
+        if not self.down:
+            return True
+        now = time.monotonic()
+        if now < self.probing_until:
+            return False
+        self.probing_until = now + self.probe_timeout
+        return True
 
     def failed(self, operation: str, exc: Exception) -> None:
         metrics.STORE_ERRORS.labels(operation).inc()
-        if self.up:
+        if not self.down:
             log.error("store %s failed: %s", operation, exc)
-        self.down_until = time.monotonic() + self.pause
-        metrics.STORE_UP.set(0)
+            self.down = True
+            metrics.STORE_UP.set(0)
+        self.probing_until = 0.0  # the next request tries again
 
     def succeeded(self) -> None:
-        if self.down_until:
-            self.down_until = 0.0
+        if self.down:
+            self.down = False
             metrics.STORE_UP.set(1)
             log.warning("store answers again")
-
-    def check(self) -> None:
-        if not self.up:
-            raise StoreError("store unavailable (retrying shortly)")
 
 
 class Proxy:
     def __init__(self, settings: Settings, store: Store, pricer: Pricer | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.guard = StoreGuard(store)
-        self.keys = KeyRing(store)
+        self.guard = StoreGuard()
+        self.keys = KeyRing(store, answered=self.guard.succeeded)
         self.pricer = pricer or Pricer(settings.prices)
         self.routes = settings.routes()
         self.upstreams = {u.name: u for u in self.routes.values()}
@@ -419,7 +430,7 @@ class Proxy:
         model = body.get("model") if body is not None else None
         call.model = model if isinstance(model, str) else None
         found = await estimate(body, call.body, endpoint, call.provider, self.settings.default_max_tokens)
-        call.prompt_tokens = found.input_tokens
+        call.prompt_tokens, call.output_tokens = found.input_tokens, found.output_tokens
         usage = Usage(found.input_tokens, found.output_tokens)
         for budget in call.holding:
             if budget.unit is Unit.TOKEN:
@@ -430,18 +441,52 @@ class Proxy:
     async def _admit(self, call: Call) -> None:
         assert call.key is not None
         call.reservation = os.urandom(8).hex()
+        never = [b for b in call.budgets if never_fits(b)]
+        if never:
+            await self._refuse_never_fitting(call, never)
+        if not self.guard.attempt():
+            self._without_store(call, StoreError("the store did not answer (another request is trying it)"))
+            return
         try:
-            self.guard.check()
             admission = await self.store.admit(call.key.id, call.budgets, call.reservation, self.hold_ttl)
-            self.guard.succeeded()
         except StoreError as exc:
             self.guard.failed("admit", exc)
-            if self.settings.on_store_error == "closed":
-                raise StoreUnavailable("rate limits cannot be checked: the store is unreachable") from exc
-            metrics.UNLIMITED.inc()
-            call.decision, call.budgets = "fail_open", []
+            self._without_store(call, exc)
             return
+        self.guard.succeeded()
         self._decide(call, admission)
+
+    def _without_store(self, call: Call, exc: StoreError) -> None:
+        """The store cannot be asked: 503 (fail-closed) or let through without limits (fail-open)."""
+        if self.settings.on_store_error == "closed":
+            raise StoreUnavailable("rate limits cannot be checked: the store is unreachable") from exc
+        metrics.UNLIMITED.inc()
+        call.decision, call.budgets = "fail_open", []
+
+    async def _refuse_never_fitting(self, call: Call, never: list[Budget]) -> None:
+        """A request that no wait can admit: 429 without Retry-After, decided before the store step."""
+        call.decision = "never_fits"
+        await self._peek(call)
+        request = refusal.Request(call.prompt_tokens, call.output_tokens, call.json(), call.price is not None)
+        raise RateLimited(refusal.never_fits(never, request), should_retry=False)
+
+    async def _peek(self, call: Call) -> None:
+        """The key's revocation and the budgets' state for the headers, read without taking anything:
+        a key check, then a charge of nothing under a reservation that holds nothing."""
+        assert call.key is not None
+        if not self.guard.attempt():
+            return
+        try:
+            active = (await self.store.admit(call.key.id, [], call.reservation, self.hold_ttl)).key_active
+            if active:
+                call.states = await self.store.charge(call.budgets, call.reservation, [0] * len(call.budgets))
+        except StoreError as exc:
+            self.guard.failed("admit", exc)
+            return  # the refusal stands; the key is taken as fail-open takes a key it cannot check
+        self.guard.succeeded()
+        if not active:
+            self.keys.forget(call.key.id)
+            raise Unauthorized("unknown or revoked gateway key")
 
     def _decide(self, call: Call, admission: Admission) -> None:
         assert call.key is not None
@@ -457,8 +502,9 @@ class Proxy:
         retry = max([s.retry_after for _, s in denying] + [1])
         for budget, _ in denying:
             metrics.DENIALS.labels(budget.unit.value, _segment_kind(budget.segment)).inc()
-        names = ", ".join(p.normal_form() for b, _ in denying for p in b.policies)
-        raise RateLimited(f"Rate limit exceeded ({names}). Retry after {retry} seconds.", retry_after=retry) from None
+        raise RateLimited(
+            refusal.denied(denying, retry), retry_after=retry, should_retry=retry <= self.settings.max_retry_wait
+        ) from None
 
     # -- forwarding --------------------------------------------------------------------------
 
@@ -626,6 +672,7 @@ class Proxy:
             log.error("charge of a call failed (its hold expires by itself): %s", exc)
             metrics.STORE_ERRORS.labels("charge").inc()
             return
+        self.guard.succeeded()
         by_id = {b.id: s for b, s in zip(holding, states, strict=True)}
         call.states = [by_id.get(b.id, s) for b, s in zip(call.budgets, call.states, strict=True)]
 

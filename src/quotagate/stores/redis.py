@@ -35,6 +35,8 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.cluster import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
@@ -90,6 +92,9 @@ EXPIRY_CHUNK = 500  # expired index entries removed per step (a ZREM of 500 take
 EXPIRY_CHUNKS = 20  # steps per flush or admin read, at most: 10,000 entries a second per worker
 SCAN_CHUNK = 500  # index entries an admin read fetches per command
 CONNECTIONS = 64  # redis-py commands in flight per worker; more wait for a free connection
+
+
+_AGAIN_ONCE = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
 @dataclass(slots=True)
@@ -269,9 +274,9 @@ class RedisStore:
             options: dict[str, Any] = {"socket_connect_timeout": 1.0, "socket_timeout": 5.0}
             if self.cluster:
                 self._client = _WaitingCluster.from_url(self._client_url, max_connections=CONNECTIONS + 32, **options)
-            else:
+            else:  # a pooled connection left from before a server restart is tried again once, anew
                 pool = aioredis.BlockingConnectionPool.from_url(
-                    self._client_url, max_connections=CONNECTIONS, timeout=5.0, **options
+                    self._client_url, max_connections=CONNECTIONS, timeout=5.0, retry=_AGAIN_ONCE, **options
                 )
                 self._client = aioredis.Redis(connection_pool=pool)
             self._script = self._client.register_script(_script("step.lua"))
@@ -803,7 +808,13 @@ def _states(flat: Sequence[Any], count: int) -> list[CounterState]:
 def _admission(raw: Sequence[Any], count: int) -> Admission:
     if not int(raw[0]):
         return Admission(False, False, [])
-    return Admission(True, bool(int(raw[1])), _states(raw[3:], count))
+    allowed = bool(int(raw[1]))
+    states = _states(raw[3:], count)
+    if not allowed:  # then the policies last admitted on each counter that refused (see step.lua)
+        for state, other in zip(states, raw[3 + 4 * count :], strict=True):
+            if other:
+                state.last_policies = tuple(orjson.loads(other))
+    return Admission(True, allowed, states)
 
 
 def _took(results: list[Admission | None], members: list[list[int]], index: int) -> bool:

@@ -383,17 +383,25 @@ class SQLiteStore:
             for state, budget in zip(states, budgets, strict=True):
                 limiter.take(state, budget, now, item.reservation, item.hold_ttl)
         views = [limiter.view(s, b, now, denied=not allowed) for s, b in zip(states, budgets, strict=True)]
+        if not allowed:
+            _note_last_policies(budgets, states, views)
         self._save(db, budgets, states, views, now, item.hold_ttl, denied=not allowed)
         if not allowed:
             self._record_denial(db, budgets, states, now)
         return Admission(True, allowed, views)
 
     def _charge_one(self, db: sqlite3.Connection, item: Charge, now: float) -> list[CounterState]:
+        """Settle each budget; only those the charge changes are written (a charge of nothing
+        where nothing is held is a read)."""
         states = self._states(db, item.budgets, now)
+        changed = [item.reservation in s["h"] or a > 0 for s, a in zip(states, item.amounts, strict=True)]
         for state, budget, amount in zip(states, item.budgets, item.amounts, strict=True):
             limiter.settle(state, budget.window, now, item.reservation, amount)
         views = [limiter.view(s, b, now) for s, b in zip(states, item.budgets, strict=True)]
-        self._save(db, item.budgets, states, views, now, 0.0, denied=False)
+        kept = [i for i, c in enumerate(changed) if c]
+        if kept:
+            budgets = [item.budgets[i] for i in kept]
+            self._save(db, budgets, [states[i] for i in kept], [views[i] for i in kept], now, 0.0, denied=False)
         return views
 
     def _states(self, db: sqlite3.Connection, budgets: Sequence[Budget], now: float) -> list[dict]:
@@ -432,10 +440,12 @@ class SQLiteStore:
         for budget, state, view in zip(budgets, states, views, strict=True):
             refused = now if denied and not limiter.fits(state, budget) else None
             expires = now + budget.window + (hold_ttl if budget.holds else 0)
-            policies = limiter.policies_json(budget.policies).decode()
-            ratio = round((view.used + view.held) / budget.quota, 2) if budget.quota else 1.0
             row, blob = state["_row"], _dump(state)
-            state["_row"] = (ratio, budget.quota, policies)
+            quota, policies = budget.quota, limiter.policies_json(budget.policies).decode()
+            if denied and row is not None:  # a counter stays under the policies of the last call it admitted
+                quota, policies = row[1], row[2]
+            ratio = round((view.used + view.held) / quota, 2) if quota else 1.0
+            state["_row"] = (ratio, quota, policies)
             if row is None:
                 self._inserted += 1
                 db.execute(
@@ -447,7 +457,7 @@ class SQLiteStore:
                         budget.window,
                         budget.segment,
                         budget.value,
-                        budget.quota,
+                        quota,
                         view.used,
                         view.held,
                         ratio,
@@ -461,9 +471,9 @@ class SQLiteStore:
                 continue
             sets = _UPDATE_ALWAYS
             args: list[Any] = [view.used, view.held, now, expires, refused, blob]
-            if (ratio, budget.quota, policies) != tuple(row):
+            if (ratio, quota, policies) != tuple(row):
                 sets += ", ratio=?, quota=?, policies=?"
-                args += [ratio, budget.quota, policies]
+                args += [ratio, quota, policies]
             db.execute(f"UPDATE counters SET {sets} WHERE id=?", [*args, budget.id])
 
     def _record_denial(
@@ -704,6 +714,14 @@ def _unavailable(exc: Exception) -> bool:
     return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
         exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.ProgrammingError
     )
+
+
+def _note_last_policies(budgets: Sequence[Budget], states: Sequence[dict], views: Sequence[CounterState]) -> None:
+    """On a denial: the policies of the last call each refusing counter admitted, if not this request's."""
+    for budget, state, view in zip(budgets, states, views, strict=True):
+        stored = state["_row"][2] if state["_row"] is not None else None
+        if stored and not limiter.fits(state, budget) and stored != limiter.policies_json(budget.policies).decode():
+            view.last_policies = tuple(orjson.loads(stored))
 
 
 def _key_active(db: sqlite3.Connection, key_id: str) -> bool:

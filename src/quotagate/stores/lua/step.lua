@@ -4,7 +4,9 @@
 --       then per budget "<window>:<granularity>:<quota>:<amount>:<holds 0/1>:<meta 0/1>:<policies JSON>",
 --       followed by its meta JSON when it has one (a budget id that holds only a hash of its value);
 --       KEYS: [the key record's hash, if check key], then each budget's hash.
---       Returns {key active, allowed, now, then per budget: used, held, reset, retry}.
+--       Returns {key active, allowed, now, then per budget: used, held, reset, retry}, and when
+--       denied, then per budget: the policies (JSON) of the last call it admitted if it refused and
+--       they are not this request's, else ''. A denial leaves a counter's q and p as they were.
 --   a settlement: "S <reservation> <budget count>",
 --       then per budget "<window>:<granularity>:<quota>:<amount>:<holds 0/1>:<mode>:<taken at>";
 --       mode 'charge' replaces the reservation's hold by `amount` spent now, 'refund' undoes an
@@ -54,7 +56,7 @@ local function admit_one()
       s.w[#s.w + 1] = 'ld'
       s.w[#s.w + 1] = stamp
     end
-    if s.q ~= x.q or s.p ~= x.policies then
+    if (allowed or s.fresh) and (s.q ~= x.q or s.p ~= x.policies) then
       local f = s.w
       f[#f + 1], f[#f + 2], f[#f + 3], f[#f + 4] = 'q', x.q, 'p', x.policies
     end
@@ -64,6 +66,11 @@ local function admit_one()
       redis.call('PEXPIRE', x.h, math.ceil((x.window + (x.holds and ttl or 0)) * 1000))
     end
     view(out, s, x.window, now, x.quota, x.amount, x.holds, not allowed)
+  end
+  if not allowed then  -- x.s.p: the policies as loaded, before this step
+    for _, x in ipairs(budgets) do
+      out[#out + 1] = (not x.fits and x.s.p and x.s.p ~= x.policies) and x.s.p or ''
+    end
   end
   return out
 end
