@@ -12,7 +12,7 @@ import httpx2 as httpx
 import orjson
 import pytest
 
-from quotagate.config import ConfigError, load_file
+from quotagate.config import ConfigError, Settings, load_file
 from quotagate.fake_upstream import FakeUpstream
 
 from .conftest import CHAT, Gateway, cli
@@ -131,8 +131,9 @@ def test_without_an_access_log_a_skip_is_a_warning(serve: Callable[..., Gateway]
 def test_on_policy_error_is_a_choice(tmp_path: Path) -> None:
     result = cli("serve", "--on-policy-error", "sometimes", check=False)
     assert result.returncode == 2 and "'sometimes' is not one of 'reject', 'ignore'" in result.stderr
-    result = cli("serve", env={"QUOTAGATE_ON_POLICY_ERROR": "Ignore"}, check=False)
-    assert result.returncode == 2 and "'Ignore' is not one of 'reject', 'ignore'" in result.stderr
+    result = cli("serve", env={"QUOTAGATE_ON_POLICY_ERROR": "skip"}, check=False)
+    assert result.returncode == 2 and "from QUOTAGATE_ON_POLICY_ERROR" in result.stderr
+    assert Settings(workers=1, on_policy_error="Ignore").on_policy_error == "ignore"
     config = tmp_path / "quotagate.toml"
     config.write_text('on_policy_error = "skip"\n')
     with pytest.raises(ConfigError, match=r"quotagate.toml: on_policy_error must be one of 'reject', 'ignore'"):
