@@ -10,7 +10,7 @@ from decimal import Decimal
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from quotagate.policy import Policy, PolicyError, Unit, parse_policies
+from quotagate.policy import Policy, PolicyError, Unit, parse_each, parse_policies
 
 _ITEM = re.compile(
     r"[ \t]*(?P<quota>[0-9]+(?:\.[0-9]+)?)[ \t]*"
@@ -111,3 +111,69 @@ def test_valid_policies_parse_and_their_normal_form_round_trips(items: list[tupl
     normal = ", ".join(p.normal_form() for p in policies)
     assert parse_policies(normal) == policies
     assert ", ".join(p.normal_form() for p in parse_policies(normal)) == normal
+
+
+# --- item by item (on_policy_error = ignore) ----------------------------------------------------------
+
+ITEM_ALPHABET = ALPHABET.replace(",", "")
+HTTP_ITEM_ALPHABET = "".join(c for c in ITEM_ALPHABET if c.isascii() and c.isprintable())
+
+
+def invalid_items(alphabet: str = HTTP_ITEM_ALPHABET) -> st.SearchStrategy[str]:
+    """One list item the grammar refuses (by the independent recogniser), never blank."""
+    return st.text(alphabet=alphabet, min_size=1, max_size=24).filter(lambda t: reference(t) is None)
+
+
+def _items(max_size: int, min_size: int = 0) -> st.SearchStrategy[list[tuple[str, Policy | None]]]:
+    blank = st.sampled_from(["", " ", "\t "]).map(lambda t: (t, None))
+    bad = invalid_items(ITEM_ALPHABET).map(lambda t: (t, None))
+    good: st.SearchStrategy[tuple[str, Policy | None]] = policy_texts()
+    return st.lists(st.one_of(good, bad, blank), min_size=min_size, max_size=max_size)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_items(20), st.sampled_from([",", ", ", " ,\t"]))
+@example([("1;w=60", Policy(Decimal(1), 60)), ("", None)], ",")
+@example([("5;w=60;u=cents;u=token", None), ("2;w=60", Policy(Decimal(2), 60))], ",")
+def test_each_item_alone(items: list[tuple[str, Policy | None]], comma: str) -> None:
+    """Ignore mode keeps exactly the valid items (as parsing them alone does) and one error for each
+    other item; reject mode refuses the header whenever one item is bad."""
+    header = comma.join(text for text, _ in items)
+    policies, errors = parse_each(header)
+    if not header.strip(" \t"):
+        assert (policies, errors) == ((), ())
+        return
+    valid = [p for _, p in items if p is not None]
+    assert list(policies) == valid
+    assert policies == parse_policies(", ".join(text for text, p in items if p is not None))
+    assert [e.policy.strip(" \t") for e in errors if e.policy is not None] == [
+        text.strip(" \t") for text, p in items if p is None
+    ]
+    assert len(errors) == len(items) - len(valid)
+    assert parsed(header) == (None if errors else [(p.quota, p.window, p.unit.value, p.segment) for p in valid])
+
+
+@settings(max_examples=200, deadline=None)
+@given(_items(40, min_size=21))
+def test_items_past_the_twentieth_are_left_out_together(items: list[tuple[str, Policy | None]]) -> None:
+    header = ",".join(text for text, _ in items)
+    policies, errors = parse_each(header)
+    first = items[:20]
+    assert list(policies) == [p for _, p in first if p is not None]
+    assert len(errors) == sum(1 for _, p in first if p is None) + 1
+    assert errors[-1].problem.startswith(f"at most 20 policies per request, got {len(items)}")
+    assert parsed(header) is None
+
+
+def test_a_long_header_is_not_kept_in_a_cache() -> None:
+    from quotagate import policy
+
+    policy._each_cached.cache_clear()
+    policy._parse_cached.cache_clear()
+    long = " " * 2000 + "1;w=60"
+    assert parse_each(long) == ((Policy(Decimal(1), 60),), ())
+    assert parse_policies(long) == (Policy(Decimal(1), 60),)
+    junk = "," * 60_000
+    policies, errors = parse_each(junk)
+    assert policies == () and len(errors) == 21 and "got 60001" in errors[-1].problem
+    assert policy._each_cached.cache_info().currsize == 0 and policy._parse_cached.cache_info().currsize == 0

@@ -122,6 +122,12 @@ class Settings:
         "When the store is unreachable: 'open' serves without limits, 'closed' answers 503.",
         choices=("open", "closed"),
     )
+    on_policy_error: str = setting(
+        "reject",
+        "A header policy that is malformed or lacks its segment value: 'reject' answers 400; 'ignore' "
+        "skips it, as Helicone does, and says so in X-Helicone-Error (key-bound policies are never skipped).",
+        choices=("reject", "ignore"),
+    )
     admin_token: str | None = setting(None, "Token for /admin/ and /dashboard (off without one).")
     metrics_require_token: bool = setting(False, "Require the admin token on /metrics too.")
     admin_failed_signins: int = setting(

@@ -41,6 +41,11 @@ DENIALS = Counter(
     "Requests denied (429), by the unit and segment kind of the policy that denied.",
     ["unit", "segment"],
 )
+POLICY_SKIPS = Counter(
+    "quotagate_policy_skips",
+    "Requests that had header policies left out (on_policy_error = ignore), by the error code a 400 would carry.",
+    ["reason"],
+)
 STORE_ERRORS = Counter(
     "quotagate_store_errors",
     "Store operations that failed, by operation.",

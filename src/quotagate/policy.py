@@ -130,7 +130,15 @@ def parse_policies(header: str | None) -> tuple[Policy, ...]:
     """Parse a whole header value (several header lines already joined by commas)."""
     if header is None or not header.strip(_OWS):
         return ()
-    return _parse_cached(header)
+    return _parse_cached(header) if len(header) <= _CACHED_LENGTH else _parse(header)
+
+
+def parse_each(header: str | None) -> tuple[tuple[Policy, ...], tuple[PolicyError, ...]]:
+    """Item by item, for `on_policy_error = ignore`: the valid policies, and an error for each item
+    left out (the items past the 20th are left out together, under one error)."""
+    if header is None or not header.strip(_OWS):
+        return (), ()
+    return _each_cached(header) if len(header) <= _CACHED_LENGTH else _each(header)
 
 
 def join_header_lines(lines: list[str]) -> str:
@@ -138,12 +146,37 @@ def join_header_lines(lines: list[str]) -> str:
     return ",".join(line for line in lines if line.strip(_OWS))
 
 
-@lru_cache(maxsize=4096)
-def _parse_cached(header: str) -> tuple[Policy, ...]:
-    items = header.split(",")
+# a header line may be 64 KiB, and a cache entry keeps its header: longer headers are parsed uncached
+_CACHED_LENGTH = 1024
+
+
+def _parse(header: str) -> tuple[Policy, ...]:
+    items = header.split(",", MAX_POLICIES)  # never more than 21 pieces, whatever the header holds
     if len(items) > MAX_POLICIES:
-        raise PolicyError(f"at most {MAX_POLICIES} policies per request, got {len(items)}")
+        raise PolicyError(f"at most {MAX_POLICIES} policies per request, got {header.count(',') + 1}")
     return tuple(parse_policy(item) for item in items)
+
+
+_parse_cached = lru_cache(maxsize=4096)(_parse)
+
+
+def _each(header: str) -> tuple[tuple[Policy, ...], tuple[PolicyError, ...]]:
+    items = header.split(",", MAX_POLICIES)
+    policies: list[Policy] = []
+    errors: list[PolicyError] = []
+    for item in items[:MAX_POLICIES]:
+        try:
+            policies.append(parse_policy(item))
+        except PolicyError as exc:
+            errors.append(exc.with_traceback(None))  # cached: no frames kept alive
+    if len(items) > MAX_POLICIES:
+        count = header.count(",") + 1
+        problem = f"at most {MAX_POLICIES} policies per request, got {count}: the {count - MAX_POLICIES} after them"
+        errors.append(PolicyError(f"{problem} are left out", items[MAX_POLICIES]))
+    return tuple(policies), tuple(errors)
+
+
+_each_cached = lru_cache(maxsize=4096)(_each)
 
 
 def parse_policy(text: str) -> Policy:
@@ -188,18 +221,18 @@ def _parse_params(params: list[str], item: str) -> dict[str, str]:
         name, sep, value = param.partition("=")
         name, value = name.strip(_OWS).lower(), value.strip(_OWS)
         if not sep or not name or not value:
-            raise PolicyError(f"parameter {param!r} is not name=value", item)
+            raise PolicyError(f"parameter {shown(param, 40)} is not name=value", item)
         if name not in ("w", "u", "s"):
-            raise PolicyError(f"unknown parameter {name!r} (known: w, u, s)", item)
+            raise PolicyError(f"unknown parameter {shown(name)} (known: w, u, s)", item)
         if name in values:
-            raise PolicyError(f"duplicate parameter {name!r}", item)
+            raise PolicyError(f"duplicate parameter {shown(name)}", item)
         values[name] = value
     return values
 
 
 def _parse_window(text: str, item: str) -> int:
     if not _WINDOW.fullmatch(text):
-        raise PolicyError(f"window w={text!r} is not a whole number of seconds", item)
+        raise PolicyError(f"window w={shown(text)} is not a whole number of seconds", item)
     window = whole_number(text, MAX_WINDOW)
     if window is None or window < MIN_WINDOW:
         label = text if len(text) <= 24 else shown(text)
@@ -213,12 +246,12 @@ def _parse_unit(text: str | None, item: str) -> Unit:
     try:
         return Unit(text.lower())
     except ValueError:
-        raise PolicyError(f"unknown unit u={text!r} (known: request, cents, token)", item) from None
+        raise PolicyError(f"unknown unit u={shown(text)} (known: request, cents, token)", item) from None
 
 
 def _parse_segment(text: str | None, item: str) -> str | None:
     if text is None:
         return None
     if not _SEGMENT.fullmatch(text):
-        raise PolicyError(f"segment s={text!r} must be 'user' or a property name [A-Za-z0-9_-]+", item)
+        raise PolicyError(f"segment s={shown(text)} must be 'user' or a property name [A-Za-z0-9_-]+", item)
     return text.lower()

@@ -17,6 +17,7 @@ import os
 import time
 import zlib
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -52,7 +53,18 @@ from .errors import (
 from .estimate import estimate
 from .keys import GatewayKey, KeyRing
 from .limiter import Admission, Budget, CounterState, budgets_for, never_fits, rate_limit_headers, reports
-from .policy import GRAMMAR, MAX_SCALED_QUOTA, USER, Policy, PolicyError, Unit, join_header_lines, parse_policies
+from .policy import (
+    GRAMMAR,
+    MAX_SCALED_QUOTA,
+    USER,
+    Policy,
+    PolicyError,
+    Unit,
+    format_quota,
+    join_header_lines,
+    parse_each,
+    parse_policies,
+)
 from .pricing import Pricer
 from .routing import Endpoint, Pattern, Route, RouteError, misread_field, resolve
 from .stores import StepError, Store, StoreError
@@ -82,6 +94,19 @@ _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 POLICY_HEADER = "Helicone-RateLimit-Policy"
 _CREDENTIALS = ("authorization", "x-api-key", "api-key")  # a client's own provider credentials
 PROPERTY_PREFIX = "Helicone-Property-"
+_LOGGED_TEXT = 200  # characters of client-supplied text (a malformed policy) a log line shows
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """A header policy left out under `on_policy_error = ignore`, and why."""
+
+    code: str  # the error code the 400 would carry
+    policy: str  # its normal form, or the offending text of a malformed one
+    problem: str
+
+    def fields(self) -> dict[str, str]:
+        return {"code": self.code, "policy": _clipped(self.policy), "problem": _clipped(self.problem)}
 
 
 @dataclass(slots=True)
@@ -117,6 +142,9 @@ class Call:
     rewritten: bytes | None = None  # the body as metered, to forward instead of the client's bytes
     strip: bool = False  # the gateway asked the upstream for a stream's usage: drop it on the way back
     slot: Slot | None = None  # its place among the worker's calls in flight
+    policies: tuple[Policy, ...] = ()  # header (as enforced) then key-bound, for the log line
+    skipped: list[Skip] = field(default_factory=list)  # header policies left out (on_policy_error = ignore)
+    error: GatewayError | None = None  # what the gateway answered instead of the upstream
 
     def json(self) -> dict[str, Any] | None:
         """The request body as a JSON object, parsed once; None if it is not one."""
@@ -134,9 +162,10 @@ class Call:
         return [b for b in self.budgets if b.holds]
 
     def headers(self) -> dict[str, str]:
-        if not self.states:
-            return {}
-        return rate_limit_headers(reports(self.budgets, self.states))
+        out = rate_limit_headers(reports(self.budgets, self.states)) if self.states else {}
+        if self.skipped:  # the codes of what was left out, once each (a 429 says rate_limited instead)
+            out["X-Helicone-Error"] = ", ".join(dict.fromkeys(s.code for s in self.skipped))
+        return out
 
 
 class StoreGuard:
@@ -223,6 +252,7 @@ class Proxy:
         try:
             response = await self._proxy(request, call)
         except GatewayError as exc:
+            call.error = exc
             response = error_response(exc, call.headers())
         except Exception:
             if call.streaming:
@@ -240,8 +270,8 @@ class Proxy:
         call.key = await self._authenticate(request)
         self._check_key_scope(request, route)
         call.body = await self._read_body(request, call)
-        policies = self._policies(request, call.key)
-        values = self._segment_values(request, policies, call)
+        policies = self._policies(request, call)
+        policies, values = self._segment_values(request, policies, call)
         call.budgets = budgets_for(call.key.id, policies, values)
         if call.holding:
             await self._hold(call, route)
@@ -329,10 +359,22 @@ class Proxy:
             raise ClientGone("the client closed its connection while sending the body") from None
         return b"".join(chunks)
 
-    def _policies(self, request: web.Request, key: GatewayKey) -> tuple[Policy, ...]:
+    def _policies(self, request: web.Request, call: Call) -> tuple[Policy, ...]:
+        """The header's policies, then the key's."""
+        assert call.key is not None
         lines = request.headers.getall(POLICY_HEADER, ())
+        header = self._header_policies(join_header_lines(lines), call) if lines else ()
+        call.policies = header + call.key.policies
+        return call.policies
+
+    def _header_policies(self, text: str, call: Call) -> tuple[Policy, ...]:
+        """400 on a malformed policy; with `on_policy_error = ignore`, the valid ones (item by item)."""
+        if self.settings.on_policy_error == "ignore":
+            policies, errors = parse_each(text)
+            call.skipped += [Skip(BadPolicy.code, text if e.policy is None else e.policy, e.problem) for e in errors]
+            return policies
         try:
-            header = parse_policies(join_header_lines(lines)) if lines else ()
+            return parse_policies(text)
         except PolicyError as exc:
             raise BadPolicy(
                 f"invalid {POLICY_HEADER}: {exc}. Expected {GRAMMAR}",
@@ -341,25 +383,34 @@ class Proxy:
                 problem=exc.problem,
                 grammar=GRAMMAR,
             ) from None
-        return header + key.policies
 
     def _segment_values(
         self, request: web.Request, policies: tuple[Policy, ...], call: Call
-    ) -> dict[str | None, str | None]:
+    ) -> tuple[tuple[Policy, ...], dict[str | None, str | None]]:
+        """The segment values the policies need; a policy whose value the request lacks is a 400,
+        or, a header policy with `on_policy_error = ignore`, left out."""
+        assert call.key is not None
         call.user = self._user_id(request, call)
         values: dict[str | None, str | None] = {None: None, USER: call.user}
         for name, value in request.headers.items():
             if name[:18].lower() == "helicone-property-" and value:
                 call.properties.setdefault(name[18:].lower(), _valid_id(value, name))
-        for policy in policies:
+        header = len(policies) - len(call.key.policies)  # the key's come last, and are never left out
+        lacking: list[int] = []
+        for index, policy in enumerate(policies):
             segment = policy.segment
             if segment is None or (segment in values and values[segment] is not None):
                 continue
             if segment != USER and call.properties.get(segment):
                 values[segment] = call.properties[segment]
                 continue
-            raise MissingSegment(self._missing(policy), policy=policy.normal_form(), segment=segment)
-        return values
+            if index >= header or self.settings.on_policy_error != "ignore":
+                raise MissingSegment(self._missing(policy), policy=policy.normal_form(), segment=segment)
+            call.skipped.append(Skip(MissingSegment.code, policy.normal, self._missing(policy)))
+            lacking.append(index)
+        if lacking:
+            policies = call.policies = tuple(p for i, p in enumerate(policies) if i not in lacking)
+        return policies, values
 
     @staticmethod
     def _missing(policy: Policy) -> str:
@@ -717,6 +768,7 @@ class Proxy:
             metrics.OVERHEAD.observe(max(0.0, seconds - call.upstream_seconds))
         if call.decision == "fail_open":
             log.warning("store unreachable: %s %s let through without limits", request.method, request.path)
+        skipped = self._skips(call)
         if not self.settings.access_log:
             return
         usage = call.usage
@@ -739,9 +791,22 @@ class Proxy:
                     "upstream_status": call.upstream_status,
                     "outcome": call.outcome if call.upstream_status else None,
                     "latency_ms": round(seconds * 1000, 3),
+                    "skipped": skipped,
+                    **_refusal(request, call),
                 }
             },
         )
+
+    def _skips(self, call: Call) -> list[dict[str, str]] | None:
+        """Header policies left out: counted, and logged (on their own without an access log)."""
+        if not call.skipped:
+            return None
+        skipped = [s.fields() for s in call.skipped]
+        for code in dict.fromkeys(s.code for s in call.skipped):
+            metrics.child(metrics.POLICY_SKIPS, code).inc()
+        if not self.settings.access_log:
+            log.warning("header policies left out (on_policy_error = ignore)", extra={"fields": {"skipped": skipped}})
+        return skipped
 
 
 async def _pump(
@@ -854,3 +919,65 @@ def _valid_id(value: str, where: str) -> str:
 
 def _segment_kind(segment: str | None) -> str:
     return "global" if segment is None else ("user" if segment == USER else "property")
+
+
+def _clipped(text: str, limit: int = _LOGGED_TEXT) -> str:
+    """Client-supplied text as a log line shows it: bounded (the formatter makes it inert)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _refusal(request: web.Request, call: Call) -> dict[str, Any]:
+    """What a log line says of an answer the gateway gave itself: its code, the policy it concerns
+    (normal form, or the text of a malformed one) and a short reason."""
+    exc = call.error
+    if exc is None:
+        return {}
+    policy: str | None = ", ".join(p.normal for p in call.policies) or None
+    reason = exc.message
+    if isinstance(exc, BadPolicy):
+        policy = exc.extra.get("policy")
+        policy = join_header_lines(request.headers.getall(POLICY_HEADER, [])) if policy is None else policy
+        reason = exc.extra.get("problem", reason)
+    elif isinstance(exc, MissingSegment):
+        policy = exc.extra.get("policy", policy)
+    elif isinstance(exc, RateLimited):
+        policy, reason = _denial(call, exc)
+    return {
+        "error_code": exc.code,
+        "policy": None if policy is None else _clipped(policy),
+        "reason": _clipped(reason, 400),
+        "retry_after": exc.extra.get("retry_after"),
+    }
+
+
+def _denial(call: Call, exc: RateLimited) -> tuple[str | None, str]:
+    """The policies that refused a call, and how much of each was used (held by calls in flight)."""
+    names, parts = [], []
+    for budget, state in zip(call.budgets, call.states, strict=False):
+        spent = state.used + state.held
+        for policy in budget.policies:
+            full = spent >= policy.scaled_quota if budget.holds else spent + budget.amount > policy.scaled_quota
+            if not full:
+                continue
+            names.append(policy.normal)
+            parts.append(f"{policy.normal}: {_usage_text(policy, state)}{_sharing(budget.policies, policy)}")
+    if not names:  # refused for another reason (a call that can never fit): its message says why
+        return ", ".join(p.normal for p in call.policies) or None, exc.message
+    retry = exc.extra.get("retry_after")
+    return ", ".join(names), "; ".join(parts) + (f"; retry after {retry} s" if retry is not None else "")
+
+
+_UNIT_NAMES = {Unit.REQUEST: "requests", Unit.CENTS: "cents", Unit.TOKEN: "tokens"}
+
+
+def _usage_text(policy: Policy, state: CounterState) -> str:
+    used = format_quota(Decimal(state.used) / policy.scale)
+    text = f"{used} of {policy.quota_text} {_UNIT_NAMES[policy.unit]} used"
+    if state.held:
+        text += f", {format_quota(Decimal(state.held) / policy.scale)} held by calls in flight"
+    return text
+
+
+def _sharing(policies: tuple[Policy, ...], policy: Policy) -> str:
+    others = [p.normal for p in policies if p is not policy]
+    return f" (one counter with {', '.join(others)})" if others else ""
