@@ -52,7 +52,7 @@ if not set(_INTERNALS) <= set(RequestHandler.__slots__) or not hasattr(RequestHa
     raise ImportError(f"quotagate needs an aiohttp whose RequestHandler has {_INTERNALS} and _process_keepalive")
 
 MAX_FIELD_BYTES = 65536
-"""One header line (name and value) at most: long user ids fit (documented in the README)."""
+"""One header line (name and value) at most: long user ids fit (documented in docs/operations.md)."""
 LINGER = 1.0
 """Seconds a refused connection is still read (and what arrives dropped) after its answer, so that
 closing it with unread bytes does not reset it before the client has read the answer."""

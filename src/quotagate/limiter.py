@@ -90,8 +90,8 @@ def budget_id(key_id: str, unit: Unit, window: int, segment: str | None, value: 
 
 @functools.lru_cache(maxsize=4096)
 def _budget_prefix(key_id: str, unit: Unit, window: int, segment: str | None) -> str:
-    """The part of a budget id without its segment value: few of them (a cache of whole ids held
-    too few of a busy gateway's users: 30,000 budgets for 10,000 users of three policies)."""
+    """The part of a budget id without its segment value: few of them, so they are cached (whole
+    ids, one per segment value, would not fit the cache)."""
     seg = "-" if segment is None else ("u" if segment == "user" else "p." + segment)
     return f"{key_id}:{unit.value}:{window}:{seg}:"
 

@@ -3,7 +3,7 @@ providers' published formulas, instead of the tokens of their base64 text.
 
 Where the image's bytes are in the request, its width and height are read from its header (PNG,
 GIF, WebP, JPEG) and the formula applied; where they are not (a URL, a file id), the largest figure
-the formula can give. PDF pages are counted from the document's page objects. README.md
+the formula can give. PDF pages are counted from the document's page objects. docs/counting.md
 ("Estimates") lists the figures and where they come from.
 """
 

@@ -2,10 +2,10 @@
 
 The library finds the model and its price card; the arithmetic per call is done here, in integers,
 on the card's per-million-token rates. It gives the same micro-cents as the library's own
-`calc_price` and is about 75 times cheaper (4 µs against 290 µs per call on this machine, measured
-with `python bench/pricing_cost.py`), which matters because every call on a cents budget is priced
-twice: its estimate at admission and its real cost at the end. Config overrides win over the
-library. Only text token prices are applied (input, cached input, cache writes, output).
+`calc_price` at a small fraction of its cost (figures: bench/README.md), which matters because
+every call on a cents budget is priced twice: its estimate at admission and its real cost at the
+end. Config overrides win over the library. Only text token prices are applied (input, cached
+input, cache writes, output).
 """
 
 from __future__ import annotations

@@ -128,12 +128,8 @@ def settle_garbage_collector() -> None:
     """Once a worker has started: everything allocated so far (modules, the price table, the
     tokenizer) moves out of the collector's sight (`gc.freeze`), and collections come less often.
 
-    A request frees almost all it allocates by reference counting, but with CPython's defaults the
-    collector ran ~60 young collections a second at 1,300 requests/s, and every few seconds a full
-    collection traversed every module and table for 35 ms, a stall that every request in flight
-    waited out. Measured in one gateway process under wrk for 9 s (`gc.callbacks`): time in the
-    collector 354 -> 13 ms, the longest pause 35.7 -> 1.4 ms. A young collection takes ~0.2 us per
-    object, so the threshold bounds the pause (20,000: 3.3 ms).
+    A request frees almost all it allocates by reference counting, yet with CPython's defaults the
+    collector runs often and full collections stall every request in flight (figures: bench/README.md).
     """
     gc.collect()
     gc.freeze()

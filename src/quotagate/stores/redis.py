@@ -378,7 +378,7 @@ class RedisStore:
 
     def _packed_evalsha(self, keys: list[bytes], args: list[bytes]) -> bytes:
         """EVALSHA of the step script, packed here in one `bytes.join`: redis-py's general packing
-        of each argument cost more than the rest of the call (`python bench/run.py --profile`)."""
+        of each argument cost more than the rest of the call."""
         return resp.pack([b"EVALSHA", self._script.sha.encode(), b"%d" % len(keys), *keys, *args])
 
     async def _evalsha(self, keys: list[bytes], args: list[bytes]) -> Any:
@@ -403,9 +403,8 @@ class RedisStore:
 
     def _start(self, items: list[Admit | _Settle]) -> asyncio.Future[Sequence[Any]] | None:
         """The batcher's way without a task: on an open pipelined connection, the batch's script
-        call is written at once and decoded in the reply's callback (a gateway at 200 requests/s
-        spent ~40 us a request on the two steps' tasks and coroutines). None when the connection
-        is not open: `_step` connects."""
+        call is written at once and decoded in the reply's callback (a task and its coroutines per
+        step cost a measurable share of a request's CPU). None when the connection is not open: `_step` connects."""
         protocol = self._pipelined.ready() if self._pipelined is not None else None
         if protocol is None or self._script is None:
             return None
@@ -534,8 +533,8 @@ class RedisStore:
     async def _flush(self) -> None:
         """The index entries and denials gathered since the last flush, in commands of at most
         INDEX_CHUNK entries, packed one at a time with the event loop free between them: one ZADD
-        of the 3,000 entries a busy worker gathers in a second took ~11 ms to pack, a stall that
-        every request in flight waited out. Sent in order (each chunk's expiry before its ratio:
+        of a busy second's entries stalls every request in flight while it is packed. Sent in
+        order (each chunk's expiry before its ratio:
         see `_expire_index`); through redis-py one after another, for the Cluster's nodes."""
         touched, self._touched = self._touched, {}
         denials, self._denials = self._denials, []

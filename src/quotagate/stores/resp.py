@@ -1,11 +1,9 @@
 """A pipelined Redis connection for the hot path: one socket, commands written back to back,
 replies matched to their callers in order.
 
-The admission and charge of every request are one EVALSHA each; through redis-py's asyncio client
-such a call cost about 165 µs of client CPU in a loop of 5,000 (pool, stream reader, timeout
-wrapper, parser glue; 118 µs on a bare redis-py connection), against about 45 µs here, where the
-replies are parsed by hiredis (the same C parser redis-py uses) straight from `data_received`.
-Through the store, per 3-policy request: `python bench/redis_client.py`. Redis answers the
+The admission and charge of every request are one EVALSHA each; here a call costs a fraction of
+the client CPU it costs through redis-py's asyncio client (figures: bench/README.md), the replies
+parsed by hiredis (the same C parser redis-py uses) straight from `data_received`. Redis answers the
 commands of one connection in the order they arrive, so any number of calls can be in flight at
 once without a pool, and a caller that gives up (a cancelled task) leaves the order intact: its
 reply is read and dropped.
