@@ -404,7 +404,8 @@ class RedisStore:
     def _start(self, items: list[Admit | _Settle]) -> asyncio.Future[Sequence[Any]] | None:
         """The batcher's way without a task: on an open pipelined connection, the batch's script
         call is written at once and decoded in the reply's callback (a task and its coroutines per
-        step cost a measurable share of a request's CPU). None when the connection is not open: `_step` connects."""
+        step cost a measurable share of a request's CPU). None when the connection is not open:
+        `_step` connects."""
         protocol = self._pipelined.ready() if self._pipelined is not None else None
         if protocol is None or self._script is None:
             return None
