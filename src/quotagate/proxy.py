@@ -52,7 +52,16 @@ from .errors import (
 )
 from .estimate import estimate
 from .keys import GatewayKey, KeyRing
-from .limiter import Admission, Budget, CounterState, budgets_for, never_fits, rate_limit_headers, reports
+from .limiter import (
+    Admission,
+    Budget,
+    CounterState,
+    base_amounts,
+    budgets_for,
+    never_fits,
+    rate_limit_headers,
+    reports,
+)
 from .policy import (
     GRAMMAR,
     MAX_SCALED_QUOTA,
@@ -122,6 +131,7 @@ class Call:
     parsed: Any = None
     parsed_done: bool = False
     budgets: list[Budget] = field(default_factory=list)
+    amounts: list[int] = field(default_factory=list)  # beside the budgets: what the call takes or holds
     states: list[CounterState] = field(default_factory=list)
     reservation: str = ""
     prompt_tokens: int = 0
@@ -273,6 +283,7 @@ class Proxy:
         policies = self._policies(request, call)
         policies, values = self._segment_values(request, policies, call)
         call.budgets = budgets_for(call.key.id, policies, values)
+        call.amounts = base_amounts(call.budgets)
         if call.holding:
             await self._hold(call, route)
         await self._admit(call)
@@ -444,11 +455,13 @@ class Proxy:
             await self._estimate(call, route.endpoint)
         elif not route.endpoint.free:
             call.price = next((price for p, price in self.call_prices if p.matches(route.method, route.segments)), None)
-            for budget in call.holding:
+            for index, budget in enumerate(call.budgets):
+                if not budget.holds:
+                    continue
                 amount = _price_amount(call.price, budget.unit)
                 if amount is None:
                     raise UnmeteredEndpoint(self._unmetered(route, budget), endpoint=route.name)
-                budget.amount = min(amount, MAX_SCALED_QUOTA)
+                call.amounts[index] = min(amount, MAX_SCALED_QUOTA)
 
     @staticmethod
     def _unmetered(route: Route, budget: Budget) -> str:
@@ -483,23 +496,25 @@ class Proxy:
         found = await estimate(body, call.body, endpoint, call.provider, self.settings.default_max_tokens)
         call.prompt_tokens, call.output_tokens = found.input_tokens, found.output_tokens
         usage = Usage(found.input_tokens, found.output_tokens)
-        for budget in call.holding:
+        for index, budget in enumerate(call.budgets):
+            if not budget.holds:
+                continue
             if budget.unit is Unit.TOKEN:
-                budget.amount = min(usage.total_tokens, MAX_SCALED_QUOTA)
+                call.amounts[index] = min(usage.total_tokens, MAX_SCALED_QUOTA)
             else:
-                budget.amount = min(self._cost(call, usage) or 0, MAX_SCALED_QUOTA)
+                call.amounts[index] = min(self._cost(call, usage) or 0, MAX_SCALED_QUOTA)
 
     async def _admit(self, call: Call) -> None:
         assert call.key is not None
         call.reservation = os.urandom(8).hex()
-        never = [b for b in call.budgets if never_fits(b)]
+        never = [(b, a) for b, a in zip(call.budgets, call.amounts, strict=True) if never_fits(b, a)]
         if never:
             await self._refuse_never_fitting(call, never)
         if not self.guard.attempt():
             self._without_store(call, StoreError("the store did not answer (another request is trying it)"))
             return
         try:
-            admission = await self.store.admit(call.key.id, call.budgets, call.reservation, self.hold_ttl)
+            admission = await self.store.admit(call.key.id, call.budgets, call.amounts, call.reservation, self.hold_ttl)
         except StoreError as exc:
             self.guard.failed("admit", exc)
             self._without_store(call, exc)
@@ -512,9 +527,9 @@ class Proxy:
         if self.settings.on_store_error == "closed":
             raise StoreUnavailable("rate limits cannot be checked: the store is unreachable") from exc
         metrics.UNLIMITED.inc()
-        call.decision, call.budgets = "fail_open", []
+        call.decision, call.budgets, call.amounts = "fail_open", [], []
 
-    async def _refuse_never_fitting(self, call: Call, never: list[Budget]) -> None:
+    async def _refuse_never_fitting(self, call: Call, never: list[tuple[Budget, int]]) -> None:
         """A request that no wait can admit: 429 without Retry-After, decided before the store step."""
         call.decision = "never_fits"
         await self._peek(call)
@@ -528,7 +543,7 @@ class Proxy:
         if not self.guard.attempt():
             return
         try:
-            active = (await self.store.admit(call.key.id, [], call.reservation, self.hold_ttl)).key_active
+            active = (await self.store.admit(call.key.id, [], [], call.reservation, self.hold_ttl)).key_active
             if active:
                 call.states = await self.store.charge(call.budgets, call.reservation, [0] * len(call.budgets))
         except StoreError as exc:
@@ -953,10 +968,10 @@ def _refusal(request: web.Request, call: Call) -> dict[str, Any]:
 def _denial(call: Call, exc: RateLimited) -> tuple[str | None, str]:
     """The policies that refused a call, and how much of each was used (held by calls in flight)."""
     names, parts = [], []
-    for budget, state in zip(call.budgets, call.states, strict=False):
+    for budget, amount, state in zip(call.budgets, call.amounts, call.states, strict=False):
         spent = state.used + state.held
         for policy in budget.policies:
-            full = spent >= policy.scaled_quota if budget.holds else spent + budget.amount > policy.scaled_quota
+            full = spent >= policy.scaled_quota if budget.holds else spent + amount > policy.scaled_quota
             if not full:
                 continue
             names.append(policy.normal)

@@ -31,12 +31,13 @@ def strictest(budget: Budget) -> Policy:
     return min(budget.policies, key=lambda p: p.scaled_quota)
 
 
-def never_fits(budgets: Sequence[Budget], request: Request) -> str:
-    """The 429 message of a request that no wait can admit: why, and what to change."""
-    return " ".join(_never_fits(budget, request) for budget in budgets)
+def never_fits(never: Sequence[tuple[Budget, int]], request: Request) -> str:
+    """The 429 message of a request that no wait can admit (budgets and the amounts they refused):
+    why, and what to change."""
+    return " ".join(_never_fits(budget, amount, request) for budget, amount in never)
 
 
-def _never_fits(budget: Budget, request: Request) -> str:
+def _never_fits(budget: Budget, amount: int, request: Request) -> str:
     name = strictest(budget).normal_form()
     if budget.quota == 0:
         return (
@@ -45,11 +46,11 @@ def _never_fits(budget: Budget, request: Request) -> str:
         )
     if request.priced:
         return (
-            f"A call of this endpoint costs {_quantity(budget.unit, budget.amount)} (its configured call "
+            f"A call of this endpoint costs {_quantity(budget.unit, amount)} (its configured call "
             f"price), more than the whole quota of policy {name}: it can never fit, however long it waits. "
             "Raise the quota."
         )
-    need = f"{budget.amount} tokens" if budget.unit is Unit.TOKEN else f"{_number(budget.unit, budget.amount)} cents"
+    need = f"{amount} tokens" if budget.unit is Unit.TOKEN else f"{_number(budget.unit, amount)} cents"
     return (
         f"This request may {'use' if budget.unit is Unit.TOKEN else 'cost'} up to {need} ({request.prompt_tokens} "
         f"tokens of input, up to {request.output_tokens} of output), more than the whole quota of policy {name}: "

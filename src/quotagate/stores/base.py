@@ -69,8 +69,10 @@ class Store(Protocol):
 
     url: str
 
-    async def admit(self, key_id: str, budgets: Sequence[Budget], reservation: str, hold_ttl: float) -> Admission:
-        """Check the key is active, then check and take (or hold) every budget at once.
+    async def admit(
+        self, key_id: str, budgets: Sequence[Budget], amounts: Sequence[int], reservation: str, hold_ttl: float
+    ) -> Admission:
+        """Check the key is active, then check and take (or hold) every budget's amount at once.
 
         A denied admission takes nothing and is recorded for the dashboard's denial list.
         """

@@ -118,11 +118,11 @@ def _admit_arguments(item: Admit, check_key: bool, keys: list[str], args: list[A
         keys.append(key_record_key(item.key_id))
     first, metas = len(args), 0
     args.append("")
-    for b in item.budgets:
+    for b, amount in zip(item.budgets, item.amounts, strict=True):
         keys.append(budget_key(b.id))
         meta = _meta(b)
         head, tail = _spec(b.window, b.quota, b.holds, b.policies, bool(meta))
-        args.append(f"{head}{b.amount}{tail}")
+        args.append(f"{head}{amount}{tail}")
         if meta:
             args.append(meta)
             metas += 1
@@ -322,8 +322,10 @@ class RedisStore:
 
     # -- admission and charge ----------------------------------------------------------------
 
-    async def admit(self, key_id: str, budgets: Sequence[Budget], reservation: str, hold_ttl: float) -> Admission:
-        item = Admit(key_id, budgets, reservation, hold_ttl)
+    async def admit(
+        self, key_id: str, budgets: Sequence[Budget], amounts: Sequence[int], reservation: str, hold_ttl: float
+    ) -> Admission:
+        item = Admit(key_id, budgets, amounts, reservation, hold_ttl)
         if not self.cluster:
             admission = await self._call("admit", self._steps.submit(item))
         elif not budgets:
@@ -437,14 +439,18 @@ class RedisStore:
         """Budgets in different slots: each slot's group in its own script call, in parallel (all
         packed before any is sent); if any group (or the key check) refuses, or fails on its own
         data, the groups that admitted are refunded."""
-        budgets = item.budgets
+        budgets, amounts = item.budgets, item.amounts
         groups: dict[int, list[int]] = {}
         for index, budget in enumerate(budgets):
             groups.setdefault(key_slot(budget_key(budget.id).encode()), []).append(index)
         members = list(groups.values())
         now = self._now_arg()
         packs = [
-            _pack([Admit(item.key_id, [budgets[i] for i in m], item.reservation, item.hold_ttl)], False, now)
+            _pack(
+                [Admit(item.key_id, [budgets[i] for i in m], [amounts[i] for i in m], item.reservation, item.hold_ttl)],
+                False,
+                now,
+            )
             for m in members
         ]
         _raise_failure(p.failure() for p in packs)
@@ -458,24 +464,24 @@ class RedisStore:
             for i, state in zip(m, result.states, strict=True) if result is not None else ():
                 states[i] = state
         if not allowed:
-            await self._refund(
-                item, [[budgets[i] for i in m] for m, r in zip(members, results, strict=True) if r and r.allowed]
-            )
+            await self._refund(item, [m for m, r in zip(members, results, strict=True) if r and r.allowed])
             states = [
-                _without(states[i], b) if _took(results, members, i) else states[i] for i, b in enumerate(budgets)
+                _without(states[i], b, amounts[i]) if _took(results, members, i) else states[i]
+                for i, b in enumerate(budgets)
             ]
         _raise_failure(g[0] for g in grouped if isinstance(g[0], Failed))
         return Admission(revoked == b"", allowed, states)
 
-    async def _refund(self, item: Admit, groups: list[list[Budget]]) -> None:
-        """Undo the takes (or holds) of the groups that admitted a request another group refused."""
+    async def _refund(self, item: Admit, groups: list[list[int]]) -> None:
+        """Undo the takes (or holds) of the groups (budget indices) that admitted a request another
+        group refused."""
         taken_at = self._now_arg() or repr(time.time())
-        await asyncio.gather(
-            *(
-                self._step([_Settle(group, item.reservation, [b.amount for b in group], "refund", taken_at)])
-                for group in groups
-            )
-        )
+        budgets, amounts = item.budgets, item.amounts
+        settles = [
+            _Settle([budgets[i] for i in m], item.reservation, [amounts[i] for i in m], "refund", taken_at)
+            for m in groups
+        ]
+        await asyncio.gather(*(self._step([settle]) for settle in settles))
 
     # -- the dashboard's index, written off the request path -------------------------------------
 
@@ -828,11 +834,11 @@ def _raise_failure(failures: Iterable[Failed | None]) -> None:
             raise failure.error
 
 
-def _without(state: CounterState, budget: Budget) -> CounterState:
+def _without(state: CounterState, budget: Budget, amount: int) -> CounterState:
     """A state as it is after its take was refunded."""
     if budget.holds:
-        return CounterState(state.used, max(0, state.held - budget.amount), state.reset, 1)
-    return CounterState(max(0, state.used - budget.amount), state.held, state.reset, 1)
+        return CounterState(state.used, max(0, state.held - amount), state.reset, 1)
+    return CounterState(max(0, state.used - amount), state.held, state.reset, 1)
 
 
 def _key_from_hash(raw: dict[bytes, bytes]) -> KeyRecord | None:
