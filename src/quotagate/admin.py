@@ -36,7 +36,7 @@ from .adminauth import COOKIE, SESSION_SECONDS, Gatekeeper, error, json_required
 from .bounded import shown, whole_number
 from .config import Settings
 from .metrics import RequestHistory
-from .policy import USER, PolicyError, Unit, format_quota
+from .policy import PolicyError, Unit, format_quota, segment_kind
 from .stores import GLOBAL, BudgetUsage, Denial, KeyRecord, Store, StoreError
 
 PAGE_MAX = 500
@@ -70,10 +70,6 @@ def _error(status: int, message: str, code: str) -> web.Response:
 
 
 # --- JSON shapes ----------------------------------------------------------------------------------
-
-
-def segment_kind(segment: str | None) -> str:
-    return "global" if segment is None else ("user" if segment == USER else "property")
 
 
 def format_scaled(value: int, unit: str) -> str:

@@ -126,3 +126,43 @@ def _number(unit: Unit, scaled: int) -> str:
 
 def _quantity(unit: Unit, scaled: int) -> str:
     return f"{_number(unit, scaled)} {'cents' if unit is Unit.CENTS else unit.value + 's'}"
+
+
+def logged(
+    budgets: Sequence[Budget],
+    amounts: Sequence[int],
+    states: Sequence[CounterState],
+    policies: Sequence[Policy],
+    message: str,
+    retry: int | None,
+) -> tuple[str | None, str]:
+    """For the log line of a 429: the policies that refused the call, and how much of each was
+    used (held by calls in flight); the call's own policies and the message when none is full."""
+    names, parts = [], []
+    for budget, amount, state in zip(budgets, amounts, states, strict=False):
+        spent = state.used + state.held
+        for policy in budget.policies:
+            full = spent >= policy.scaled_quota if budget.holds else spent + amount > policy.scaled_quota
+            if not full:
+                continue
+            names.append(policy.normal)
+            parts.append(f"{policy.normal}: {_usage_text(policy, state)}{_sharing(budget.policies, policy)}")
+    if not names:  # refused for another reason (a call that can never fit): its message says why
+        return ", ".join(p.normal for p in policies) or None, message
+    return ", ".join(names), "; ".join(parts) + (f"; retry after {retry} s" if retry is not None else "")
+
+
+_UNIT_NAMES = {Unit.REQUEST: "requests", Unit.CENTS: "cents", Unit.TOKEN: "tokens"}
+
+
+def _usage_text(policy: Policy, state: CounterState) -> str:
+    used = format_quota(Decimal(state.used) / policy.scale)
+    text = f"{used} of {policy.quota_text} {_UNIT_NAMES[policy.unit]} used"
+    if state.held:
+        text += f", {format_quota(Decimal(state.held) / policy.scale)} held by calls in flight"
+    return text
+
+
+def _sharing(policies: tuple[Policy, ...], policy: Policy) -> str:
+    others = [p.normal for p in policies if p is not policy]
+    return f" (one counter with {', '.join(others)})" if others else ""
