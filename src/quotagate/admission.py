@@ -89,8 +89,8 @@ class Asked:
 
 def asked(policy_lines: list[str], user_id: str | None, headers: Iterable[tuple[str, str]]) -> Asked:
     """What a request's headers ask: its policy lines, its user id, its non-empty properties."""
-    size = len(PROPERTY_HEADER_PREFIX)
-    properties = tuple((n, v) for n, v in headers if v and n[:size].lower() == "helicone-property-")
+    size, prefix = len(PROPERTY_HEADER_PREFIX), PROPERTY_HEADER_PREFIX.lower()
+    properties = tuple((n, v) for n, v in headers if v and n[:size].lower() == prefix)
     return Asked(tuple(policy_lines), user_id, properties)
 
 

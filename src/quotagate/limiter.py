@@ -54,6 +54,16 @@ class Budget:
     policies: tuple[Policy, ...] = ()
     holds: bool = False  # cents and tokens hold an estimate while in flight; requests take at once
 
+    @property
+    def strictest(self) -> Policy:
+        """The policy with the smallest quota: the one that names this counter in refusals and denials."""
+        return min(self.policies, key=lambda p: p.scaled_quota)
+
+
+def ratio(used: int, held: int, quota: int) -> float:
+    """How much of a quota is used or held (1.0 for a quota below one stored unit): the dashboard's order."""
+    return (used + held) / quota if quota else 1.0
+
 
 @dataclass(slots=True)
 class CounterState:

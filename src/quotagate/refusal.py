@@ -27,10 +27,6 @@ class Request:
     priced: bool = False  # a per-call price from the config, not an estimate
 
 
-def strictest(budget: Budget) -> Policy:
-    return min(budget.policies, key=lambda p: p.scaled_quota)
-
-
 def never_fits(never: Sequence[tuple[Budget, int]], request: Request) -> str:
     """The 429 message of a request that no wait can admit (budgets and the amounts they refused):
     why, and what to change."""
@@ -38,11 +34,11 @@ def never_fits(never: Sequence[tuple[Budget, int]], request: Request) -> str:
 
 
 def _never_fits(budget: Budget, amount: int, request: Request) -> str:
-    name = strictest(budget).normal_form()
+    name = budget.strictest.normal_form()
     if budget.quota == 0:
         return (
             f"Policy {name} can never admit a request: its quota is below one {_SMALLEST[budget.unit]}, "
-            f"the smallest amount the gateway counts: raise the quota{_same_rate(strictest(budget))}."
+            f"the smallest amount the gateway counts: raise the quota{_same_rate(budget.strictest)}."
         )
     if request.priced:
         return (
@@ -99,7 +95,7 @@ def shared(budget: Budget, state: CounterState) -> str:
     others = [p for p in state.last_policies if p not in own]
     if not others and not (budget.unit is Unit.REQUEST and state.used > budget.quota):
         return ""
-    policy = strictest(budget)
+    policy = budget.strictest
     who = f"calls made under {', '.join(others)}" if others else "calls made under other policies"
     return (
         f"Its counter ({_counter(budget)}) is shared: policies that differ only in quota share one "

@@ -9,6 +9,7 @@ from typing import Protocol
 from ..limiter import Admission, Budget, CounterState
 
 GLOBAL = ""  # usage(segment=GLOBAL): only budgets without a segment (no property can be named "")
+DENIALS_KEPT = 1000  # the most recent denials a store keeps for the dashboard
 
 
 class StoreError(Exception):

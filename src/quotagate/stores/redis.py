@@ -47,7 +47,7 @@ from ..limiter import Admission, Budget, CounterState
 from ..policy import Policy
 from ..redact import redact_url
 from . import resp
-from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
+from .base import DENIALS_KEPT, GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
 from .batch import Admit, Batcher, Failed
 
 log = logging.getLogger("quotagate.store")
@@ -57,7 +57,6 @@ INDEX = PREFIX + "idx"  # budget id -> usage ratio
 INDEX_EXPIRY = PREFIX + "idx:exp"  # budget id -> when it expires
 KEYS_SET = PREFIX + "keys"
 DENIALS = PREFIX + "denials"
-DENIALS_KEPT = 1000
 FLUSH_SECONDS = 1.0
 INDEXED_REMEMBERED = 100_000
 INDEX_CHUNK = 200  # index entries per ZADD, the event loop free between them
@@ -492,7 +491,7 @@ class RedisStore:
         now = self._store_now if self._store_now is not None else self._local_now()
         indexed = self._indexed
         for budget, state in zip(budgets, admission.states, strict=True):
-            ratio = (state.used + state.held) / budget.quota if budget.quota else 1.0
+            ratio = limiter.ratio(state.used, state.held, budget.quota)
             last = indexed.get(budget.id)
             if last is None or abs(ratio - last[0]) >= 0.01 or last[1] - now < budget.window / 2:
                 entry = (ratio, now + budget.window + (hold_ttl if budget.holds else 0.0))
@@ -507,7 +506,7 @@ class RedisStore:
     def _note_denials(self, budgets: Sequence[Budget], admission: Admission, now: float) -> None:
         for budget, state in zip(budgets, admission.states, strict=True):
             if state.retry_after:
-                policy = min(budget.policies, key=lambda p: p.scaled_quota).normal_form()
+                policy = budget.strictest.normal_form()
                 self._denials.append(
                     orjson.dumps(
                         {
@@ -878,7 +877,7 @@ def _usage_from_hash(budget_id: str, raw: dict[bytes, bytes], now: float, names:
         quota=quota,
         used=used,
         held=held,
-        ratio=(used + held) / quota if quota else 1.0,
+        ratio=limiter.ratio(used, held, quota),
         policies=orjson.loads(h["p"]),
         updated_at=now,
         last_denied_at=float(h["ld"]) if "ld" in h else None,

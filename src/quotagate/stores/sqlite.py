@@ -30,7 +30,7 @@ from .. import limiter
 from ..limiter import Admission, Budget, CounterState
 from ..policy import MIN_WINDOW
 from ..redact import redact_url
-from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
+from .base import DENIALS_KEPT, GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
 from .batch import Admit, Batcher, Charge, Failed
 
 T = TypeVar("T")
@@ -79,7 +79,6 @@ CREATE TABLE IF NOT EXISTS denials (
 );
 """
 
-DENIALS_KEPT = 1000
 
 # the admin surface's state: dashboard sessions, failed sign-ins per client address
 ADMIN_SCHEMA = """
@@ -448,7 +447,7 @@ class SQLiteStore:
             quota, policies = budget.quota, limiter.policies_json(budget.policies).decode()
             if denied and row is not None:  # a counter stays under the policies of the last call it admitted
                 quota, policies = row[1], row[2]
-            ratio = round((view.used + view.held) / quota, 2) if quota else 1.0
+            ratio = round(limiter.ratio(view.used, view.held, quota), 2)
             state["_row"] = (ratio, quota, policies)
             if row is None:
                 self._inserted += 1
@@ -485,7 +484,7 @@ class SQLiteStore:
     ) -> None:
         for budget, view in zip(budgets, views, strict=True):
             if view.retry_after:
-                policy = min(budget.policies, key=lambda p: p.scaled_quota).normal_form()
+                policy = budget.strictest.normal_form()
                 db.execute(
                     "INSERT INTO denials (at, key_id, policy, segment, value) VALUES (?,?,?,?,?)",
                     (now, budget.key_id, policy, budget.segment, budget.value),
@@ -748,7 +747,7 @@ def _usage_row(row: tuple, now: float) -> BudgetUsage:
         quota=quota,
         used=used,
         held=hold,
-        ratio=(used + hold) / quota if quota else 1.0,
+        ratio=limiter.ratio(used, hold, quota),
         policies=orjson.loads(policies),
         updated_at=updated,
         last_denied_at=denied,
