@@ -175,7 +175,8 @@ def sqlite_bytes_per_budget(count: int, folder: Path) -> float:
     async def fill() -> None:
         _, key = await create_key(store, "memory", [])
         for i in range(count):
-            admission = await store.admit(key.id, budgets_for(key.id, policies, {None: None, "user": f"u{i}"}), "r", 60)
+            budgets = budgets_for(key.id, policies, {None: None, "user": f"u{i}"})
+            admission = await store.admit(key.id, budgets, [1], "r", 60)
             assert admission.allowed
         await store.close()
 

@@ -37,11 +37,10 @@ async def admit_and_charge(store: Store, users: Iterable[str]) -> None:
     calls = []
     for user in users:
         budgets = budgets_for(KEY_ID, _POLICIES, {None: None, "user": user})
-        for budget in budgets:
-            budget.amount = 500 if budget.holds else budget.amount
-        calls.append((budgets, os.urandom(8).hex()))
-    await asyncio.gather(*(store.admit(KEY_ID, b, r, 660.0) for b, r in calls))
-    await asyncio.gather(*(store.charge([x for x in b if x.holds], r, [300, 300]) for b, r in calls))
+        amounts = [500 if budget.holds else 1 for budget in budgets]
+        calls.append((budgets, amounts, os.urandom(8).hex()))
+    await asyncio.gather(*(store.admit(KEY_ID, b, a, r, 660.0) for b, a, r in calls))
+    await asyncio.gather(*(store.charge([x for x in b if x.holds], r, [300, 300]) for b, _, r in calls))
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ import pytest
 from quotagate.config import ConfigError, Settings
 from quotagate.fake_upstream import FakeUpstream
 from quotagate.keys import split_key
-from quotagate.limiter import budgets_for
+from quotagate.limiter import base_amounts, budgets_for
 from quotagate.policy import parse_policies
 from quotagate.server import PROXY
 from quotagate.stores import open_store
@@ -124,7 +124,10 @@ def fill(gw: Gateway, clock: FakeClock, key: str, policy: str, count: int, user:
     async def take() -> None:
         store = open_store(gw.store_url, clock)
         try:
-            done = await asyncio.gather(*(store.admit(key_id, budgets, f"fill{i}", 60.0) for i in range(count)))
+            amounts = base_amounts(budgets)
+            done = await asyncio.gather(
+                *(store.admit(key_id, budgets, amounts, f"fill{i}", 60.0) for i in range(count))
+            )
             assert all(a.allowed for a in done)
         finally:
             await store.close()

@@ -44,11 +44,10 @@ def run(store_url: str, clock: FakeClock, body: Callable[[Store, str], Awaitable
     asyncio.run(main())
 
 
-def budget(key_id: str, policies: Any, user: str, amount: int = 1) -> list[Budget]:
+def budget(key_id: str, policies: Any, user: str, amount: int = 1) -> tuple[list[Budget], list[int]]:
+    """A user's budgets, and the amount a call takes or holds on each."""
     budgets = budgets_for(key_id, policies, {None: None, "user": user})
-    for b in budgets:
-        b.amount = amount
-    return budgets
+    return budgets, [amount] * len(budgets)
 
 
 def stored(store_url: str) -> int:
@@ -88,7 +87,7 @@ async def admit_users(store: Store, key_id: str, policies: Any, users: list[str]
     for first in range(0, len(users), 50):
         chunk = users[first : first + 50]
         results = await asyncio.gather(
-            *(store.admit(key_id, budget(key_id, policies, u), f"r{u}", hold_ttl) for u in chunk)
+            *(store.admit(key_id, *budget(key_id, policies, u), f"r{u}", hold_ttl) for u in chunk)
         )
         assert all(r.allowed for r in results)
 
@@ -103,10 +102,10 @@ def test_expired_budgets_go_away_without_an_admin_read(store_url: str, clock: Fa
         await until(lambda: stored(store_url) == 602, "every budget stored")
         clock.advance(3 * 60)  # every 60 s window (and the index slack) has passed; the hour has not
         for n in range(130):  # traffic goes on for a live user only: one store step (commit) each
-            result = await store.admit(key_id, budget(key_id, LONG, "alive-1"), f"live{n}", 60)
+            result = await store.admit(key_id, *budget(key_id, LONG, "alive-1"), f"live{n}", 60)
             assert result.allowed and result.states[0].used == n + 2
         await until(lambda: stored(store_url) == 2, "only the live budgets left")
-        [state] = (await store.admit(key_id, budget(key_id, LONG, "alive-2"), "last", 60)).states
+        [state] = (await store.admit(key_id, *budget(key_id, LONG, "alive-2"), "last", 60)).states
         assert state.used == 2
 
     run(store_url, clock, body)
@@ -117,13 +116,13 @@ def test_a_budget_whose_call_is_still_in_flight_is_kept(store_url: str, clock: F
     tokens = parse_policies("1000;w=60;u=token;s=user")
 
     async def body(store: Store, key_id: str) -> None:
-        slow = budget(key_id, tokens, "slow", amount=400)
-        assert (await store.admit(key_id, slow, "slow-call", 600)).allowed
+        slow, amounts = budget(key_id, tokens, "slow", amount=400)
+        assert (await store.admit(key_id, slow, amounts, "slow-call", 600)).allowed
         await admit_users(store, key_id, SHORT, [f"gone-{n}" for n in range(100)])
         await until(lambda: stored(store_url) == 101, "every budget stored")
         clock.advance(3 * 60)  # the window has passed, the hold (600 s) has not
         for n in range(130):
-            assert (await store.admit(key_id, budget(key_id, LONG, "alive"), f"live{n}", 60)).allowed
+            assert (await store.admit(key_id, *budget(key_id, LONG, "alive"), f"live{n}", 60)).allowed
         await until(lambda: stored(store_url) == 2, "the short budgets gone, the held one kept")
         [state] = await store.charge(slow, "slow-call", [250])
         assert (state.used, state.held) == (250, 0)
@@ -203,7 +202,7 @@ def test_an_index_entry_written_again_while_it_expired_is_put_back(shared_url: s
 
     async def body(store: Store, key_id: str) -> None:
         await admit_users(store, key_id, LONG, ["back"])
-        [entry] = budget(key_id, LONG, "back")
+        [entry], _ = budget(key_id, LONG, "back")
         client = _client(shared_url)
         await until(lambda: client.zscore(INDEX, entry.id) is not None, "indexed")
         client.zrem(INDEX, entry.id)  # what the remover's ZREM did after the writer's ZADDs

@@ -16,11 +16,11 @@ def request_budget(quota: int, window: int = 60) -> Budget:
     return budgets_for("k", [parse_policy(f"{quota};w={window}")], {None: None})[0]
 
 
-def try_take(state: dict, budget: Budget, now: float) -> bool:
+def try_take(state: dict, budget: Budget, now: float, amount: int = 1) -> bool:
     limiter.expire(state, budget.window, now)
-    if not limiter.fits(state, budget):
+    if not limiter.fits(state, budget, amount):
         return False
-    limiter.take(state, budget, now, "r", 600)
+    limiter.take(state, budget, amount, now, "r", 600)
     return True
 
 
@@ -35,9 +35,9 @@ def test_quota_then_denied_then_released_after_the_window() -> None:
 def test_reset_and_retry_after_never_exceed_the_window() -> None:
     budget, state = request_budget(1), limiter.new_state()
     assert try_take(state, budget, T0 + 0.25)
-    view = limiter.view(state, budget, T0 + 0.25, denied=True)
+    view = limiter.view(state, budget, T0 + 0.25, 1, denied=True)
     assert view.reset == 60 and view.retry_after == 60
-    view = limiter.view(state, budget, T0 + 30.25, denied=True)
+    view = limiter.view(state, budget, T0 + 30.25, 1, denied=True)
     assert view.reset == 30 and view.retry_after == 30
 
 
@@ -46,7 +46,7 @@ def test_retry_after_waits_for_enough_units_to_expire() -> None:
     for at in (0, 100, 200):
         assert try_take(state, budget, T0 + at)
     limiter.expire(state, 600, T0 + 300)
-    assert limiter.view(state, budget, T0 + 300, denied=True).retry_after == 300  # when the first expires
+    assert limiter.view(state, budget, T0 + 300, 1, denied=True).retry_after == 300  # when the first expires
 
 
 @settings(max_examples=200, deadline=None)
@@ -90,13 +90,12 @@ def test_under_admission_is_bounded_by_one_bucket(quota: int, window: int, gaps:
 
 def test_holds_admit_while_something_is_left_and_settle_replaces_them() -> None:
     budget = budgets_for("k", [parse_policy("100;w=60;u=token")], {None: None})[0]
-    budget.amount = 80
     state = limiter.new_state()
-    assert try_take(state, budget, T0)  # 0 + 0 < 100
+    assert try_take(state, budget, T0, 80)  # 0 + 0 < 100
     state["h"]["r2"] = [30, T0 + 600]  # a second call in flight
-    assert not limiter.fits(state, budget)  # 80 + 30 >= 100
+    assert not limiter.fits(state, budget, 80)  # 80 + 30 >= 100
     limiter.settle(state, 60, T0 + 1, "r", 50)
-    assert state["t"] == 50 and limiter.held(state) == 30 and limiter.fits(state, budget)
+    assert state["t"] == 50 and limiter.held(state) == 30 and limiter.fits(state, budget, 80)
     view = limiter.view(state, budget, T0 + 1)
     assert (view.used, view.held) == (50, 30)
 
@@ -106,10 +105,10 @@ def test_holds_of_a_dead_gateway_expire() -> None:
     state = limiter.new_state()
     state["h"]["lost"] = [10, T0 + 660]
     limiter.expire(state, 60, T0 + 10)
-    assert not limiter.fits(state, budget)
+    assert not limiter.fits(state, budget, 0)
     assert limiter.view(state, budget, T0 + 10, denied=True).retry_after == 1  # only a hold blocks it
     limiter.expire(state, 60, T0 + 660)
-    assert limiter.fits(state, budget)
+    assert limiter.fits(state, budget, 0)
 
 
 def test_policies_sharing_a_counter_take_once_and_check_the_strictest() -> None:

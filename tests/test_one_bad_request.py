@@ -13,7 +13,7 @@ import redis
 
 from quotagate.fake_upstream import FakeUpstream
 from quotagate.keys import create_key
-from quotagate.limiter import Budget, budgets_for
+from quotagate.limiter import Budget, base_amounts, budgets_for
 from quotagate.policy import parse_policies
 from quotagate.stores import StepError, Store, open_store
 
@@ -176,13 +176,15 @@ def run(store_url: str, clock: FakeClock, body: Callable[[Store, str], Awaitable
     asyncio.run(main())
 
 
-def requests_of(key_id: str, user: str, policies: str = "5;w=60, 100;w=60;s=user") -> list[Budget]:
-    return budgets_for(key_id, parse_policies(policies), {None: None, "user": user})
+def requests_of(key_id: str, user: str, policies: str = "5;w=60, 100;w=60;s=user") -> tuple[list[Budget], list[int]]:
+    """A user's budgets, and what a request takes from each (one request; nothing held)."""
+    budgets = budgets_for(key_id, parse_policies(policies), {None: None, "user": user})
+    return budgets, base_amounts(budgets)
 
 
 def global_used(store: Store, key_id: str) -> Awaitable[int]:
     async def read() -> int:
-        check = await store.admit(key_id, budgets_for(key_id, parse_policies("1000;w=60"), {None: None}), "x", 60)
+        check = await store.admit(key_id, *requests_of(key_id, "", "1000;w=60"), "x", 60)
         return check.states[0].used - 1  # this admission took one
 
     return read()
@@ -196,7 +198,7 @@ def test_an_admission_that_fails_on_its_own_data_fails_alone(store_url: str, clo
     async def body(store: Store, key_id: str) -> None:
         users = ["a", bad, "b", "c", bad + "2", "d", "e", "f", "g"]
         results = await asyncio.gather(
-            *(store.admit(key_id, requests_of(key_id, u), f"r{i}", 60) for i, u in enumerate(users)),
+            *(store.admit(key_id, *requests_of(key_id, u), f"r{i}", 60) for i, u in enumerate(users)),
             return_exceptions=True,
         )
         failed = [r for u, r in zip(users, results, strict=True) if u.startswith(bad)]
@@ -207,9 +209,9 @@ def test_an_admission_that_fails_on_its_own_data_fails_alone(store_url: str, clo
         assert sorted(r.states[0].used for r in decided) == [1, 2, 3, 4, 5, 5, 5]  # type: ignore[union-attr]
         assert await global_used(store, key_id) == 5
         with pytest.raises(StepError):  # alone in its step, too
-            await store.admit(key_id, requests_of(key_id, bad), "alone", 60)
+            await store.admit(key_id, *requests_of(key_id, bad), "alone", 60)
         assert await global_used(store, key_id) == 6  # the first check's own admission, nothing else
-        again = await store.admit(key_id, requests_of(key_id, "a", "100;w=60;s=user"), "again", 60)
+        again = await store.admit(key_id, *requests_of(key_id, "a", "100;w=60;s=user"), "again", 60)
         assert again.states[0].used == 1 + results[0].allowed  # type: ignore[union-attr]
 
     run(store_url, clock, body)
@@ -221,13 +223,10 @@ def test_a_charge_that_fails_on_its_own_data_fails_alone(store_url: str, clock: 
 
     async def body(store: Store, key_id: str) -> None:
         def tokens(user: str) -> list[Budget]:
-            budgets = requests_of(key_id, user, "1000;w=60;u=token, 1000;w=60;u=token;s=user")
-            for b in budgets:
-                b.amount = 10
-            return budgets
+            return requests_of(key_id, user, "1000;w=60;u=token, 1000;w=60;u=token;s=user")[0]
 
         calls = [(tokens(u), f"r{u}") for u in ("a", "broken", "b", "c")]
-        assert all([(await store.admit(key_id, b, r, 60)).allowed for b, r in calls])
+        assert all([(await store.admit(key_id, b, [10, 10], r, 60)).allowed for b, r in calls])
         await _break(store_url, calls[1][0][1].id)
         results = await asyncio.gather(
             *(store.charge(b, r, [n, n]) for (b, r), n in zip(calls, [7, 50, 8, 9], strict=True)),
@@ -256,13 +255,13 @@ def test_a_budget_whose_stored_state_is_broken_fails_only_the_requests_that_use_
     SQLite) makes its step fail; the batch's other items are decided as if it were not there."""
 
     async def body(store: Store, key_id: str) -> None:
-        broken = requests_of(key_id, "broken", "100;w=60;s=user")[0]
-        assert (await store.admit(key_id, [broken], "first", 60)).allowed
+        broken = requests_of(key_id, "broken", "100;w=60;s=user")[0][0]
+        assert (await store.admit(key_id, [broken], [1], "first", 60)).allowed
         await _break(store_url, broken.id)
         users = ["a", "broken", "b", "c", "broken", "d"]
         results = await asyncio.gather(
             *(
-                store.admit(key_id, requests_of(key_id, u, "50;w=60, 100;w=60;s=user"), f"r{i}", 60)
+                store.admit(key_id, *requests_of(key_id, u, "50;w=60, 100;w=60;s=user"), f"r{i}", 60)
                 for i, u in enumerate(users)
             ),
             return_exceptions=True,

@@ -245,7 +245,7 @@ def test_a_server_that_forgot_the_script_gets_it_again_on_an_open_connection(tmp
                         redis.Redis.from_url(server.url).script_flush()
                     batch = [budgets_for(key.id, parse_policies("4;w=60"), {None: None}) for _ in range(2)]
                     admissions = await asyncio.gather(
-                        *(store.admit(key.id, b, f"r{round_}{i}", 60.0) for i, b in enumerate(batch))
+                        *(store.admit(key.id, b, [1], f"r{round_}{i}", 60.0) for i, b in enumerate(batch))
                     )
                     allowed += [a.allowed for a in admissions]
                 return allowed
@@ -276,7 +276,7 @@ def test_the_index_of_many_budgets_is_written_in_chunks_and_lists_them_all(share
             for n in range(users):
                 for _ in range(1 + n % 3):
                     budgets = budgets_for(key.id, policies, {None: None, "user": f"user {n}"})
-                    assert (await store.admit(key.id, budgets, f"r{n}", 60.0)).allowed
+                    assert (await store.admit(key.id, budgets, [1], f"r{n}", 60.0)).allowed
             listed = await store.usage(key_id=key.id, limit=users + 10)
             return {u.value: u.ratio for u in listed}
         finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from quotagate.keys import create_key
-from quotagate.limiter import Budget, budgets_for
+from quotagate.limiter import Budget, base_amounts, budgets_for
 from quotagate.policy import parse_policies
 from quotagate.stores import Store, open_store
 
@@ -35,19 +35,18 @@ def run(store_url: str, clock: FakeClock, body: Callable[[Store, str], Awaitable
     asyncio.run(main())
 
 
-def tokens(key_id: str, amount: int, quota: int = 100) -> list[Budget]:
-    [budget] = budgets_for(key_id, parse_policies(f"{quota};w=60;u=token"), {None: None})
-    budget.amount = amount
-    return [budget]
+def tokens(key_id: str, amount: int, quota: int = 100) -> tuple[list[Budget], list[int]]:
+    """A token budget and the amount a call holds on it."""
+    return budgets_for(key_id, parse_policies(f"{quota};w=60;u=token"), {None: None}), [amount]
 
 
 def test_holds_of_calls_never_charged_expire(store_url: str, clock: FakeClock) -> None:
     async def body(store: Store, key_id: str) -> None:
-        assert (await store.admit(key_id, tokens(key_id, 100), "lost", hold_ttl=30)).allowed
-        second = await store.admit(key_id, tokens(key_id, 10), "next", hold_ttl=30)
+        assert (await store.admit(key_id, *tokens(key_id, 100), "lost", hold_ttl=30)).allowed
+        second = await store.admit(key_id, *tokens(key_id, 10), "next", hold_ttl=30)
         assert not second.allowed and second.states[0].held == 100 and second.states[0].retry_after == 1
         clock.advance(31)  # the gateway that placed the hold died: it expires
-        third = await store.admit(key_id, tokens(key_id, 10), "next", hold_ttl=30)
+        third = await store.admit(key_id, *tokens(key_id, 10), "next", hold_ttl=30)
         assert third.allowed and third.states[0].held == 10
 
     run(store_url, clock, body)
@@ -55,8 +54,8 @@ def test_holds_of_calls_never_charged_expire(store_url: str, clock: FakeClock) -
 
 def test_a_charge_after_its_hold_expired_counts_once(store_url: str, clock: FakeClock) -> None:
     async def body(store: Store, key_id: str) -> None:
-        budgets = tokens(key_id, 40)
-        await store.admit(key_id, budgets, "slow", hold_ttl=30)
+        budgets, amounts = tokens(key_id, 40)
+        await store.admit(key_id, budgets, amounts, "slow", hold_ttl=30)
         clock.advance(45)
         [state] = await store.charge(budgets, "slow", [25])
         assert (state.used, state.held) == (25, 0)
@@ -68,15 +67,15 @@ def test_a_charge_after_its_hold_expired_counts_once(store_url: str, clock: Fake
 
 def test_charges_land_in_the_window_of_their_time(store_url: str, clock: FakeClock) -> None:
     async def body(store: Store, key_id: str) -> None:
-        budgets = tokens(key_id, 5)
-        await store.admit(key_id, budgets, "a", hold_ttl=600)
+        budgets, amounts = tokens(key_id, 5)
+        await store.admit(key_id, budgets, amounts, "a", hold_ttl=600)
         clock.advance(50)
         [state] = await store.charge(budgets, "a", [70])
         assert (state.used, state.held, state.reset) == (70, 0, 60)
         clock.advance(59.5)
-        assert (await store.admit(key_id, tokens(key_id, 5), "b", hold_ttl=600)).states[0].used == 70
+        assert (await store.admit(key_id, *tokens(key_id, 5), "b", hold_ttl=600)).states[0].used == 70
         clock.advance(1)
-        assert (await store.admit(key_id, tokens(key_id, 5), "c", hold_ttl=600)).states[0].used == 0
+        assert (await store.admit(key_id, *tokens(key_id, 5), "c", hold_ttl=600)).states[0].used == 0
 
     run(store_url, clock, body)
 
@@ -88,24 +87,24 @@ def test_concurrent_admissions_are_decided_one_by_one(store_url: str, clock: Fak
         def requests() -> list[Budget]:
             return budgets_for(key_id, parse_policies("7;w=60, 100;w=60;s=user"), {None: None, "user": "u"})
 
-        results = await asyncio.gather(*(store.admit(key_id, requests(), f"r{i}", 60) for i in range(30)))
+        results = await asyncio.gather(*(store.admit(key_id, requests(), [1, 1], f"r{i}", 60) for i in range(30)))
         assert sum(r.allowed for r in results) == 7
         assert sorted(r.states[0].used for r in results if r.allowed) == list(range(1, 8))
         # denied requests took nothing from the user budget they also named (on a Cluster the
         # refund of their take from the other slot lands after the race, but it lands)
         user_only = budgets_for(key_id, parse_policies("100;w=60;s=user"), {None: None, "user": "u"})
-        assert (await store.admit(key_id, user_only, "last", 60)).states[0].used == 8
+        assert (await store.admit(key_id, user_only, [1], "last", 60)).states[0].used == 8
 
     run(store_url, clock, body)
 
 
 def test_revoked_key_is_refused_in_the_same_step(store_url: str, clock: FakeClock) -> None:
     async def body(store: Store, key_id: str) -> None:
-        assert (await store.admit(key_id, tokens(key_id, 1), "a", 60)).key_active
+        assert (await store.admit(key_id, *tokens(key_id, 1), "a", 60)).key_active
         await store.revoke_key(key_id, clock())
-        result = await store.admit(key_id, tokens(key_id, 1), "b", 60)
+        result = await store.admit(key_id, *tokens(key_id, 1), "b", 60)
         assert not result.key_active and not result.allowed
-        assert not (await store.admit(key_id, [], "c", 60)).key_active
+        assert not (await store.admit(key_id, [], [], "c", 60)).key_active
 
     run(store_url, clock, body)
 
@@ -123,7 +122,7 @@ def test_sqlite_wal_is_checkpointed_off_the_event_loop(tmp_path: Path, clock: Fa
         deadline = time.monotonic() + 60
         for n in range(6000):
             budgets = budgets_for(key_id, policies, {None: None, "user": f"user-{n}"})
-            assert (await store.admit(key_id, budgets, f"r{n}", hold_ttl=30)).allowed
+            assert (await store.admit(key_id, budgets, base_amounts(budgets), f"r{n}", hold_ttl=30)).allowed
             largest = max(largest, wal.stat().st_size)
             if n >= 2000 and time.monotonic() > deadline:
                 break

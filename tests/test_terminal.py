@@ -48,9 +48,7 @@ def seed(store_url: str) -> None:
                 values = list(USERS) if index == 0 else [f"[blink]{name}[/blink]"]
                 for value in values:
                     budgets = budgets_for(record.id, policies, {None: None, "user": value, "org": MARKUP[1]})
-                    for budget in budgets:
-                        budget.amount = 1
-                    assert (await store.admit(record.id, budgets, "seed", 0.0)).allowed
+                    assert (await store.admit(record.id, budgets, [1] * len(budgets), "seed", 0.0)).allowed
         finally:
             await store.close()
 

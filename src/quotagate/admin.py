@@ -36,13 +36,13 @@ from .adminauth import COOKIE, SESSION_SECONDS, Gatekeeper, error, json_required
 from .bounded import shown, whole_number
 from .config import Settings
 from .metrics import RequestHistory
-from .policy import USER, PolicyError, Unit, format_quota
+from .policy import PolicyError, Unit, format_quota, segment_kind
 from .stores import GLOBAL, BudgetUsage, Denial, KeyRecord, Store, StoreError
 
 PAGE_MAX = 500
 OFFSET_MAX = 10**9  # far beyond any list; SQLite refuses offsets over 2**63
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
-PROPERTY_PREFIX = "property:"
+PROPERTY_SEGMENT_PREFIX = "property:"  # ?segment=property:NAME asks for a property, even one named global
 _NO_STORE = {"Cache-Control": "no-store"}
 _PAGE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -70,10 +70,6 @@ def _error(status: int, message: str, code: str) -> web.Response:
 
 
 # --- JSON shapes ----------------------------------------------------------------------------------
-
-
-def segment_kind(segment: str | None) -> str:
-    return "global" if segment is None else ("user" if segment == USER else "property")
 
 
 def format_scaled(value: int, unit: str) -> str:
@@ -273,7 +269,7 @@ class AdminApi:
         if segment == "global":
             segment = GLOBAL
         elif segment:
-            segment = segment.removeprefix(PROPERTY_PREFIX)
+            segment = segment.removeprefix(PROPERTY_SEGMENT_PREFIX)
         return await self.store.usage(key_id=key_id, segment=segment, value=value, limit=limit, offset=offset)
 
     async def _key_id(self, name_or_id: str | None) -> str | None:
@@ -366,11 +362,12 @@ def _segment_param(raw: str | None) -> str | None:
     """
     if raw is None or raw == "":
         return None
-    name = raw[len("property:") :] if raw.lower().startswith("property:") else raw
+    prefix = len(PROPERTY_SEGMENT_PREFIX)
+    name = raw[prefix:] if raw[:prefix].lower() == PROPERTY_SEGMENT_PREFIX else raw
     if not _SEGMENT.fullmatch(name):
         raise AdminError(400, f"segment must be 'global', 'user' or a property name, not {raw!r}", "invalid_segment")
     if name is not raw:
-        return PROPERTY_PREFIX + name.lower()
+        return PROPERTY_SEGMENT_PREFIX + name.lower()
     return name.lower()
 
 

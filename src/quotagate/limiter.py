@@ -39,9 +39,10 @@ def granularity(window: int) -> int:
     return -(-window // BUCKETS_PER_WINDOW)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Budget:
-    """One counter that a request draws on, with the strictest quota naming it."""
+    """One counter that a request draws on, with the strictest quota naming it. What a request
+    takes from it (its amount) travels beside it: see `base_amounts`."""
 
     id: str
     key_id: str
@@ -50,9 +51,18 @@ class Budget:
     segment: str | None
     value: str | None
     quota: int  # scaled, the smallest quota of the policies naming this counter
-    amount: int = 0  # request: 1 taken; cents/token: the estimate held while in flight
     policies: tuple[Policy, ...] = ()
     holds: bool = False  # cents and tokens hold an estimate while in flight; requests take at once
+
+    @property
+    def strictest(self) -> Policy:
+        """The policy with the smallest quota: the one that names this counter in refusals and denials."""
+        return min(self.policies, key=lambda p: p.scaled_quota)
+
+
+def ratio(used: int, held: int, quota: int) -> float:
+    """How much of a quota is used or held (1.0 for a quota below one stored unit): the dashboard's order."""
+    return (used + held) / quota if quota else 1.0
 
 
 @dataclass(slots=True)
@@ -125,13 +135,18 @@ def budgets_for(key_id: str, policies: Iterable[Policy], values: Mapping[str | N
             segment=segment,
             value=value,
             quota=quota,
-            amount=0 if unit is not Unit.REQUEST else 1,
             policies=grouped,
             holds=unit is not Unit.REQUEST,
         )
         for unit, window, segment, quota, grouped in _groups(tuple(policies))
         for value in (values.get(segment),)
     ]
+
+
+def base_amounts(budgets: Iterable[Budget]) -> list[int]:
+    """What a request takes from each budget before anything is estimated: one from a request
+    budget (taken at once), nothing from a cents or token budget (which holds an estimate)."""
+    return [0 if b.holds else 1 for b in budgets]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -172,24 +187,24 @@ def held(state: dict) -> int:
     return int(sum(amount for amount, _ in state["h"].values()))
 
 
-def never_fits(budget: Budget) -> bool:
+def never_fits(budget: Budget, amount: int) -> bool:
     """No wait can admit it: the quota is below one unit of the stored scale, or the request takes
     (or holds) more than the whole quota."""
-    return budget.quota == 0 or budget.amount > budget.quota
+    return budget.quota == 0 or amount > budget.quota
 
 
-def fits(state: dict, budget: Budget) -> bool:
+def fits(state: dict, budget: Budget, amount: int) -> bool:
     """Requests: one more fits under the quota. Cents/tokens: something is left, holds included."""
     if budget.holds:
         return state["t"] + held(state) < budget.quota
-    return state["t"] + budget.amount <= budget.quota
+    return state["t"] + amount <= budget.quota
 
 
-def take(state: dict, budget: Budget, now: float, reservation: str, hold_ttl: float) -> None:
+def take(state: dict, budget: Budget, amount: int, now: float, reservation: str, hold_ttl: float) -> None:
     if budget.holds:
-        state["h"][reservation] = [budget.amount, now + hold_ttl]
+        state["h"][reservation] = [amount, now + hold_ttl]
     else:
-        add(state, budget.window, now, budget.amount)
+        add(state, budget.window, now, amount)
 
 
 def add(state: dict, window: int, now: float, amount: int) -> None:
@@ -211,7 +226,9 @@ def settle(state: dict, window: int, now: float, reservation: str, amount: int) 
     add(state, window, now, amount)
 
 
-def view(state: dict, budget: Budget, now: float, denied: bool = False) -> CounterState:
+def view(state: dict, budget: Budget, now: float, amount: int = 0, denied: bool = False) -> CounterState:
+    """The counter as a store reports it; `amount` (what the request asked for) matters only to a
+    denial's retry-after."""
     buckets = [(a, latest) for _, (a, latest) in sorted(state["b"].items()) if a > 0]
     hold = held(state)
     reset = 0
@@ -219,13 +236,15 @@ def view(state: dict, budget: Budget, now: float, denied: bool = False) -> Count
         reset = max(1, math.ceil(buckets[0][1] + budget.window - now))
     elif hold:
         reset = 1
-    retry = _retry_after(buckets, state["t"], hold, budget, now) if denied else 0
+    retry = _retry_after(buckets, state["t"], hold, budget, amount, now) if denied else 0
     return CounterState(used=state["t"], held=hold, reset=reset, retry_after=retry)
 
 
-def _retry_after(buckets: Sequence[tuple[int, float]], used: int, hold: int, budget: Budget, now: float) -> int:
+def _retry_after(
+    buckets: Sequence[tuple[int, float]], used: int, hold: int, budget: Budget, amount: int, now: float
+) -> int:
     """Seconds until enough buckets expire for this request to fit (1 if only holds block it)."""
-    excess = used + hold - budget.quota + 1 if budget.holds else used + budget.amount - budget.quota
+    excess = used + hold - budget.quota + 1 if budget.holds else used + amount - budget.quota
     if excess <= 0:
         return 0
     for amount, latest in buckets:

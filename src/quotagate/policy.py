@@ -77,6 +77,11 @@ class PolicyError(ValueError):
 USER = "user"
 
 
+def segment_kind(segment: str | None) -> str:
+    """How metrics and the admin API name a budget's segment: global, user or property."""
+    return "global" if segment is None else ("user" if segment == USER else "property")
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     quota: Decimal

@@ -27,29 +27,26 @@ class Request:
     priced: bool = False  # a per-call price from the config, not an estimate
 
 
-def strictest(budget: Budget) -> Policy:
-    return min(budget.policies, key=lambda p: p.scaled_quota)
+def never_fits(never: Sequence[tuple[Budget, int]], request: Request) -> str:
+    """The 429 message of a request that no wait can admit (budgets and the amounts they refused):
+    why, and what to change."""
+    return " ".join(_never_fits(budget, amount, request) for budget, amount in never)
 
 
-def never_fits(budgets: Sequence[Budget], request: Request) -> str:
-    """The 429 message of a request that no wait can admit: why, and what to change."""
-    return " ".join(_never_fits(budget, request) for budget in budgets)
-
-
-def _never_fits(budget: Budget, request: Request) -> str:
-    name = strictest(budget).normal_form()
+def _never_fits(budget: Budget, amount: int, request: Request) -> str:
+    name = budget.strictest.normal_form()
     if budget.quota == 0:
         return (
             f"Policy {name} can never admit a request: its quota is below one {_SMALLEST[budget.unit]}, "
-            f"the smallest amount the gateway counts: raise the quota{_same_rate(strictest(budget))}."
+            f"the smallest amount the gateway counts: raise the quota{_same_rate(budget.strictest)}."
         )
     if request.priced:
         return (
-            f"A call of this endpoint costs {_quantity(budget.unit, budget.amount)} (its configured call "
+            f"A call of this endpoint costs {_quantity(budget.unit, amount)} (its configured call "
             f"price), more than the whole quota of policy {name}: it can never fit, however long it waits. "
             "Raise the quota."
         )
-    need = f"{budget.amount} tokens" if budget.unit is Unit.TOKEN else f"{_number(budget.unit, budget.amount)} cents"
+    need = f"{amount} tokens" if budget.unit is Unit.TOKEN else f"{_number(budget.unit, amount)} cents"
     return (
         f"This request may {'use' if budget.unit is Unit.TOKEN else 'cost'} up to {need} ({request.prompt_tokens} "
         f"tokens of input, up to {request.output_tokens} of output), more than the whole quota of policy {name}: "
@@ -98,7 +95,7 @@ def shared(budget: Budget, state: CounterState) -> str:
     others = [p for p in state.last_policies if p not in own]
     if not others and not (budget.unit is Unit.REQUEST and state.used > budget.quota):
         return ""
-    policy = strictest(budget)
+    policy = budget.strictest
     who = f"calls made under {', '.join(others)}" if others else "calls made under other policies"
     return (
         f"Its counter ({_counter(budget)}) is shared: policies that differ only in quota share one "
@@ -125,3 +122,43 @@ def _number(unit: Unit, scaled: int) -> str:
 
 def _quantity(unit: Unit, scaled: int) -> str:
     return f"{_number(unit, scaled)} {'cents' if unit is Unit.CENTS else unit.value + 's'}"
+
+
+def logged(
+    budgets: Sequence[Budget],
+    amounts: Sequence[int],
+    states: Sequence[CounterState],
+    policies: Sequence[Policy],
+    message: str,
+    retry: int | None,
+) -> tuple[str | None, str]:
+    """For the log line of a 429: the policies that refused the call, and how much of each was
+    used (held by calls in flight); the call's own policies and the message when none is full."""
+    names, parts = [], []
+    for budget, amount, state in zip(budgets, amounts, states, strict=False):
+        spent = state.used + state.held
+        for policy in budget.policies:
+            full = spent >= policy.scaled_quota if budget.holds else spent + amount > policy.scaled_quota
+            if not full:
+                continue
+            names.append(policy.normal)
+            parts.append(f"{policy.normal}: {_usage_text(policy, state)}{_sharing(budget.policies, policy)}")
+    if not names:  # refused for another reason (a call that can never fit): its message says why
+        return ", ".join(p.normal for p in policies) or None, message
+    return ", ".join(names), "; ".join(parts) + (f"; retry after {retry} s" if retry is not None else "")
+
+
+_UNIT_NAMES = {Unit.REQUEST: "requests", Unit.CENTS: "cents", Unit.TOKEN: "tokens"}
+
+
+def _usage_text(policy: Policy, state: CounterState) -> str:
+    used = format_quota(Decimal(state.used) / policy.scale)
+    text = f"{used} of {policy.quota_text} {_UNIT_NAMES[policy.unit]} used"
+    if state.held:
+        text += f", {format_quota(Decimal(state.held) / policy.scale)} held by calls in flight"
+    return text
+
+
+def _sharing(policies: tuple[Policy, ...], policy: Policy) -> str:
+    others = [p.normal for p in policies if p is not policy]
+    return f" (one counter with {', '.join(others)})" if others else ""

@@ -9,6 +9,7 @@ from typing import Protocol
 from ..limiter import Admission, Budget, CounterState
 
 GLOBAL = ""  # usage(segment=GLOBAL): only budgets without a segment (no property can be named "")
+DENIALS_KEPT = 1000  # the most recent denials a store keeps for the dashboard
 
 
 class StoreError(Exception):
@@ -69,8 +70,10 @@ class Store(Protocol):
 
     url: str
 
-    async def admit(self, key_id: str, budgets: Sequence[Budget], reservation: str, hold_ttl: float) -> Admission:
-        """Check the key is active, then check and take (or hold) every budget at once.
+    async def admit(
+        self, key_id: str, budgets: Sequence[Budget], amounts: Sequence[int], reservation: str, hold_ttl: float
+    ) -> Admission:
+        """Check the key is active, then check and take (or hold) every budget's amount at once.
 
         A denied admission takes nothing and is recorded for the dashboard's denial list.
         """

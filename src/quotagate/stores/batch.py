@@ -26,6 +26,7 @@ class Admit:
 
     key_id: str
     budgets: Sequence[Budget]
+    amounts: Sequence[int]  # beside the budgets: what the request takes (requests) or holds
     reservation: str
     hold_ttl: float
 

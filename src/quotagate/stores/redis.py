@@ -47,7 +47,7 @@ from ..limiter import Admission, Budget, CounterState
 from ..policy import Policy
 from ..redact import redact_url
 from . import resp
-from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
+from .base import DENIALS_KEPT, GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
 from .batch import Admit, Batcher, Failed
 
 log = logging.getLogger("quotagate.store")
@@ -57,7 +57,6 @@ INDEX = PREFIX + "idx"  # budget id -> usage ratio
 INDEX_EXPIRY = PREFIX + "idx:exp"  # budget id -> when it expires
 KEYS_SET = PREFIX + "keys"
 DENIALS = PREFIX + "denials"
-DENIALS_KEPT = 1000
 FLUSH_SECONDS = 1.0
 INDEXED_REMEMBERED = 100_000
 INDEX_CHUNK = 200  # index entries per ZADD, the event loop free between them
@@ -118,11 +117,11 @@ def _admit_arguments(item: Admit, check_key: bool, keys: list[str], args: list[A
         keys.append(key_record_key(item.key_id))
     first, metas = len(args), 0
     args.append("")
-    for b in item.budgets:
+    for b, amount in zip(item.budgets, item.amounts, strict=True):
         keys.append(budget_key(b.id))
         meta = _meta(b)
         head, tail = _spec(b.window, b.quota, b.holds, b.policies, bool(meta))
-        args.append(f"{head}{b.amount}{tail}")
+        args.append(f"{head}{amount}{tail}")
         if meta:
             args.append(meta)
             metas += 1
@@ -322,8 +321,10 @@ class RedisStore:
 
     # -- admission and charge ----------------------------------------------------------------
 
-    async def admit(self, key_id: str, budgets: Sequence[Budget], reservation: str, hold_ttl: float) -> Admission:
-        item = Admit(key_id, budgets, reservation, hold_ttl)
+    async def admit(
+        self, key_id: str, budgets: Sequence[Budget], amounts: Sequence[int], reservation: str, hold_ttl: float
+    ) -> Admission:
+        item = Admit(key_id, budgets, amounts, reservation, hold_ttl)
         if not self.cluster:
             admission = await self._call("admit", self._steps.submit(item))
         elif not budgets:
@@ -437,14 +438,18 @@ class RedisStore:
         """Budgets in different slots: each slot's group in its own script call, in parallel (all
         packed before any is sent); if any group (or the key check) refuses, or fails on its own
         data, the groups that admitted are refunded."""
-        budgets = item.budgets
+        budgets, amounts = item.budgets, item.amounts
         groups: dict[int, list[int]] = {}
         for index, budget in enumerate(budgets):
             groups.setdefault(key_slot(budget_key(budget.id).encode()), []).append(index)
         members = list(groups.values())
         now = self._now_arg()
         packs = [
-            _pack([Admit(item.key_id, [budgets[i] for i in m], item.reservation, item.hold_ttl)], False, now)
+            _pack(
+                [Admit(item.key_id, [budgets[i] for i in m], [amounts[i] for i in m], item.reservation, item.hold_ttl)],
+                False,
+                now,
+            )
             for m in members
         ]
         _raise_failure(p.failure() for p in packs)
@@ -458,24 +463,24 @@ class RedisStore:
             for i, state in zip(m, result.states, strict=True) if result is not None else ():
                 states[i] = state
         if not allowed:
-            await self._refund(
-                item, [[budgets[i] for i in m] for m, r in zip(members, results, strict=True) if r and r.allowed]
-            )
+            await self._refund(item, [m for m, r in zip(members, results, strict=True) if r and r.allowed])
             states = [
-                _without(states[i], b) if _took(results, members, i) else states[i] for i, b in enumerate(budgets)
+                _without(states[i], b, amounts[i]) if _took(results, members, i) else states[i]
+                for i, b in enumerate(budgets)
             ]
         _raise_failure(g[0] for g in grouped if isinstance(g[0], Failed))
         return Admission(revoked == b"", allowed, states)
 
-    async def _refund(self, item: Admit, groups: list[list[Budget]]) -> None:
-        """Undo the takes (or holds) of the groups that admitted a request another group refused."""
+    async def _refund(self, item: Admit, groups: list[list[int]]) -> None:
+        """Undo the takes (or holds) of the groups (budget indices) that admitted a request another
+        group refused."""
         taken_at = self._now_arg() or repr(time.time())
-        await asyncio.gather(
-            *(
-                self._step([_Settle(group, item.reservation, [b.amount for b in group], "refund", taken_at)])
-                for group in groups
-            )
-        )
+        budgets, amounts = item.budgets, item.amounts
+        settles = [
+            _Settle([budgets[i] for i in m], item.reservation, [amounts[i] for i in m], "refund", taken_at)
+            for m in groups
+        ]
+        await asyncio.gather(*(self._step([settle]) for settle in settles))
 
     # -- the dashboard's index, written off the request path -------------------------------------
 
@@ -486,7 +491,7 @@ class RedisStore:
         now = self._store_now if self._store_now is not None else self._local_now()
         indexed = self._indexed
         for budget, state in zip(budgets, admission.states, strict=True):
-            ratio = (state.used + state.held) / budget.quota if budget.quota else 1.0
+            ratio = limiter.ratio(state.used, state.held, budget.quota)
             last = indexed.get(budget.id)
             if last is None or abs(ratio - last[0]) >= 0.01 or last[1] - now < budget.window / 2:
                 entry = (ratio, now + budget.window + (hold_ttl if budget.holds else 0.0))
@@ -501,7 +506,7 @@ class RedisStore:
     def _note_denials(self, budgets: Sequence[Budget], admission: Admission, now: float) -> None:
         for budget, state in zip(budgets, admission.states, strict=True):
             if state.retry_after:
-                policy = min(budget.policies, key=lambda p: p.scaled_quota).normal_form()
+                policy = budget.strictest.normal_form()
                 self._denials.append(
                     orjson.dumps(
                         {
@@ -828,11 +833,11 @@ def _raise_failure(failures: Iterable[Failed | None]) -> None:
             raise failure.error
 
 
-def _without(state: CounterState, budget: Budget) -> CounterState:
+def _without(state: CounterState, budget: Budget, amount: int) -> CounterState:
     """A state as it is after its take was refunded."""
     if budget.holds:
-        return CounterState(state.used, max(0, state.held - budget.amount), state.reset, 1)
-    return CounterState(max(0, state.used - budget.amount), state.held, state.reset, 1)
+        return CounterState(state.used, max(0, state.held - amount), state.reset, 1)
+    return CounterState(max(0, state.used - amount), state.held, state.reset, 1)
 
 
 def _key_from_hash(raw: dict[bytes, bytes]) -> KeyRecord | None:
@@ -872,7 +877,7 @@ def _usage_from_hash(budget_id: str, raw: dict[bytes, bytes], now: float, names:
         quota=quota,
         used=used,
         held=held,
-        ratio=(used + held) / quota if quota else 1.0,
+        ratio=limiter.ratio(used, held, quota),
         policies=orjson.loads(h["p"]),
         updated_at=now,
         last_denied_at=float(h["ld"]) if "ld" in h else None,

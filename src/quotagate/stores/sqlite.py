@@ -30,7 +30,7 @@ from .. import limiter
 from ..limiter import Admission, Budget, CounterState
 from ..policy import MIN_WINDOW
 from ..redact import redact_url
-from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
+from .base import DENIALS_KEPT, GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
 from .batch import Admit, Batcher, Charge, Failed
 
 T = TypeVar("T")
@@ -79,7 +79,6 @@ CREATE TABLE IF NOT EXISTS denials (
 );
 """
 
-DENIALS_KEPT = 1000
 
 # the admin surface's state: dashboard sessions, failed sign-ins per client address
 ADMIN_SCHEMA = """
@@ -296,8 +295,10 @@ class SQLiteStore:
 
     # -- counters ----------------------------------------------------------------------------
 
-    async def admit(self, key_id: str, budgets: Sequence[Budget], reservation: str, hold_ttl: float) -> Admission:
-        result: Admission = await self._steps.submit(Admit(key_id, budgets, reservation, hold_ttl))
+    async def admit(
+        self, key_id: str, budgets: Sequence[Budget], amounts: Sequence[int], reservation: str, hold_ttl: float
+    ) -> Admission:
+        result: Admission = await self._steps.submit(Admit(key_id, budgets, amounts, reservation, hold_ttl))
         return result
 
     async def charge(self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]) -> list[CounterState]:
@@ -377,17 +378,19 @@ class SQLiteStore:
             return Admission(False, False, [])
         if not budgets:
             return Admission(True, True, [])
-        states = self._states(db, budgets, now)
-        allowed = all(limiter.fits(state, b) for state, b in zip(states, budgets, strict=True))
+        states, amounts = self._states(db, budgets, now), item.amounts
+        allowed = all(limiter.fits(s, b, a) for s, b, a in zip(states, budgets, amounts, strict=True))
         if allowed:
-            for state, budget in zip(states, budgets, strict=True):
-                limiter.take(state, budget, now, item.reservation, item.hold_ttl)
-        views = [limiter.view(s, b, now, denied=not allowed) for s, b in zip(states, budgets, strict=True)]
-        if not allowed:
+            for state, budget, amount in zip(states, budgets, amounts, strict=True):
+                limiter.take(state, budget, amount, now, item.reservation, item.hold_ttl)
+        views = [
+            limiter.view(s, b, now, a, denied=not allowed) for s, b, a in zip(states, budgets, amounts, strict=True)
+        ]
+        if not allowed:  # the budgets that refused are those with a retry-after
             _note_last_policies(budgets, states, views)
         self._save(db, budgets, states, views, now, item.hold_ttl, denied=not allowed)
         if not allowed:
-            self._record_denial(db, budgets, states, now)
+            self._record_denial(db, budgets, views, now)
         return Admission(True, allowed, views)
 
     def _charge_one(self, db: sqlite3.Connection, item: Charge, now: float) -> list[CounterState]:
@@ -438,13 +441,13 @@ class SQLiteStore:
         """Write the states back; a denial marks only the budgets that refused. Columns that did
         not change (the indexed ratio, to two decimals, above all) are not rewritten."""
         for budget, state, view in zip(budgets, states, views, strict=True):
-            refused = now if denied and not limiter.fits(state, budget) else None
+            refused = now if denied and view.retry_after else None
             expires = now + budget.window + (hold_ttl if budget.holds else 0)
             row, blob = state["_row"], _dump(state)
             quota, policies = budget.quota, limiter.policies_json(budget.policies).decode()
             if denied and row is not None:  # a counter stays under the policies of the last call it admitted
                 quota, policies = row[1], row[2]
-            ratio = round((view.used + view.held) / quota, 2) if quota else 1.0
+            ratio = round(limiter.ratio(view.used, view.held, quota), 2)
             state["_row"] = (ratio, quota, policies)
             if row is None:
                 self._inserted += 1
@@ -477,11 +480,11 @@ class SQLiteStore:
             db.execute(f"UPDATE counters SET {sets} WHERE id=?", [*args, budget.id])
 
     def _record_denial(
-        self, db: sqlite3.Connection, budgets: Sequence[Budget], states: Sequence[dict], now: float
+        self, db: sqlite3.Connection, budgets: Sequence[Budget], views: Sequence[CounterState], now: float
     ) -> None:
-        for budget, state in zip(budgets, states, strict=True):
-            if not limiter.fits(state, budget):
-                policy = min(budget.policies, key=lambda p: p.scaled_quota).normal_form()
+        for budget, view in zip(budgets, views, strict=True):
+            if view.retry_after:
+                policy = budget.strictest.normal_form()
                 db.execute(
                     "INSERT INTO denials (at, key_id, policy, segment, value) VALUES (?,?,?,?,?)",
                     (now, budget.key_id, policy, budget.segment, budget.value),
@@ -720,7 +723,7 @@ def _note_last_policies(budgets: Sequence[Budget], states: Sequence[dict], views
     """On a denial: the policies of the last call each refusing counter admitted, if not this request's."""
     for budget, state, view in zip(budgets, states, views, strict=True):
         stored = state["_row"][2] if state["_row"] is not None else None
-        if stored and not limiter.fits(state, budget) and stored != limiter.policies_json(budget.policies).decode():
+        if stored and view.retry_after and stored != limiter.policies_json(budget.policies).decode():
             view.last_policies = tuple(orjson.loads(stored))
 
 
@@ -744,7 +747,7 @@ def _usage_row(row: tuple, now: float) -> BudgetUsage:
         quota=quota,
         used=used,
         held=hold,
-        ratio=(used + hold) / quota if quota else 1.0,
+        ratio=limiter.ratio(used, hold, quota),
         policies=orjson.loads(policies),
         updated_at=updated,
         last_denied_at=denied,
