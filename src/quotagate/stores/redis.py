@@ -858,9 +858,7 @@ def _usage_from_hash(budget_id: str, raw: dict[bytes, bytes], now: float, names:
     if "m" in h:  # a long value: the id holds its hash, the hash its text
         meta["value"] = orjson.loads(h["m"])["value"]
     window = int(meta["window"])
-    buckets = [k[1:] for k in h if k[0] == "l" and k[1:].isdigit()]  # l<index>: a bucket's latest unit
-    used = sum(int(h.get(f"a{i}", 0)) for i in buckets if float(h[f"l{i}"]) > now - window)
-    held = int(h["s"].split(":", 2)[1]) if "s" in h else 0  # s = "t:hd:..." (see lua/common.lua)
+    used, held = limiter.usage_of(_window_state(h), window, now)
     quota = int(h["q"])
     return BudgetUsage(
         key_id=meta["key_id"],
@@ -877,6 +875,16 @@ def _usage_from_hash(budget_id: str, raw: dict[bytes, bytes], now: float, names:
         updated_at=now,
         last_denied_at=float(h["ld"]) if "ld" in h else None,
     )
+
+
+def _window_state(h: dict[str, str]) -> dict:
+    """A budget's hash (see lua/common.lua) as `limiter`'s window state: buckets a<i>/l<i>, holds
+    r<reservation> = "<amount>:<expiry>"."""
+    buckets = {
+        int(k[1:]): [int(h.get(f"a{k[1:]}", 0)), float(v)] for k, v in h.items() if k[0] == "l" and k[1:].isdigit()
+    }
+    holds = {k[1:]: [int(a), float(e)] for k, v in h.items() if k[0] == "r" for a, e in (v.split(":", 1),)}
+    return {"b": buckets, "t": sum(a for a, _ in buckets.values()), "h": holds}
 
 
 def _matches(item: BudgetUsage, key_id: str | None, segment: str | None, value: str | None) -> bool:

@@ -400,8 +400,8 @@ class SQLiteStore:
         views = [limiter.view(s, b, now) for s, b in zip(states, item.budgets, strict=True)]
         kept = [i for i, c in enumerate(changed) if c]
         if kept:
-            budgets = [item.budgets[i] for i in kept]
-            self._save(db, budgets, [states[i] for i in kept], [views[i] for i in kept], now, 0.0, denied=False)
+            budgets, written = [item.budgets[i] for i in kept], [views[i] for i in kept]
+            self._save(db, budgets, [states[i] for i in kept], written, now, 0.0, denied=False, charged=True)
         return views
 
     def _states(self, db: sqlite3.Connection, budgets: Sequence[Budget], now: float) -> list[dict]:
@@ -434,15 +434,17 @@ class SQLiteStore:
         now: float,
         hold_ttl: float,
         denied: bool,
+        charged: bool = False,
     ) -> None:
-        """Write the states back; a denial marks only the budgets that refused. Columns that did
-        not change (the indexed ratio, to two decimals, above all) are not rewritten."""
+        """Write the states back; a denial marks only the budgets that refused. A counter keeps the
+        quota and policies of the last call it admitted (a denial or a charge leaves them). Columns
+        that did not change (the indexed ratio, to two decimals, above all) are not rewritten."""
         for budget, state, view in zip(budgets, states, views, strict=True):
             refused = now if denied and not limiter.fits(state, budget) else None
             expires = now + budget.window + (hold_ttl if budget.holds else 0)
             row, blob = state["_row"], _dump(state)
             quota, policies = budget.quota, limiter.policies_json(budget.policies).decode()
-            if denied and row is not None:  # a counter stays under the policies of the last call it admitted
+            if (denied or charged) and row is not None:
                 quota, policies = row[1], row[2]
             ratio = round((view.used + view.held) / quota, 2) if quota else 1.0
             state["_row"] = (ratio, quota, policies)
@@ -731,9 +733,7 @@ def _key_active(db: sqlite3.Connection, key_id: str) -> bool:
 
 def _usage_row(row: tuple, now: float) -> BudgetUsage:
     key_id, key_name, unit, window, segment, value, quota, policies, updated, denied, blob = row
-    state = _load(blob)
-    limiter.expire(state, window, now)
-    used, hold = state["t"], limiter.held(state)
+    used, hold = limiter.usage_of(_load(blob), window, now)
     return BudgetUsage(
         key_id=key_id,
         key_name=key_name,
