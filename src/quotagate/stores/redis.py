@@ -308,7 +308,7 @@ class ClusterSteps:
                 _without(states[i], b) if _took(results, members, i) else states[i] for i, b in enumerate(budgets)
             ]
         _raise_failure(g[0] for g in grouped if isinstance(g[0], Failed))
-        return Admission(active, allowed, states)
+        return Admission(True, allowed, states) if active else Admission(False, False, [])
 
     async def _refund(self, item: Admit, groups: list[list[Budget]]) -> None:
         """Undo the takes (or holds) of the groups that admitted a request another group refused."""
@@ -723,10 +723,12 @@ def _raise_failure(failures: Iterable[Failed | None]) -> None:
 
 
 def _without(state: CounterState, budget: Budget) -> CounterState:
-    """A state as it is after its take was refunded."""
+    """A state as it is after its take was refunded: it did not refuse (no retry-after of its own,
+    so that the refusal names only the budgets that did); its reset is the take's (at most one
+    bucket later than a single server's)."""
     if budget.holds:
-        return CounterState(state.used, max(0, state.held - budget.amount), state.reset, 1)
-    return CounterState(max(0, state.used - budget.amount), state.held, state.reset, 1)
+        return CounterState(state.used, max(0, state.held - budget.amount), state.reset, 0)
+    return CounterState(max(0, state.used - budget.amount), state.held, state.reset, 0)
 
 
 def _key_from_hash(raw: dict[bytes, bytes]) -> KeyRecord | None:
