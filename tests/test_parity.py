@@ -277,6 +277,7 @@ def test_python_and_lua_count_alike(stores: Stores, ops: list[Op]) -> None:
 
 @pytest.fixture(scope="module")
 def cluster_stores(redis_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stores]:
+    redis_cluster.flush()  # what other tests left (a hash broken on purpose, say) is not read here
     pair = Stores(str(redis_cluster.url), tmp_path_factory.mktemp("parity-cluster"))
     yield pair
     pair.close()
@@ -292,9 +293,10 @@ def cluster_stores(redis_cluster: Any, tmp_path_factory: pytest.TempPathFactory)
 def test_python_and_the_cluster_count_alike(cluster_stores: Stores, ops: list[Op]) -> None:
     """On a Cluster a request's budgets in different slots are taken in separate calls, and refunded
     when another slot refuses: one request at a time, the answers are the same. By design, not
-    drawn here: two requests at once may both be refused where one would have fitted, and a revoked
-    key's refused request leaves its policies on the counters it took from and gave back (the key
-    is checked beside the takes, not before them)."""
+    drawn here: two requests at once may both be refused where one would have fitted; a revoked
+    key's refused request runs no differently (its key is checked beside the takes, not before).
+    Not compared: a refused request leaves its quota and policies on the counters of the slots that
+    took from them and gave back (the dashboard shows them until the next admission)."""
     python, lua = cluster_stores.run(ops)
     for i, (p, r) in enumerate(zip(python, lua, strict=True)):
         assert _refunds_unset(p) == _refunds_unset(r), f"answer {i} differs: Python {p!r}, Cluster {r!r}"
@@ -302,7 +304,10 @@ def test_python_and_the_cluster_count_alike(cluster_stores: Stores, ops: list[Op
 
 def _refunds_unset(answer: Any) -> Any:
     """A refused request's answer without the reset of the budgets that did not refuse (on a Cluster,
-    those in a slot that admitted it: refunded, their reset is the take's, up to a bucket later)."""
+    those in a slot that admitted it: refunded, their reset is the take's, up to a bucket later);
+    the usage without the quota and policies (see above)."""
+    if isinstance(answer, list) and answer and isinstance(answer[0], tuple) and len(answer[0]) == 9:
+        return sorted(((row[:4], row[5:7]) for row in answer), key=repr)  # unit, window, segment, value; used, held
     if not (isinstance(answer, tuple) and answer[0] and not answer[1]):
         return answer
     states = [s if s.retry_after else dataclasses.replace(s, reset=-1) for s in answer[2]]
