@@ -19,14 +19,16 @@ import time
 
 import uvloop
 
-from quotagate.stores.redis import RedisStore
+from quotagate.stores.redis import RedisStore, ServerSteps
+from quotagate.stores.transport import PooledTransport
 from store_steps import add_key, admit_and_charge, private_redis
 
 
 async def one_run(url: str, pipelined: bool, requests: int, batch: int, users: int) -> tuple[float, float]:
     store = RedisStore(url)
-    if not pipelined:
-        store._pipelined = None  # the redis-py pooled connection, as before resp.py
+    if not pipelined:  # the redis-py pooled connection, as before resp.py
+        store._transport = PooledTransport(url, store._transport.script)
+        store._steps = ServerSteps(store._transport, store._now_arg, store._note_time)
     await add_key(store)
     await admit_and_charge(store, [f"warm{n}" for n in range(batch)])
     cpu, wall = time.process_time(), time.perf_counter()

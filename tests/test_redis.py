@@ -285,3 +285,35 @@ def test_the_index_of_many_budgets_is_written_in_chunks_and_lists_them_all(share
     ratios = asyncio.run(main())
     assert len(ratios) == users
     assert all(ratios[f"user {n}"] == pytest.approx((1 + n % 3) / 10) for n in range(users))
+
+
+@pytest.mark.parametrize("query", ["", "?client_name=quotagate-test"], ids=["pipelined", "redis-py pool"])
+def test_a_server_that_forgot_the_step_script_is_given_it_again(private_redis: RedisServer, query: str) -> None:
+    """SCRIPT FLUSH (as after a restart): the next step loads the script and is counted once, on the
+    pipelined connection and on redis-py's pool (a URL option the pipelined connection leaves to it)."""
+    import asyncio
+
+    import redis as redis_py
+
+    from quotagate.keys import create_key
+    from quotagate.limiter import budgets_for
+    from quotagate.policy import parse_policies
+    from quotagate.stores import open_store
+
+    async def main() -> None:
+        store = open_store(private_redis.url + query)
+        try:
+            _, key = await create_key(store, "forgot", [])
+            [budget] = budgets_for(key.id, parse_policies("5;w=60"), {None: None})
+            assert (await store.admit(key.id, [budget], [1], "first", 30)).allowed
+            redis_py.Redis.from_url(private_redis.url).script_flush()
+            second, third = await asyncio.gather(
+                store.admit(key.id, [budget], [1], "second", 30), store.admit(key.id, [budget], [1], "third", 30)
+            )
+            assert second.allowed and third.allowed and third.states[0].used == 3
+            redis_py.Redis.from_url(private_redis.url).script_flush()
+            assert (await store.admit(key.id, [budget], [1], "fourth", 30)).states[0].used == 4
+        finally:
+            await store.close()
+
+    asyncio.run(main())

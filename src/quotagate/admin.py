@@ -37,7 +37,7 @@ from .bounded import shown, whole_number
 from .config import Settings
 from .metrics import RequestHistory
 from .policy import PolicyError, Unit, format_quota, segment_kind
-from .stores import GLOBAL, BudgetUsage, Denial, KeyRecord, Store, StoreError
+from .stores import EVERY_SEGMENT, BudgetUsage, Denial, KeyRecord, SegmentFilter, Store, StoreError
 
 PAGE_MAX = 500
 OFFSET_MAX = 10**9  # far beyond any list; SQLite refuses offsets over 2**63
@@ -266,11 +266,12 @@ class AdminApi:
     async def _page(
         self, key_id: str | None, segment: str | None, value: str | None, limit: int, offset: int
     ) -> list[BudgetUsage]:
+        wanted: SegmentFilter = EVERY_SEGMENT  # no filter
         if segment == "global":
-            segment = GLOBAL
+            wanted = None  # the stores' global budgets
         elif segment:
-            segment = segment.removeprefix(PROPERTY_SEGMENT_PREFIX)
-        return await self.store.usage(key_id=key_id, segment=segment, value=value, limit=limit, offset=offset)
+            wanted = segment.removeprefix(PROPERTY_SEGMENT_PREFIX)
+        return await self.store.usage(key_id=key_id, segment=wanted, value=value, limit=limit, offset=offset)
 
     async def _key_id(self, name_or_id: str | None) -> str | None:
         if not name_or_id:

@@ -187,6 +187,12 @@ def held(state: dict) -> int:
     return int(sum(amount for amount, _ in state["h"].values()))
 
 
+def usage_of(state: dict, window: int, now: float) -> tuple[int, int]:
+    """A counter's used and held units at `now`, as the dashboard shows them (every store)."""
+    expire(state, window, now)
+    return int(state["t"]), held(state)
+
+
 def never_fits(budget: Budget, amount: int) -> bool:
     """No wait can admit it: the quota is below one unit of the stored scale, or the request takes
     (or holds) more than the whole quota."""
@@ -216,7 +222,7 @@ def add(state: dict, window: int, now: float, amount: int) -> None:
         state["b"][index] = [amount, now]
     else:
         bucket[0] += amount
-        bucket[1] = max(bucket[1], now)
+        bucket[1] = now  # the latest write, as in step.lua: a clock gone back never makes Reset exceed w
     state["t"] += amount
 
 

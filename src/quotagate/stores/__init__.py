@@ -6,17 +6,33 @@ import time
 from collections.abc import Callable
 
 from ..redact import redact_url
-from .base import GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, Store, StoreError
+from .base import (
+    EVERY_SEGMENT,
+    BudgetUsage,
+    Counters,
+    Denial,
+    KeyRecord,
+    Keys,
+    SegmentFilter,
+    StepError,
+    Store,
+    StoreError,
+    UsageIndex,
+)
 
 __all__ = [
-    "GLOBAL",
+    "EVERY_SEGMENT",
     "SCHEMES",
     "BudgetUsage",
+    "Counters",
     "Denial",
     "KeyRecord",
+    "Keys",
+    "SegmentFilter",
     "StepError",
     "Store",
     "StoreError",
+    "UsageIndex",
     "check_url",
     "open_store",
 ]

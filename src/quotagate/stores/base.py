@@ -1,14 +1,26 @@
-"""The store contract: a handful of async methods every store implements atomically."""
+"""The store contracts: `Counters` (the hot path), `Keys` (auth, CLI, admin) and `UsageIndex` (the
+dashboard's read model). Every backend provides all three as one `Store`; each method is one
+atomic step in the store."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from enum import Enum
+from typing import Final, Literal, Protocol
 
 from ..limiter import Admission, Budget, CounterState
 
-GLOBAL = ""  # usage(segment=GLOBAL): only budgets without a segment (no property can be named "")
+
+class _Every(Enum):
+    SEGMENT = "every segment"
+
+
+# A budget's segment is None for a global budget, "user", or a property name: everywhere in the
+# stores. `usage(segment=...)` filters on it; EVERY_SEGMENT (its default) filters nothing.
+EVERY_SEGMENT: Final = _Every.SEGMENT
+SegmentFilter = str | None | Literal[_Every.SEGMENT]
+
 DENIALS_KEPT = 1000  # the most recent denials a store keeps for the dashboard
 
 
@@ -65,10 +77,8 @@ class Denial:
     value: str | None
 
 
-class Store(Protocol):
-    """Keys, counters and usage. Every method is one atomic step in the store."""
-
-    url: str
+class Counters(Protocol):
+    """The hot path: admission and metering see only this."""
 
     async def admit(
         self, key_id: str, budgets: Sequence[Budget], amounts: Sequence[int], reservation: str, hold_ttl: float
@@ -83,16 +93,9 @@ class Store(Protocol):
         """Replace the reservation's holds by the amounts really spent."""
         ...
 
-    async def usage(
-        self,
-        key_id: str | None = None,
-        segment: str | None = None,
-        value: str | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[BudgetUsage]: ...
 
-    async def denials(self, limit: int = 50) -> list[Denial]: ...
+class Keys(Protocol):
+    """Gateway keys (names unique among active keys), dashboard sessions, the sign-in throttle."""
 
     async def create_key(self, record: KeyRecord) -> bool:
         """Store a new key, unless an active key already has its name (False); atomic."""
@@ -105,8 +108,6 @@ class Store(Protocol):
     async def revoke_key(self, key_id: str, at: float) -> bool:
         """Mark the key revoked (False if it already was); its name is free again."""
         ...
-
-    # -- the admin surface: dashboard sessions and the throttle on failed sign-ins --
 
     async def create_session(self, session: str, expires_at: float) -> None:
         """Remember a dashboard session (a hash of its id) until `expires_at` (Unix time)."""
@@ -126,6 +127,32 @@ class Store(Protocol):
     async def refund_attempt(self, scope: str, window: int) -> None:
         """Take back one counted in the current window (an attempt that succeeded)."""
         ...
+
+
+class UsageIndex(Protocol):
+    """The budgets in use by usage ratio and the recent denials, fed by the counters' steps; entries
+    expire by the counters' clock."""
+
+    async def usage(
+        self,
+        key_id: str | None = None,
+        segment: SegmentFilter = EVERY_SEGMENT,
+        value: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[BudgetUsage]:
+        """Budgets in use, highest usage ratio first; None filters (for `segment`: EVERY_SEGMENT) nothing."""
+        ...
+
+    async def denials(self, limit: int = 50) -> list[Denial]:
+        """The latest denials, newest first."""
+        ...
+
+
+class Store(Counters, Keys, UsageIndex, Protocol):
+    """What a backend (SQLite, Redis, Redis Cluster) provides."""
+
+    url: str
 
     async def ping(self) -> None: ...
 

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from ..limiter import Budget
+from ..limiter import Admission, Budget, CounterState
 
 
 @dataclass(slots=True)
@@ -33,11 +33,18 @@ class Admit:
 
 @dataclass(slots=True)
 class Charge:
-    """One call's charge, as it waits in a batch."""
+    """One call's charge, as it waits in a batch: its holds replaced by what it spent. With
+    `refund_at` (a Redis Cluster's, the time of the take) it undoes an admission instead, one that
+    another slot refused."""
 
     budgets: Sequence[Budget]
     reservation: str
     amounts: Sequence[int]
+    refund_at: str | None = None
+
+
+Step = Admit | Charge  # the items of a batch: each store step runs a list of them, in order
+StepResult = Admission | list[CounterState]
 
 
 @dataclass(slots=True)

@@ -3,15 +3,14 @@
 An admission is one call of the step script (`lua/step.lua`), a charge another; the admissions
 and charges of one event-loop turn share a call (`batch.py`). The script mirrors
 `quotagate.limiter` and reads the time from the Redis server, so instances need no synchronized
-clocks. On a single server the calls go over one pipelined connection per worker (`resp.py`).
+clocks. How a call reaches Redis is the transport's, chosen when the store opens (`transport.py`).
 Each budget's keys carry its own hash tag (key id, unit, window, segment and segment value), so
 that one busy customer does not make one hot Cluster slot.
 
 On a single server every budget of a request, and the key's revocation check, go into one script
-call: one atomic step. On a Cluster, budgets in different slots cannot share a script: each slot's
-group is checked and taken atomically, all groups in parallel, and if any group (or the key check)
-says no, the groups that said yes are refunded. A budget is therefore never over-admitted; two
-requests racing for the last units of different budgets may both be refused.
+call: one atomic step (`ServerSteps`). On a Cluster, budgets in different slots cannot share a
+script: each slot's group is checked and taken atomically, all groups in parallel, and if any group
+(or the key check) says no, the groups that said yes are refunded (`ClusterSteps`).
 
 The dashboard's index of budgets (sorted sets by usage ratio, with expiry) and the list of recent
 denials are written in the background, batched once a second, in chunks, off the request path;
@@ -27,29 +26,24 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import orjson
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.cluster import key_slot
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisClusterException, RedisError
 
 from .. import limiter
 from ..limiter import Admission, Budget, CounterState
 from ..policy import Policy
 from ..redact import redact_url
-from . import resp
-from .base import DENIALS_KEPT, GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
-from .batch import Admit, Batcher, Failed
+from .base import DENIALS_KEPT, EVERY_SEGMENT, BudgetUsage, Denial, KeyRecord, SegmentFilter, StepError, StoreError
+from .batch import Admit, Batcher, Charge, Failed, Step, StepResult
+from .transport import ClusterTransport, Transport, open_transport
 
+T = TypeVar("T")
 log = logging.getLogger("quotagate.store")
 
 PREFIX = "qg:"
@@ -90,19 +84,6 @@ return 0
 EXPIRY_CHUNK = 500  # expired index entries removed per step (a ZREM of 500 takes well under a millisecond)
 EXPIRY_CHUNKS = 20  # steps per flush or admin read, at most: 10,000 entries a second per worker
 SCAN_CHUNK = 500  # index entries an admin read fetches per command
-CONNECTIONS = 64  # redis-py commands in flight per worker; more wait for a free connection
-
-
-_AGAIN_ONCE = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
-
-
-@dataclass(slots=True)
-class _Settle:
-    budgets: Sequence[Budget]
-    reservation: str
-    amounts: Sequence[int]
-    mode: str  # "charge" or "refund"
-    taken_at: str = "0"  # refund: when the take happened (its bucket)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -128,13 +109,14 @@ def _admit_arguments(item: Admit, check_key: bool, keys: list[str], args: list[A
     args[first] = f"A {item.reservation} {item.hold_ttl!r} {int(check_key)} {len(item.budgets)} {metas}"
 
 
-def _settle_arguments(item: _Settle, keys: list[str], args: list[Any]) -> None:
+def _settle_arguments(item: Charge, keys: list[str], args: list[Any]) -> None:
+    mode, taken_at = ("charge", "0") if item.refund_at is None else ("refund", item.refund_at)
     args.append(f"S {item.reservation} {len(item.budgets)}")
     for budget, amount in zip(item.budgets, item.amounts, strict=True):
         keys.append(budget_key(budget.id))
         args.append(
             f"{budget.window}:{limiter.granularity(budget.window)}:{budget.quota}:{amount}:"
-            f"{int(budget.holds)}:{item.mode}:{item.taken_at}"
+            f"{int(budget.holds)}:{mode}:{taken_at}"
         )
 
 
@@ -143,7 +125,7 @@ class _Packed:
     """A batch's script call with its arguments encoded item by item: an item that cannot be
     encoded (a value no store can hold) is left out of the call and fails alone."""
 
-    sent: Sequence[Admit | _Settle]
+    sent: Sequence[Step]
     keys: list[bytes]
     args: list[bytes]
     failed: list[Failed | None] | None = None  # per item of the batch: its failure, or None if sent
@@ -159,7 +141,7 @@ class _Packed:
         return next((f for f in self.failed if f is not None), None) if self.failed else None
 
 
-def _pack(items: Sequence[Admit | _Settle], check_key: bool, now: str) -> _Packed:
+def _pack(items: Sequence[Step], check_key: bool, now: str) -> _Packed:
     """The whole batch in one go; if that fails, item by item, leaving out those that fail."""
     try:
         keys, args = _arguments(items, check_key, [now, str(len(items))])
@@ -168,8 +150,8 @@ def _pack(items: Sequence[Admit | _Settle], check_key: bool, now: str) -> _Packe
     return _Packed(items, keys, args)
 
 
-def _pack_each(items: Sequence[Admit | _Settle], check_key: bool, now: str) -> _Packed:
-    sent: list[Admit | _Settle] = []
+def _pack_each(items: Sequence[Step], check_key: bool, now: str) -> _Packed:
+    sent: list[Step] = []
     failed: list[Failed | None] = []
     packed = _Packed(sent, [], [now.encode(), b""], failed)
     for item in items:
@@ -186,7 +168,7 @@ def _pack_each(items: Sequence[Admit | _Settle], check_key: bool, now: str) -> _
     return packed
 
 
-def _arguments(items: Sequence[Admit | _Settle], check_key: bool, head: list[Any]) -> tuple[list[bytes], list[bytes]]:
+def _arguments(items: Sequence[Step], check_key: bool, head: list[Any]) -> tuple[list[bytes], list[bytes]]:
     """The script call's keys, and its arguments after `head`, encoded."""
     keys: list[str] = []
     args: list[Any] = head
@@ -222,223 +204,82 @@ def key_record_key(key_id: str) -> str:
     return f"{PREFIX}key:{{{key_id}}}"
 
 
-def _client_url(url: str) -> tuple[str, bool]:
-    scheme, rest = url.split("://", 1)
-    cluster = scheme.lower().endswith("+cluster")
-    return ("rediss" if scheme.lower().startswith("rediss") else "redis") + "://" + rest, cluster
+def _decode(packed: _Packed, raws: Sequence[Any], note_time: Callable[[float], None]) -> list[StepResult | Failed]:
+    """Each item's result; the step's time (the script read it from its clock) goes to `note_time`."""
+    results = packed.results(raws)
+    at = _reply_time(packed.sent, raws)
+    if at is not None:
+        note_time(at)
+    return results
 
 
-class _WaitingCluster(RedisCluster):
-    """redis-py's Cluster client raises MaxConnectionsError when a node's connections are all in use;
-    here a command waits instead (pipelines, used off the hot path, keep a reserve of connections)."""
+class ServerSteps:
+    """A single server: the admissions and charges of one event-loop turn go out as one script call
+    (one atomic step), the batch's results handed out from the reply's callback."""
 
-    _waiting: asyncio.Semaphore | None = None
+    def __init__(self, transport: Transport, now_arg: Callable[[], str], note_time: Callable[[float], None]) -> None:
+        self._transport = transport
+        self._now_arg = now_arg
+        self._note_time = note_time
+        self._batcher: Batcher[Step, StepResult] = Batcher(self._run, start=self._start)
 
-    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        if self._waiting is None:
-            self._waiting = asyncio.Semaphore(CONNECTIONS)
-        async with self._waiting:
-            return await super().execute_command(*args, **kwargs)
+    async def admit(self, item: Admit) -> Admission:
+        return cast(Admission, await self._batcher.submit(item))
 
+    async def charge(self, item: Charge) -> list[CounterState]:
+        return cast(list[CounterState], await self._batcher.submit(item))
 
-class RedisStore:
-    def __init__(self, url: str, clock: Callable[[], float] | None = None) -> None:
-        self.url = url
-        self.clock = clock
-        self._client_url, self.cluster = _client_url(url)
-        self._pipelined = (
-            resp.PipelinedRedis(self._client_url)
-            if not self.cluster and resp.PipelinedRedis.supports(self._client_url)
-            else None
-        )
-        self._client: Any = None
-        self._script: Any = None
-        self._expire: Any = None
-        self._touched: dict[str, tuple[float, float]] = {}  # index entries to write
-        self._indexed: dict[str, tuple[float, float]] = {}  # what this worker last wrote, per budget
-        self._denials: list[bytes] = []
-        self._store_now: float | None = None  # the counters' clock, as the last step reply told it
-        self._flusher: asyncio.Task[None] | None = None
-        self._init_lock = asyncio.Lock()
-        self._steps: Batcher[Admit | _Settle, Any] = Batcher(self._step, start=self._start)
-        self._retries: set[asyncio.Future[Any]] = set()
-        self._initialized = False
-
-    # -- plumbing ----------------------------------------------------------------------------
-
-    def _redis(self) -> Any:
-        """redis-py's client; a command waits for a free connection rather than failing when all
-        are busy (a burst of requests must not look like an unreachable store)."""
-        if self._client is None:
-            options: dict[str, Any] = {"socket_connect_timeout": 1.0, "socket_timeout": 5.0}
-            if self.cluster:
-                self._client = _WaitingCluster.from_url(self._client_url, max_connections=CONNECTIONS + 32, **options)
-            else:  # a pooled connection left from before a server restart is tried again once, anew
-                pool = aioredis.BlockingConnectionPool.from_url(
-                    self._client_url, max_connections=CONNECTIONS, timeout=5.0, retry=_AGAIN_ONCE, **options
-                )
-                self._client = aioredis.Redis(connection_pool=pool)
-            self._script = self._client.register_script(_script("step.lua"))
-            self._expire = self._client.register_script(_script("expire.lua"))
-        return self._client
-
-    def _now_arg(self) -> str:
-        return "" if self.clock is None else repr(self.clock())
-
-    async def _call(self, operation: str, coro: Any) -> Any:
-        try:
-            if self.cluster and not self._initialized:
-                await self._initialize()
-            return await coro
-        except (RedisError, RedisClusterException, OSError, RuntimeError) as exc:  # RuntimeError: a transport closed
-            raise StoreError(f"Redis store {redact_url(self.url)} ({operation}): {exc!r}") from exc
-        finally:
-            if hasattr(coro, "close"):
-                coro.close()  # never awaited when initialization failed
-
-    async def _initialize(self) -> None:
-        """Learn the Cluster's slots once, before concurrent commands race to do it each."""
-        async with self._init_lock:
-            if not self._initialized:
-                await self._redis().initialize()
-                self._initialized = True
-
-    async def ping(self) -> None:
-        await self._call("ping", self._redis().ping())
-
-    async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            self._flusher = None
-        if self._client is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._flush()
-            await self._client.aclose()
-            self._client = None
-        if self._pipelined is not None:
-            await self._pipelined.close()
-            self._initialized = False
-
-    # -- admission and charge ----------------------------------------------------------------
-
-    async def admit(
-        self, key_id: str, budgets: Sequence[Budget], amounts: Sequence[int], reservation: str, hold_ttl: float
-    ) -> Admission:
-        item = Admit(key_id, budgets, amounts, reservation, hold_ttl)
-        if not self.cluster:
-            admission = await self._call("admit", self._steps.submit(item))
-        elif not budgets:
-            revoked = await self._call("admit", self._redis().hget(key_record_key(key_id), "revoked_at"))
-            admission = Admission(revoked == b"", True, [])
-        else:
-            admission = await self._call("admit", self._admit_cluster(item))
-        if admission.key_active and budgets:
-            self._remember(budgets, admission, hold_ttl)
-        return admission
-
-    async def charge(self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]) -> list[CounterState]:
-        if not self.cluster:
-            states = await self._call("charge", self._steps.submit(_Settle(budgets, reservation, amounts, "charge")))
-        else:
-            states = await self._call("charge", self._charge_cluster(budgets, reservation, amounts))
-        self._remember(budgets, Admission(True, True, states))
-        return states
-
-    async def _charge_cluster(
-        self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]
-    ) -> list[CounterState]:
-        """Each budget in its own slot's script call, in parallel; all packed before any is sent."""
-        now = self._now_arg()
-        packs = [
-            _pack([_Settle([b], reservation, [a], "charge")], True, now) for b, a in zip(budgets, amounts, strict=True)
-        ]
-        _raise_failure(p.failure() for p in packs)
-        settled = [s[0] for s in await asyncio.gather(*(self._send(p) for p in packs))]
-        _raise_failure(s for s in settled if isinstance(s, Failed))
-        return [s[0] for s in settled]
-
-    async def _step(self, items: Sequence[Admit | _Settle], check_key: bool = True) -> list[Any]:
-        """One script call for a batch of admissions and settlements, each on its own, in order."""
-        return await self._send(_pack(items, check_key, self._now_arg()))
-
-    async def _send(self, packed: _Packed) -> list[Any]:
-        """The packed call; the script is loaded again if the server forgot it (a restart)."""
-        if not packed.sent:
-            return packed.results([])
-        try:
-            raws = await self._evalsha(packed.keys, packed.args)
-        except NoScriptError:
-            self._script.sha = await self._redis().script_load(self._script.script)
-            raws = await self._evalsha(packed.keys, packed.args)
-        return self._results(packed, raws)
-
-    def _results(self, packed: _Packed, raws: Sequence[Any]) -> list[Any]:
-        results = packed.results(raws)
-        self._store_now = _reply_time(packed.sent, raws) or self._store_now
-        return results
-
-    def _packed_evalsha(self, keys: list[bytes], args: list[bytes]) -> bytes:
-        """EVALSHA of the step script, packed here in one `bytes.join`: redis-py's general packing
-        of each argument cost more than the rest of the call."""
-        return resp.pack([b"EVALSHA", self._script.sha.encode(), b"%d" % len(keys), *keys, *args])
-
-    async def _evalsha(self, keys: list[bytes], args: list[bytes]) -> Any:
-        """The step script's call: on the pipelined connection (`resp.py`) on a single server, on a
-        pooled redis-py connection for a URL that one cannot open, through redis-py on a Cluster."""
-        client = self._redis()
-        if self.cluster:
-            return await client.evalsha(self._script.sha, len(keys), *keys, *args)
-        packed = self._packed_evalsha(keys, args)
-        if self._pipelined is not None:
-            return await self._pipelined.execute(packed)
-        pool = client.connection_pool
-        connection = await pool.get_connection()
-        try:
-            await connection.send_packed_command(packed)
-            return await connection.read_response()
-        except (RedisConnectionError, RedisTimeoutError, OSError, asyncio.CancelledError):
-            await connection.disconnect()  # a reply may still be on its way: not reusable
-            raise
-        finally:
-            await pool.release(connection)
-
-    def _start(self, items: list[Admit | _Settle]) -> asyncio.Future[Sequence[Any]] | None:
-        """The batcher's way without a task: on an open pipelined connection, the batch's script
-        call is written at once and decoded in the reply's callback (a task and its coroutines per
-        step cost a measurable share of a request's CPU). None when the connection is not open:
-        `_step` connects."""
-        protocol = self._pipelined.ready() if self._pipelined is not None else None
-        if protocol is None or self._script is None:
-            return None
-        results: asyncio.Future[Sequence[Any]] = asyncio.get_running_loop().create_future()
+    def _start(self, items: list[Step]) -> asyncio.Future[Sequence[StepResult | Failed]]:
+        results: asyncio.Future[Sequence[StepResult | Failed]] = asyncio.get_running_loop().create_future()
         packed = _pack(items, True, self._now_arg())
         if not packed.sent:
             results.set_result(packed.results([]))
             return results
-        reply = protocol.send(self._packed_evalsha(packed.keys, packed.args))
-        reply.add_done_callback(functools.partial(self._started, packed, results))
+        reply = self._transport.eval_step(packed.keys, packed.args)
+        reply.add_done_callback(functools.partial(self._decoded, packed, results))
         return results
 
-    def _started(self, packed: _Packed, results: asyncio.Future[Sequence[Any]], reply: Any) -> None:
-        exc = reply.exception()
-        if isinstance(exc, NoScriptError):  # the server restarted: load the script, call again
-            retry = asyncio.ensure_future(self._send(packed))
-            self._retries.add(retry)
-            retry.add_done_callback(functools.partial(_copy_outcome, results))
-            retry.add_done_callback(self._retries.discard)
-        elif exc is not None:
-            results.set_exception(exc)
+    async def _run(self, items: list[Step]) -> Sequence[StepResult | Failed]:
+        return await self._start(items)
+
+    def _decoded(self, packed: _Packed, results: asyncio.Future[Sequence[StepResult | Failed]], reply: Any) -> None:
+        if results.done():
+            return
+        if reply.cancelled():
+            results.cancel()
+        elif reply.exception() is not None:
+            results.set_exception(reply.exception())
         else:
             try:
-                results.set_result(self._results(packed, reply.result()))
+                results.set_result(_decode(packed, reply.result(), self._note_time))
             except Exception as error:  # a reply the script cannot have sent
                 results.set_exception(RedisError(f"unexpected reply from the step script: {error!r}"))
 
-    async def _admit_cluster(self, item: Admit) -> Admission:
-        """Budgets in different slots: each slot's group in its own script call, in parallel (all
-        packed before any is sent); if any group (or the key check) refuses, or fails on its own
-        data, the groups that admitted are refunded."""
+
+class ClusterSteps:
+    """A Cluster: budgets in different slots cannot share a script call. Each slot's group is
+    checked and taken atomically in its own call, all groups in parallel (all packed before any is
+    sent); if any group (or the key check) refuses, or fails on its own data, the groups that
+    admitted are refunded. A budget is never over-admitted; two requests racing for the last units
+    of different budgets may both be refused."""
+
+    def __init__(self, transport: Transport, now_arg: Callable[[], str], note_time: Callable[[float], None]) -> None:
+        self._transport = transport
+        self._now_arg = now_arg
+        self._note_time = note_time
+
+    async def _send(self, packed: _Packed) -> list[StepResult | Failed]:
+        if not packed.sent:
+            return packed.results([])
+        return _decode(packed, await self._transport.eval_step(packed.keys, packed.args), self._note_time)
+
+    async def _key_active(self, key_id: str) -> bool:
+        return bool(await self._transport.redis.hget(key_record_key(key_id), "revoked_at") == b"")
+
+    async def admit(self, item: Admit) -> Admission:
         budgets, amounts = item.budgets, item.amounts
+        if not budgets:
+            return Admission(await self._key_active(item.key_id), True, [])
         groups: dict[int, list[int]] = {}
         for index, budget in enumerate(budgets):
             groups.setdefault(key_slot(budget_key(budget.id).encode()), []).append(index)
@@ -453,11 +294,11 @@ class RedisStore:
             for m in members
         ]
         _raise_failure(p.failure() for p in packs)
-        revoked, *grouped = await asyncio.gather(
-            self._redis().hget(key_record_key(item.key_id), "revoked_at"), *(self._send(p) for p in packs)
+        active, grouped = await asyncio.gather(
+            self._key_active(item.key_id), asyncio.gather(*(self._send(p) for p in packs))
         )
         results: list[Admission | None] = [g[0] if isinstance(g[0], Admission) else None for g in grouped]
-        allowed = revoked == b"" and all(r is not None and r.allowed for r in results)
+        allowed = active and all(r is not None and r.allowed for r in results)
         states: list[CounterState] = [CounterState(0, 0, 0)] * len(budgets)
         for m, result in zip(members, results, strict=True):
             for i, state in zip(m, result.states, strict=True) if result is not None else ():
@@ -469,18 +310,92 @@ class RedisStore:
                 for i, b in enumerate(budgets)
             ]
         _raise_failure(g[0] for g in grouped if isinstance(g[0], Failed))
-        return Admission(revoked == b"", allowed, states)
+        return Admission(True, allowed, states) if active else Admission(False, False, [])
 
     async def _refund(self, item: Admit, groups: list[list[int]]) -> None:
         """Undo the takes (or holds) of the groups (budget indices) that admitted a request another
         group refused."""
         taken_at = self._now_arg() or repr(time.time())
         budgets, amounts = item.budgets, item.amounts
-        settles = [
-            _Settle([budgets[i] for i in m], item.reservation, [amounts[i] for i in m], "refund", taken_at)
+        refunds = [
+            Charge([budgets[i] for i in m], item.reservation, [amounts[i] for i in m], refund_at=taken_at)
             for m in groups
         ]
-        await asyncio.gather(*(self._step([settle]) for settle in settles))
+        await asyncio.gather(*(self._send(_pack([r], True, self._now_arg())) for r in refunds))
+
+    async def charge(self, item: Charge) -> list[CounterState]:
+        """Each budget in its own slot's script call, in parallel; all packed before any is sent."""
+        now = self._now_arg()
+        packs = [
+            _pack([Charge([b], item.reservation, [a])], True, now)
+            for b, a in zip(item.budgets, item.amounts, strict=True)
+        ]
+        _raise_failure(p.failure() for p in packs)
+        settled = [s[0] for s in await asyncio.gather(*(self._send(p) for p in packs))]
+        _raise_failure(s for s in settled if isinstance(s, Failed))
+        return [cast(list[CounterState], s)[0] for s in settled]
+
+
+class RedisStore:
+    def __init__(self, url: str, clock: Callable[[], float] | None = None) -> None:
+        self.url = url
+        self.clock = clock
+        self._transport = open_transport(url, _script("step.lua"))
+        steps = ClusterSteps if isinstance(self._transport, ClusterTransport) else ServerSteps
+        self._steps = steps(self._transport, self._now_arg, self._note_time)
+        self._expire: Any = None
+        self._touched: dict[str, tuple[float, float]] = {}  # index entries to write
+        self._indexed: dict[str, tuple[float, float]] = {}  # what this worker last wrote, per budget
+        self._denials: list[bytes] = []
+        self._store_now: float | None = None  # the counters' clock, as the last step reply told it
+        self._flusher: asyncio.Task[None] | None = None
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _redis(self) -> Any:
+        return self._transport.redis
+
+    def _now_arg(self) -> str:
+        return "" if self.clock is None else repr(self.clock())
+
+    def _note_time(self, at: float) -> None:
+        self._store_now = at
+
+    async def _call(self, operation: str, step: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`step(*args)`, its failures as StoreError."""
+        try:
+            if not self._transport.ready:
+                await self._transport.prepare()
+            return await step(*args)
+        except (RedisError, RedisClusterException, OSError, RuntimeError) as exc:  # RuntimeError: a transport closed
+            raise StoreError(f"Redis store {redact_url(self.url)} ({operation}): {exc!r}") from exc
+
+    async def ping(self) -> None:
+        await self._call("ping", self._redis().ping)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        with contextlib.suppress(RedisError, OSError, RuntimeError):
+            await self._flush()
+        await self._transport.close()
+
+    # -- admission and charge ----------------------------------------------------------------
+
+    async def admit(
+        self, key_id: str, budgets: Sequence[Budget], amounts: Sequence[int], reservation: str, hold_ttl: float
+    ) -> Admission:
+        item = Admit(key_id, budgets, amounts, reservation, hold_ttl)
+        admission = await self._call("admit", self._steps.admit, item)
+        if admission.key_active and budgets:
+            self._remember(budgets, admission, hold_ttl)
+        return admission
+
+    async def charge(self, budgets: Sequence[Budget], reservation: str, amounts: Sequence[int]) -> list[CounterState]:
+        states = await self._call("charge", self._steps.charge, Charge(budgets, reservation, amounts))
+        self._remember(budgets, Admission(True, True, states))
+        return states
 
     # -- the dashboard's index, written off the request path -------------------------------------
 
@@ -540,21 +455,11 @@ class RedisStore:
         """The index entries and denials gathered since the last flush, in commands of at most
         INDEX_CHUNK entries, packed one at a time with the event loop free between them: one ZADD
         of a busy second's entries stalls every request in flight while it is packed. Sent in
-        order (each chunk's expiry before its ratio:
-        see `_expire_index`); through redis-py one after another, for the Cluster's nodes."""
+        order (each chunk's expiry before its ratio: see `_expire_index`)."""
         touched, self._touched = self._touched, {}
         denials, self._denials = self._denials, []
-        if not touched and not denials:
-            return
-        pipelined = self._pipelined
-        replies = []
-        for command in _index_commands(touched, denials):
-            if pipelined is not None:
-                replies.append(pipelined.execute(resp.pack(command)))
-                await asyncio.sleep(0)
-            else:
-                await self._redis().execute_command(command[0].decode(), *command[1:])
-        await asyncio.gather(*replies)
+        if touched or denials:
+            await self._transport.write_all(_index_commands(touched, denials))
 
     async def _expire_index(self, chunks: int) -> bool:
         """Remove the index entries whose budgets expired, at most `chunks` times EXPIRY_CHUNK of them
@@ -564,6 +469,8 @@ class RedisStore:
         writer re-added meanwhile (expiry first, then ratio) is put back by `_restore`."""
         client = self._redis()
         for _ in range(chunks):
+            if self._expire is None:
+                self._expire = client.register_script(_script("expire.lua"))
             gone = await self._expire(keys=[INDEX_EXPIRY], args=[self._now_arg(), EXPIRY_CHUNK], client=client)
             if gone:
                 await client.zrem(INDEX, *gone)
@@ -594,15 +501,15 @@ class RedisStore:
     async def usage(
         self,
         key_id: str | None = None,
-        segment: str | None = None,
+        segment: SegmentFilter = EVERY_SEGMENT,
         value: str | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> list[BudgetUsage]:
-        return await self._call("usage", self._usage(key_id, segment, value, limit, offset))
+        return await self._call("usage", self._usage, key_id, segment, value, limit, offset)
 
     async def _usage(
-        self, key_id: str | None, segment: str | None, value: str | None, limit: int, offset: int
+        self, key_id: str | None, segment: SegmentFilter, value: str | None, limit: int, offset: int
     ) -> list[BudgetUsage]:
         await self._flush()
         while await self._expire_index(EXPIRY_CHUNKS):  # a backlog (after an upgrade, say): bounded steps
@@ -644,7 +551,7 @@ class RedisStore:
                 for r in rows
             ]
 
-        return await self._call("denials", read())
+        return await self._call("denials", read)
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -669,11 +576,11 @@ class RedisStore:
             await client.delete(key_record_key(record.id))
             return False
 
-        created: bool = await self._call("create_key", create())
+        created: bool = await self._call("create_key", create)
         return created
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
-        raw = await self._call("get_key", self._redis().hgetall(key_record_key(key_id)))
+        raw = await self._call("get_key", self._redis().hgetall, key_record_key(key_id))
         return _key_from_hash(raw)
 
     async def list_keys(self) -> list[KeyRecord]:
@@ -683,16 +590,16 @@ class RedisStore:
             records = [_key_from_hash(await client.hgetall(key_record_key(i))) for i in ids]
             return sorted((r for r in records if r is not None), key=lambda r: r.created_at)
 
-        return await self._call("list_keys", read())
+        return await self._call("list_keys", read)
 
     async def revoke_key(self, key_id: str, at: float) -> bool:
         script = (
             "if redis.call('HGET', KEYS[1], 'revoked_at') == '' then "
             "redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1]) return 1 end return 0"
         )
-        done = await self._call("revoke_key", self._redis().eval(script, 1, key_record_key(key_id), repr(at)))
+        done = await self._call("revoke_key", self._redis().eval, script, 1, key_record_key(key_id), repr(at))
         if done:
-            await self._call("revoke_key", self._release_name(key_id))
+            await self._call("revoke_key", self._release_name, key_id)
         return bool(done)
 
     # -- unique names, dashboard sessions, failed sign-ins: one Redis key per command ------------
@@ -730,23 +637,26 @@ class RedisStore:
 
     async def create_session(self, session: str, expires_at: float) -> None:
         ttl = max(1, math.ceil(expires_at - time.time()))
-        await self._call("create_session", self._redis().set(SESSION + session, repr(expires_at), ex=ttl))
+        await self._call(
+            "create_session", functools.partial(self._redis().set, ex=ttl), SESSION + session, repr(expires_at)
+        )
 
     async def session_expiry(self, session: str) -> float | None:
-        raw = await self._call("session_expiry", self._redis().get(SESSION + session))
+        raw = await self._call("session_expiry", self._redis().get, SESSION + session)
         return float(raw) if raw is not None else None
 
     async def delete_session(self, session: str) -> None:
-        await self._call("delete_session", self._redis().delete(SESSION + session))
+        await self._call("delete_session", self._redis().delete, SESSION + session)
 
     async def count_attempt(self, scope: str, window: int) -> tuple[int, float]:
-        call = self._redis().eval(_COUNT_ATTEMPT, 1, ATTEMPTS + scope, self._now_arg(), window, "+")
-        count, remaining_ms = await self._call("count_attempt", call)
+        count, remaining_ms = await self._call(
+            "count_attempt", self._redis().eval, _COUNT_ATTEMPT, 1, ATTEMPTS + scope, self._now_arg(), window, "+"
+        )
         return int(count), int(remaining_ms) / 1000
 
     async def refund_attempt(self, scope: str, window: int) -> None:
         await self._call(
-            "refund_attempt", self._redis().eval(_COUNT_ATTEMPT, 1, ATTEMPTS + scope, self._now_arg(), window, "-")
+            "refund_attempt", self._redis().eval, _COUNT_ATTEMPT, 1, ATTEMPTS + scope, self._now_arg(), window, "-"
         )
 
 
@@ -768,7 +678,7 @@ def _index_commands(touched: dict[str, tuple[float, float]], denials: list[bytes
         yield [b"LTRIM", DENIALS.encode(), b"0", b"%d" % (DENIALS_KEPT - 1)]
 
 
-def _decode_step(items: Sequence[Admit | _Settle], raws: Sequence[Any]) -> list[Any]:
+def _decode_step(items: Sequence[Step], raws: Sequence[Any]) -> list[Any]:
     """Each item's result; an error reply in its place (the script failed on that item) is its failure."""
     return [
         Failed(_step_error(raw))
@@ -780,24 +690,13 @@ def _decode_step(items: Sequence[Admit | _Settle], raws: Sequence[Any]) -> list[
     ]
 
 
-def _reply_time(items: Sequence[Admit | _Settle], raws: Sequence[Any]) -> float | None:
+def _reply_time(items: Sequence[Step], raws: Sequence[Any]) -> float | None:
     """The step's time (the script read it from its clock): in every result, after the admission's
     two flags or first in a settlement's."""
     for item, raw in zip(items, raws, strict=True):
         if not isinstance(raw, Exception):
             return float(raw[2] if isinstance(item, Admit) else raw[0])
     return None
-
-
-def _copy_outcome(target: asyncio.Future[Any], source: asyncio.Future[Any]) -> None:
-    if target.done():
-        return
-    if source.cancelled():
-        target.cancel()
-    elif source.exception() is not None:
-        target.set_exception(source.exception())  # type: ignore[arg-type]
-    else:
-        target.set_result(source.result())
 
 
 def _text(value: Any) -> str:
@@ -834,10 +733,12 @@ def _raise_failure(failures: Iterable[Failed | None]) -> None:
 
 
 def _without(state: CounterState, budget: Budget, amount: int) -> CounterState:
-    """A state as it is after its take was refunded."""
+    """A state as it is after its take was refunded: it did not refuse (no retry-after of its own,
+    so that the refusal names only the budgets that did); its reset is the take's (at most one
+    bucket later than a single server's)."""
     if budget.holds:
-        return CounterState(state.used, max(0, state.held - amount), state.reset, 1)
-    return CounterState(max(0, state.used - amount), state.held, state.reset, 1)
+        return CounterState(state.used, max(0, state.held - amount), state.reset, 0)
+    return CounterState(max(0, state.used - amount), state.held, state.reset, 0)
 
 
 def _key_from_hash(raw: dict[bytes, bytes]) -> KeyRecord | None:
@@ -863,9 +764,7 @@ def _usage_from_hash(budget_id: str, raw: dict[bytes, bytes], now: float, names:
     if "m" in h:  # a long value: the id holds its hash, the hash its text
         meta["value"] = orjson.loads(h["m"])["value"]
     window = int(meta["window"])
-    buckets = [k[1:] for k in h if k[0] == "l" and k[1:].isdigit()]  # l<index>: a bucket's latest unit
-    used = sum(int(h.get(f"a{i}", 0)) for i in buckets if float(h[f"l{i}"]) > now - window)
-    held = int(h["s"].split(":", 2)[1]) if "s" in h else 0  # s = "t:hd:..." (see lua/common.lua)
+    used, held = limiter.usage_of(_window_state(h), window, now)
     quota = int(h["q"])
     return BudgetUsage(
         key_id=meta["key_id"],
@@ -884,9 +783,19 @@ def _usage_from_hash(budget_id: str, raw: dict[bytes, bytes], now: float, names:
     )
 
 
-def _matches(item: BudgetUsage, key_id: str | None, segment: str | None, value: str | None) -> bool:
+def _window_state(h: dict[str, str]) -> dict:
+    """A budget's hash (see lua/common.lua) as `limiter`'s window state: buckets a<i>/l<i>, holds
+    r<reservation> = "<amount>:<expiry>"."""
+    buckets = {
+        int(k[1:]): [int(h.get(f"a{k[1:]}", 0)), float(v)] for k, v in h.items() if k[0] == "l" and k[1:].isdigit()
+    }
+    holds = {k[1:]: [int(a), float(e)] for k, v in h.items() if k[0] == "r" for a, e in (v.split(":", 1),)}
+    return {"b": buckets, "t": sum(a for a, _ in buckets.values()), "h": holds}
+
+
+def _matches(item: BudgetUsage, key_id: str | None, segment: SegmentFilter, value: str | None) -> bool:
     return (
         (key_id is None or item.key_id == key_id)
-        and (segment is None or item.segment == (None if segment == GLOBAL else segment))
+        and (segment is EVERY_SEGMENT or item.segment == segment)
         and (value is None or item.value == value)
     )

@@ -30,8 +30,8 @@ from .. import limiter
 from ..limiter import Admission, Budget, CounterState
 from ..policy import MIN_WINDOW
 from ..redact import redact_url
-from .base import DENIALS_KEPT, GLOBAL, BudgetUsage, Denial, KeyRecord, StepError, StoreError
-from .batch import Admit, Batcher, Charge, Failed
+from .base import DENIALS_KEPT, EVERY_SEGMENT, BudgetUsage, Denial, KeyRecord, SegmentFilter, StepError, StoreError
+from .batch import Admit, Batcher, Charge, Failed, Step, StepResult
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class SQLiteStore:
         self._inline: sqlite3.Connection | None = None  # used on the event loop only, never waits
         self._waiting = 0  # batches handed to the store thread and not back yet
         # admissions and charges of one loop turn share one transaction
-        self._steps: Batcher[Admit | Charge, Any] = Batcher(self._execute_steps)
+        self._steps: Batcher[Step, Any] = Batcher(self._execute_steps)
         # what is known while no other connection has committed (PRAGMA data_version)
         self._seen_version: tuple[int, int] | None = None
         self._states_known: dict[str, dict] = {}
@@ -226,7 +226,7 @@ class SQLiteStore:
                 names = [r[0] for r in db.execute(_DUPLICATE_NAMES)]
                 log.warning("active keys share a name (made before names were unique): %s", names)
 
-    async def _execute_steps(self, items: list[Admit | Charge]) -> list[Any]:
+    async def _execute_steps(self, items: list[Step]) -> list[StepResult | Failed]:
         """Run a batch on the event loop itself when the write lock is free (a batch takes a fraction
         of a millisecond, less than a hand-off to a thread). When another process holds the lock,
         try again a few times after sub-millisecond pauses (SQLite's own busy handler sleeps a
@@ -305,7 +305,7 @@ class SQLiteStore:
         result: list[CounterState] = await self._steps.submit(Charge(budgets, reservation, amounts))
         return result
 
-    def _run_steps(self, db: sqlite3.Connection, items: Sequence[Admit | Charge]) -> list[Any]:
+    def _run_steps(self, db: sqlite3.Connection, items: Sequence[Step]) -> list[StepResult | Failed]:
         """A batch of admissions and charges in one transaction, each on its own, in order. An item
         that fails on its own data is left out and the batch runs again from the start (nothing of
         the failed attempt was committed or handed out): it fails alone, every other item is
@@ -320,12 +320,12 @@ class SQLiteStore:
         return results
 
     def _attempt(
-        self, db: sqlite3.Connection, items: Sequence[Admit | Charge], now: float, failed: dict[int, Failed]
-    ) -> list[Any] | None:
+        self, db: sqlite3.Connection, items: Sequence[Step], now: float, failed: dict[int, Failed]
+    ) -> list[StepResult | Failed] | None:
         """One transaction over the items not known to fail; None (rolled back) if another one fails."""
         db.execute("BEGIN IMMEDIATE")
         self._refresh(db)
-        results: list[Any] = []
+        results: list[StepResult | Failed] = []
         try:
             for index, item in enumerate(items):
                 if index in failed:
@@ -403,8 +403,8 @@ class SQLiteStore:
         views = [limiter.view(s, b, now) for s, b in zip(states, item.budgets, strict=True)]
         kept = [i for i, c in enumerate(changed) if c]
         if kept:
-            budgets = [item.budgets[i] for i in kept]
-            self._save(db, budgets, [states[i] for i in kept], [views[i] for i in kept], now, 0.0, denied=False)
+            budgets, written = [item.budgets[i] for i in kept], [views[i] for i in kept]
+            self._save(db, budgets, [states[i] for i in kept], written, now, 0.0, denied=False, charged=True)
         return views
 
     def _states(self, db: sqlite3.Connection, budgets: Sequence[Budget], now: float) -> list[dict]:
@@ -437,15 +437,17 @@ class SQLiteStore:
         now: float,
         hold_ttl: float,
         denied: bool,
+        charged: bool = False,
     ) -> None:
-        """Write the states back; a denial marks only the budgets that refused. Columns that did
-        not change (the indexed ratio, to two decimals, above all) are not rewritten."""
+        """Write the states back; a denial marks only the budgets that refused. A counter keeps the
+        quota and policies of the last call it admitted (a denial or a charge leaves them). Columns
+        that did not change (the indexed ratio, to two decimals, above all) are not rewritten."""
         for budget, state, view in zip(budgets, states, views, strict=True):
             refused = now if denied and view.retry_after else None
             expires = now + budget.window + (hold_ttl if budget.holds else 0)
             row, blob = state["_row"], _dump(state)
             quota, policies = budget.quota, limiter.policies_json(budget.policies).decode()
-            if denied and row is not None:  # a counter stays under the policies of the last call it admitted
+            if (denied or charged) and row is not None:
                 quota, policies = row[1], row[2]
             ratio = round(limiter.ratio(view.used, view.held, quota), 2)
             state["_row"] = (ratio, quota, policies)
@@ -496,7 +498,7 @@ class SQLiteStore:
     async def usage(
         self,
         key_id: str | None = None,
-        segment: str | None = None,
+        segment: SegmentFilter = EVERY_SEGMENT,
         value: str | None = None,
         limit: int = 100,
         offset: int = 0,
@@ -507,7 +509,7 @@ class SQLiteStore:
         self,
         db: sqlite3.Connection,
         key_id: str | None,
-        segment: str | None,
+        segment: SegmentFilter,
         value: str | None,
         limit: int,
         offset: int,
@@ -515,10 +517,10 @@ class SQLiteStore:
         now = self.clock()
         where: list[str] = ["c.expires_at > ?"]
         args: list[object] = [now]
-        if segment == GLOBAL:
+        if segment is None:
             where.append("c.segment IS NULL")
-            segment = None
-        for column, wanted in (("c.key_id", key_id), ("c.segment", segment), ("c.value", value)):
+        wanted_segment = None if segment is EVERY_SEGMENT else segment
+        for column, wanted in (("c.key_id", key_id), ("c.segment", wanted_segment), ("c.value", value)):
             if wanted is not None:
                 where.append(f"{column} = ?")
                 args.append(wanted)
@@ -734,9 +736,7 @@ def _key_active(db: sqlite3.Connection, key_id: str) -> bool:
 
 def _usage_row(row: tuple, now: float) -> BudgetUsage:
     key_id, key_name, unit, window, segment, value, quota, policies, updated, denied, blob = row
-    state = _load(blob)
-    limiter.expire(state, window, now)
-    used, hold = state["t"], limiter.held(state)
+    used, hold = limiter.usage_of(_load(blob), window, now)
     return BudgetUsage(
         key_id=key_id,
         key_name=key_name,
