@@ -605,6 +605,8 @@ class Proxy:
             await self._charge(call, None)
             raise ClientGone("the client closed its connection before the call was forwarded")
         body, strip = (call.rewritten, call.strip) if call.rewritten is not None else (call.body, False)
+        # nothing reads the request again: a long stream need not keep its body, twice, and its parse
+        call.body, call.rewritten, call.parsed = b"", None, None
         url = self._url(upstream, path, request.rel_url.raw_query_string)
         sent = time.perf_counter()
         try:
@@ -616,6 +618,7 @@ class Proxy:
                     data=body,
                     allow_redirects=False,
                 ) as response:
+                    body = b""  # sent (aiohttp's writer holds what it still has to send)
                     call.upstream_status = response.status
                     if _is_json(response):
                         return await self._whole(call, response)
