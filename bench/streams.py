@@ -276,6 +276,8 @@ class Streams:
                 self._check_store(run)
             if not service.alive():
                 run.problems.append(f"the server died:\n{service.log_tail()}")
+            elif run.problems:
+                run.problems.append(f"the server's log ends: {service.log_tail(3)[-600:]}")
         finally:
             service.stop()
         return run
