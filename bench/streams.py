@@ -239,7 +239,7 @@ class Streams:
 
     # -- the servers --
 
-    def start_server(self, side: str) -> tuple[Service, int, str]:
+    def start_server(self, side: str, streams: int) -> tuple[Service, int, str]:
         port = free_port()
         upstream = f"http://127.0.0.1:{self.upstream_port}"
         if side == "ref":
@@ -255,6 +255,9 @@ class Streams:
             argv = ["env", f"PYTHONPATH={Path(self.args.variants[side]).resolve()}", *argv]
         argv += ["--store", self.redis_url, "--workers", "2", "--openai-base-url", upstream]
         argv += ["--no-access-log", "--log-level", "warning"]
+        # every stream may land on one worker (SO_REUSEPORT spreads connections unevenly): the
+        # default of 512 calls in flight per worker would refuse some of a 2,000-stream row
+        argv += ["--max-in-flight", str(max(512, streams))]
         service = Service(side, argv, self.workdir)
         deadline = time.monotonic() + 60
         while "quotagate listening" not in service.log_path.read_text(errors="replace"):  # every worker listens
@@ -268,7 +271,7 @@ class Streams:
     def measure(self, side: str, streams: int, index: int, timing: Timing) -> Run:
         run = Run(side, streams, index)
         spawned = time.monotonic()
-        service, port, auth = self.start_server(side)
+        service, port, auth = self.start_server(side, streams)
         try:
             run.listened_after = time.monotonic() - spawned
             self._load(run, service, port, auth, timing)
