@@ -1,7 +1,7 @@
 """Thousands of long streams at once: quotagate beside the reference proxy, in one run (issue 15).
 
     .venv/bin/python bench/streams.py            # rows of 500 and 2,000 streams, 2 rounds (~9 minutes)
-    .venv/bin/python bench/streams.py --quick    # one round, shorter phases (~2 minutes)
+    .venv/bin/python bench/streams.py --quick    # one round, shorter phases (~3 minutes)
     .venv/bin/python bench/streams.py --rows 500 --rounds 3 --cold 20 --warm 20
 
 Every row holds C streamed chat completions open at once (closed loop: each of C clients sends
