@@ -15,6 +15,10 @@ bytes built once at start:
 benchmark can check that a gateway really forwarded what it answered 200 for.
 
     python bench/upstream.py --port 9000 [--chunk-delay 0.005]
+
+`bench/streams.py` runs it with longer streams, as a real model sends them: `--stream-words 40`
+content events 50 ms apart (`--chunk-delay 0.05`), `"usage":null` in every chunk of a stream that
+asks for its usage (`--usage-null`, as OpenAI does), and `--prompt-tokens` in that usage.
 """
 
 from __future__ import annotations
@@ -96,7 +100,12 @@ def _chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
-def _event(delta: dict[str, object], finish: str | None = None, usage: bool = False) -> bytes:
+def _event(
+    delta: dict[str, object],
+    finish: str | None = None,
+    usage: tuple[int, int] | None = None,
+    usage_null: bool = False,
+) -> bytes:
     data: dict[str, object] = {
         "id": "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT",
         "object": "chat.completion.chunk",
@@ -105,18 +114,26 @@ def _event(delta: dict[str, object], finish: str | None = None, usage: bool = Fa
         "system_fingerprint": "fp_06737a9306",
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
     }
-    if usage:
+    if usage is not None:
         data["choices"] = []
-        data["usage"] = {"prompt_tokens": 26, "completion_tokens": len(STREAM_WORDS), "total_tokens": 36}
+        data["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
+    elif usage_null:
+        data["usage"] = None
     return _chunk(b"data: " + orjson.dumps(data) + b"\n\n")
 
 
-STREAM_EVENTS = (
-    [_event({"role": "assistant", "content": "", "refusal": None})]
-    + [_event({"content": word}) for word in STREAM_WORDS]
-    + [_event({}, finish="stop")]
-)
-STREAM_USAGE = _event({}, usage=True)
+def stream_events(words: int, usage_null: bool = False) -> list[bytes]:
+    """The events of a stream of `words` content events (the role event first, the finish last)."""
+    texts = [STREAM_WORDS[i % len(STREAM_WORDS)] for i in range(words)]
+    return (
+        [_event({"role": "assistant", "content": "", "refusal": None}, usage_null=usage_null)]
+        + [_event({"content": text}, usage_null=usage_null) for text in texts]
+        + [_event({}, finish="stop", usage_null=usage_null)]
+    )
+
+
+STREAM_EVENTS = stream_events(len(STREAM_WORDS))
+STREAM_USAGE = _event({}, usage=(26, len(STREAM_WORDS)))
 STREAM_END = _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
 NOT_SUPPORTED = b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -132,6 +149,8 @@ class Upstream(asyncio.Protocol):
     """One keep-alive connection: heads and bodies parsed just enough to frame requests."""
 
     chunk_delay = 0.005
+    events = STREAM_EVENTS  # without usage asked
+    events_usage = [*STREAM_EVENTS, STREAM_USAGE]  # with `include_usage`
 
     def __init__(self) -> None:
         self.buffer = b""
@@ -196,7 +215,7 @@ class Upstream(asyncio.Protocol):
                 self._reply(JSON_RESPONSE)
 
     async def _stream(self, usage: bool, close: bool) -> None:
-        events = [*STREAM_EVENTS, STREAM_USAGE] if usage else STREAM_EVENTS
+        events = self.events_usage if usage else self.events
         self._reply(STREAM_HEAD + events[0])
         for event in events[1:]:
             await asyncio.sleep(self.chunk_delay)
@@ -237,9 +256,15 @@ def _wants_close(head: bytes) -> bool:
     return b"\r\nconnection: close" in lower or head.split(b"\r\n", 1)[0].endswith(b"HTTP/1.0")
 
 
-async def serve(host: str, port: int, chunk_delay: float) -> None:
-    """Serve until SIGTERM or SIGINT."""
+def configure(chunk_delay: float, words: int, prompt_tokens: int, usage_null: bool) -> None:
+    """The streams every connection sends."""
     Upstream.chunk_delay = chunk_delay
+    Upstream.events = stream_events(words)
+    Upstream.events_usage = [*stream_events(words, usage_null), _event({}, usage=(prompt_tokens, words))]
+
+
+async def serve(host: str, port: int) -> None:
+    """Serve until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Upstream, host, port, backlog=4096, reuse_address=True)
     stop = asyncio.Event()
@@ -255,14 +280,18 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--chunk-delay", type=float, default=0.005, help="seconds between stream events")
+    parser.add_argument("--stream-words", type=int, default=len(STREAM_WORDS), help="content events per stream")
+    parser.add_argument("--prompt-tokens", type=int, default=26, help="prompt_tokens in a stream's usage")
+    parser.add_argument("--usage-null", action="store_true", help='"usage":null in the chunks of a stream asking usage')
     args = parser.parse_args()
+    configure(args.chunk_delay, args.stream_words, args.prompt_tokens, args.usage_null)
     try:
         import uvloop
     except ImportError:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    runner(serve(args.host, args.port, args.chunk_delay))
+    runner(serve(args.host, args.port))
 
 
 if __name__ == "__main__":

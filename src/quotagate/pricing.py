@@ -103,6 +103,13 @@ def _find_model(provider: str, model: str, api_url: str | None) -> Any:
         return None
 
 
+def load_prices() -> None:
+    """Load the library's price data now (a worker calls it at start): the first call priced would
+    otherwise import it on the event loop, about half a second of CPU that every call in flight
+    waits out."""
+    _find_model("openai", "gpt-4o-mini", None)
+
+
 def _card_from_library(provider: str, model: str, api_url: str | None = None) -> PriceCard | None:
     info = _find_model(provider, model, api_url)
     if info is None:

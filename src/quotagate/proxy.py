@@ -212,6 +212,8 @@ class Proxy:
             await self.metering.charge(ticket, meter, None)
             raise ClientGone("the client closed its connection before the call was forwarded")
         body, strip = (ticket.rewritten, ticket.strip) if ticket.rewritten is not None else (ticket.body, False)
+        # nothing reads the request again: a long stream need not keep its body, twice, and its parse
+        ticket.body, ticket.rewritten, ticket.parsed = b"", None, None
         url = _url(upstream, path, request.rel_url.raw_query_string)
         sent = time.perf_counter()
         try:
@@ -223,6 +225,7 @@ class Proxy:
                     data=body,
                     allow_redirects=False,
                 ) as response:
+                    body = b""  # sent (aiohttp's writer holds what it still has to send)
                     meter.upstream_status = response.status
                     if _is_json(response):
                         return await self._whole(call, response)

@@ -31,6 +31,7 @@ from yarl import URL
 from . import metrics
 from .config import Settings
 from .connections import HTTP_LIMITS, GatewayRunner, HttpLimits, route_library_logs
+from .pricing import load_prices
 from .proxy import Proxy
 from .redact import redact_url
 from .stores import Store, StoreError, open_store
@@ -290,6 +291,7 @@ def run_worker(settings: Settings, reuse_port: bool, ready: Callable[[], None] =
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         count_tokens("quotagate")  # the tokenizer loads now, not on the first request
+        load_prices()  # and so do the prices
         await run_site(settings, open_store(settings.store), reuse_port, stop, tune_gc=True, ready=bound)
 
     try:

