@@ -13,19 +13,17 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import openai
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from quotagate.admin import COOKIE
 
-from .conftest import CHAT, Gateway
+from .conftest import POLICY, Gateway, chat
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = os.environ.get("QUOTAGATE_TEST_CHROMIUM", "/usr/bin/chromium")
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
-POLICY = "Helicone-RateLimit-Policy"
 TOKEN = "dashboard-admin-token"
 LIVE = 10_000  # ms to wait for the page's next polls (it polls every 2 s)
 
@@ -67,14 +65,6 @@ def new_key(gw: Gateway, name: str, policies: list[str] | None = None) -> str:
         )
     assert response.status_code == 201, response.text
     return str(response.json()["key"])
-
-
-def chat(client: openai.OpenAI, **headers: str) -> int:
-    try:
-        client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=8, extra_headers=headers or None)
-        return 200
-    except openai.APIStatusError as exc:
-        return exc.status_code
 
 
 def background_traffic(gw: Gateway) -> None:
