@@ -406,7 +406,7 @@ class Proxy:
                 continue
             if index >= header or self.settings.on_policy_error != "ignore":
                 raise MissingSegment(self._missing(policy), policy=policy.normal_form(), segment=segment)
-            call.skipped.append(Skip(MissingSegment.code, policy.normal, self._missing(policy)))
+            call.skipped.append(Skip(MissingSegment.code, policy.normal_form(), self._missing(policy)))
             lacking.append(index)
         if lacking:
             policies = call.policies = tuple(p for i, p in enumerate(policies) if i not in lacking)
@@ -932,7 +932,7 @@ def _refusal(request: web.Request, call: Call) -> dict[str, Any]:
     exc = call.error
     if exc is None:
         return {}
-    policy: str | None = ", ".join(p.normal for p in call.policies) or None
+    policy: str | None = ", ".join(p.normal_form() for p in call.policies) or None
     reason = exc.message
     if isinstance(exc, BadPolicy):
         policy = exc.extra.get("policy")
@@ -959,10 +959,10 @@ def _denial(call: Call, exc: RateLimited) -> tuple[str | None, str]:
             full = spent >= policy.scaled_quota if budget.holds else spent + budget.amount > policy.scaled_quota
             if not full:
                 continue
-            names.append(policy.normal)
-            parts.append(f"{policy.normal}: {_usage_text(policy, state)}{_sharing(budget.policies, policy)}")
+            names.append(policy.normal_form())
+            parts.append(f"{policy.normal_form()}: {_usage_text(policy, state)}{_sharing(budget.policies, policy)}")
     if not names:  # refused for another reason (a call that can never fit): its message says why
-        return ", ".join(p.normal for p in call.policies) or None, exc.message
+        return ", ".join(p.normal_form() for p in call.policies) or None, exc.message
     retry = exc.extra.get("retry_after")
     return ", ".join(names), "; ".join(parts) + (f"; retry after {retry} s" if retry is not None else "")
 
@@ -979,5 +979,5 @@ def _usage_text(policy: Policy, state: CounterState) -> str:
 
 
 def _sharing(policies: tuple[Policy, ...], policy: Policy) -> str:
-    others = [p.normal for p in policies if p is not policy]
+    others = [p.normal_form() for p in policies if p is not policy]
     return f" (one counter with {', '.join(others)})" if others else ""
