@@ -52,10 +52,10 @@ class FakeClock:
         self.now += seconds
 
 
-def chat(client: OpenAI, model: str = "gpt-4o-mini", max_tokens: int = 8, **headers: str) -> int:
-    """One chat completion of CHAT through the SDK: 200, or the status of the error it raised."""
+def chat(client: OpenAI, model: str = "gpt-4o-mini", **headers: str) -> int:
+    """One chat completion of CHAT (8 tokens at most) through the SDK: 200, or its error's status."""
     try:
-        client.chat.completions.create(model=model, messages=CHAT, max_tokens=max_tokens, extra_headers=headers or None)
+        client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, extra_headers=headers or None)
         return 200
     except openai.APIStatusError as exc:
         return exc.status_code
