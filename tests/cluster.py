@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
@@ -20,9 +21,13 @@ def _free(port: int) -> bool:
 
 
 def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    """A free port whose cluster bus port (port + 10000) is free and valid too; under pytest-xdist
+    from a slice of the range of its own per worker, so that two workers never pick the same."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    size = 25000 // workers
     while True:
-        port = random.randint(20000, 45000)
+        port = random.randint(20000 + worker * size, 20000 + (worker + 1) * size - 1)
         if _free(port) and _free(port + 10000):
             return port
 

@@ -34,6 +34,7 @@ from quotagate.keys import create_key
 from quotagate.server import build_app
 from quotagate.stores import Store, open_store
 
+POLICY = "Helicone-RateLimit-Policy"
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello to the test suite"}]
 CLAUDE: list[MessageParam] = [{"role": "user", "content": "Say hello to the test suite"}]
 
@@ -49,6 +50,15 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def chat(client: OpenAI, model: str = "gpt-4o-mini", **headers: str) -> int:
+    """One chat completion of CHAT (8 tokens at most) through the SDK: 200, or its error's status."""
+    try:
+        client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, extra_headers=headers or None)
+        return 200
+    except openai.APIStatusError as exc:
+        return exc.status_code
 
 
 def free_port() -> int:

@@ -34,9 +34,8 @@ from quotagate.policy import parse_policies
 from quotagate.server import PROXY
 from quotagate.stores import open_store
 
-from .conftest import CHAT, CLAUDE, FakeClock, Gateway, httpx
+from .conftest import CHAT, CLAUDE, POLICY, FakeClock, Gateway, httpx
 
-POLICY = "Helicone-RateLimit-Policy"
 RETRYING = re.compile(r"Retrying request .*?in ([0-9.]+) seconds")
 
 

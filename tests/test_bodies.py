@@ -15,9 +15,8 @@ import pytest
 
 from quotagate.fake_upstream import FakeUpstream
 
-from .conftest import CHAT, Gateway
+from .conftest import CHAT, POLICY, Gateway
 
-POLICY = "Helicone-RateLimit-Policy"
 BODY = {"model": "gpt-4o-mini", "messages": CHAT, "max_tokens": 2, "user": "alice"}
 
 

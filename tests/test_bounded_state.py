@@ -140,23 +140,27 @@ class Monitor:
         self.client = redis.Redis.from_url(url)
         self.db = self.client.connection_pool.connection_kwargs.get("db", 0)
         self.commands: list[list[str]] = []
-        self._ready = threading.Event()
+        self._watching = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         with self.client.monitor() as monitor:
-            self._ready.set()
             for event in monitor.listen():
                 words = event["command"].split(" ")
                 if words == ["ECHO", "monitor-stop"]:
                     return
-                if event["db"] == self.db:
+                if words == ["ECHO", "monitor-start"]:
+                    self._watching.set()
+                elif event["db"] == self.db:
                     self.commands.append(words)
 
     def __enter__(self) -> Monitor:
         self._thread.start()
-        self._ready.wait(5)
-        time.sleep(0.2)  # MONITOR is on before the first command is sent
+        deadline = time.monotonic() + 10
+        while not self._watching.is_set():  # MONITOR is on once it sees a command sent after it
+            assert time.monotonic() < deadline, "MONITOR never started"
+            self.client.echo("monitor-start")
+            self._watching.wait(0.05)
         return self
 
     def __exit__(self, *exc: object) -> None:

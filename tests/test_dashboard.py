@@ -13,21 +13,19 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import openai
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from quotagate.admin import COOKIE
 
-from .conftest import CHAT, Gateway
+from .conftest import POLICY, Gateway, chat
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = os.environ.get("QUOTAGATE_TEST_CHROMIUM", "/usr/bin/chromium")
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
-POLICY = "Helicone-RateLimit-Policy"
 TOKEN = "dashboard-admin-token"
-LIVE = 10_000  # ms to wait for the page's next polls (it polls every 2 s)
+LIVE = 10_000  # ms to wait for what the page shows next (it polls every 2 s; `poll_now` asks at once)
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +67,6 @@ def new_key(gw: Gateway, name: str, policies: list[str] | None = None) -> str:
     return str(response.json()["key"])
 
 
-def chat(client: openai.OpenAI, **headers: str) -> int:
-    try:
-        client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=8, extra_headers=headers or None)
-        return 200
-    except openai.APIStatusError as exc:
-        return exc.status_code
-
-
 def background_traffic(gw: Gateway) -> None:
     """Some keys, users and properties at various levels, so the page has something to sort."""
     mobile = gw.openai(new_key(gw, "mobile-app"), **{POLICY: "500;w=3600, 40;w=3600;s=user"})
@@ -91,6 +81,12 @@ def background_traffic(gw: Gateway) -> None:
     for team, calls in (("research", 6), ("support", 2)):
         for _ in range(calls):
             assert chat(spend, **{"Helicone-Property-Team": team}) == 200
+
+
+def poll_now(page: Page) -> None:
+    """The page polls every 2 s, and at once when it becomes visible again: a test that changed the
+    data asks it now rather than wait for the next poll."""
+    page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
 
 
 def login(page: Page, url: str) -> None:
@@ -120,12 +116,14 @@ def test_watch_a_user_reach_the_limit(make_gateway: Callable[..., Gateway], page
     expect(page.locator("#budget-empty")).to_be_visible()
 
     background_traffic(gw)
+    poll_now(page)
     expect(page.locator('#budget-list .row[data-value="dana"]')).to_be_visible(timeout=LIVE)
 
     chatbot = gw.openai(new_key(gw, "support-bot"), **{POLICY: "5;w=3600;s=user", "Helicone-User-Id": "alice"})
     alice = page.locator('#budget-list .row[data-value="alice"]')
     for sent in range(1, 5):  # alice approaches her limit, one call at a time, and the page follows
         assert chat(chatbot) == 200
+        poll_now(page)
         expect(alice.locator(".amount")).to_have_text(f"{sent} / 5", timeout=LIVE)
     expect(alice).to_have_class(re.compile(r"\bnear\b"))
     expect(alice.locator(".pct")).to_have_text("80%")
@@ -134,6 +132,7 @@ def test_watch_a_user_reach_the_limit(make_gateway: Callable[..., Gateway], page
 
     assert chat(chatbot) == 200
     assert chat(chatbot) == 429  # the sixth is denied
+    poll_now(page)
     expect(alice).to_have_class(re.compile(r"\bdenied\b"), timeout=LIVE)
     expect(alice.locator(".pct")).to_have_text("100%")
     expect(alice.locator(".badge")).to_contain_text("Denied")
@@ -164,6 +163,7 @@ def test_traffic_values_are_shown_as_text(make_gateway: Callable[..., Gateway], 
     hostile = '<img src=x onerror="document.title=1">mallory'
     client = gw.openai(new_key(gw, "<b>key</b>"), **{POLICY: "3;w=60;s=user", "Helicone-User-Id": hostile})
     assert [chat(client) for _ in range(4)] == [200, 200, 200, 429]
+    poll_now(page)
     row = page.locator("#budget-list .row").first
     expect(row.locator(".name")).to_have_text(hostile, timeout=LIVE)
     expect(row.locator(".meta")).to_contain_text("key <b>key</b>")

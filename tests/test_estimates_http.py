@@ -21,11 +21,10 @@ import pytest
 
 from quotagate.fake_upstream import FakeUpstream, billed_words
 
-from .conftest import Gateway, httpx
+from .conftest import POLICY, Gateway, httpx
 from .test_spend import ledger, settled
 from .test_spend import served as served  # the fixture, for the disconnect test
 
-POLICY = "Helicone-RateLimit-Policy"
 CALLS = 30
 
 

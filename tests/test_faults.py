@@ -18,9 +18,7 @@ import pytest
 
 from quotagate.fake_upstream import FakeUpstream
 
-from .conftest import CHAT, Gateway, httpx, stop_process
-
-POLICY = "Helicone-RateLimit-Policy"
+from .conftest import CHAT, POLICY, Gateway, httpx, stop_process
 
 
 def test_upstream_connection_reset_is_502_and_still_counts(gateway: Gateway, upstream: FakeUpstream) -> None:
@@ -51,13 +49,20 @@ def test_token_hold_is_released_when_the_upstream_resets(gateway: Gateway, upstr
 def test_half_stream_is_not_passed_off_as_complete(gateway: Gateway, upstream: FakeUpstream) -> None:
     key = gateway.key()
     client = gateway.openai(key, **{POLICY: "1000;w=60;u=token", "X-Fake-Cut-After": "3"})
-    with pytest.raises((openai.APIError, httpx.HTTPError)):
+    with pytest.raises(openai.APIConnectionError) as raised:
         list(client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=50, stream=True))
-    # the cut call was charged what it sent (its prompt plus two streamed words), and holds nothing
+    assert incomplete(raised.value)
+    # the cut call was charged its prompt's estimate (11 tokens) and the two words streamed before
+    # the cut (" word0", " word1": 2 tokens each), and holds nothing
     with gateway.http() as http:
         response = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}", POLICY: "1000;w=60;u=token"})
-    remaining = int(response.headers["Helicone-RateLimit-Remaining"])
-    assert 1000 - 20 < remaining < 1000
+    assert response.headers["Helicone-RateLimit-Remaining"] == str(1000 - 11 - 4)
+
+
+def incomplete(exc: openai.APIConnectionError) -> bool:
+    """The SDK's error says the gateway ended the chunked body short (no clean end passed off)."""
+    cause = exc.__cause__
+    return isinstance(cause, httpx.RemoteProtocolError) and "incomplete chunked read" in str(cause)
 
 
 def test_malformed_sse_event_passes_through_and_usage_is_still_read(gateway: Gateway, upstream: FakeUpstream) -> None:
@@ -89,8 +94,9 @@ def test_stream_that_stalls_past_the_timeout_is_cut(
 ) -> None:
     gateway = make_gateway(upstream_timeout=0.3)
     client = gateway.openai(gateway.key(), **{POLICY: "1000;w=60;u=token", "X-Fake-Chunk-Delay": "1"})
-    with pytest.raises((openai.APIError, httpx.HTTPError)):
+    with pytest.raises(openai.APIConnectionError) as raised:
         list(client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=5, stream=True))
+    assert incomplete(raised.value)
 
 
 def test_sqlite_file_locked_by_another_process(

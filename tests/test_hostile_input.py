@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 
 from quotagate.fake_upstream import FakeUpstream
 
-from .conftest import CHAT, Gateway
+from .conftest import CHAT, POLICY, Gateway
 
-POLICY = "Helicone-RateLimit-Policy"
 BODY = {"model": "gpt-4o-mini", "messages": CHAT, "max_tokens": 2}
 
 
@@ -85,37 +84,64 @@ def test_control_characters_in_headers_are_a_400(gateway: Gateway, upstream: Fak
     assert upstream.count() == 0
 
 
+# what the provider (the fake one, as the real ones) answers a body it cannot parse as JSON
+PROVIDER_PARSE_ERROR = {
+    "error": {
+        "message": "We could not parse the JSON body of your request.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+}
+
+
 @pytest.mark.parametrize(
-    "body",
+    ("body", "provider_status"),
     [
-        b"not json at all",
-        b'{"model": "gpt-4o", "user": "trunc',
-        b"[1, 2, 3]",
-        b'"just a string"',
-        b"",
-        b"\xff\xfe\x00garbage",
+        (b"not json at all", 400),
+        (b'{"model": "gpt-4o", "user": "trunc', 400),
+        (b"[1, 2, 3]", 200),  # JSON, if not an object: the fake provider answers it
+        (b'"just a string"', 200),
+        (b"", 200),
+        (b"\xff\xfe\x00garbage", 400),
     ],
 )
-def test_bodies_that_are_not_json_objects_have_no_user(gateway: Gateway, upstream: FakeUpstream, body: bytes) -> None:
+def test_bodies_that_are_not_json_objects_have_no_user(
+    gateway: Gateway, upstream: FakeUpstream, body: bytes, provider_status: int
+) -> None:
     key = gateway.key()
     status, payload = raw_request(gateway, post_head(key, body, f"{POLICY}: 5;w=60;s=user".encode()), body)
     assert status == 400 and orjson.loads(payload)["error"]["code"] == "missing_segment_value"
-    status, _ = raw_request(gateway, post_head(key, body, f"{POLICY}: 5;w=60".encode()), body)
-    assert status in (200, 400)  # forwarded as it is; the provider answers what it makes of it
+    # without a segment it is forwarded as it is, and the provider's answer comes back as it is
+    status, payload = raw_request(gateway, post_head(key, body, f"{POLICY}: 5;w=60".encode()), body)
+    assert status == provider_status
+    if provider_status == 400:
+        assert orjson.loads(payload) == PROVIDER_PARSE_ERROR
     assert [r.body for r in upstream.received] == [body]
 
 
-@pytest.mark.parametrize("depth", [50, 900, 1500, 100_000])
-def test_deeply_nested_bodies(gateway: Gateway, upstream: FakeUpstream, depth: int) -> None:
+@pytest.mark.parametrize(
+    ("depth", "status", "code"),
+    [
+        (50, 200, None),  # parsed and metered: forwarded
+        (900, 400, "invalid_body"),  # JSON the provider reads, but too deep to meter: refused
+        (1500, 400, "missing_segment_value"),  # beyond the JSON parser's depth limit: not JSON, no user
+        (100_000, 400, "missing_segment_value"),
+    ],
+)
+def test_deeply_nested_bodies(
+    gateway: Gateway, upstream: FakeUpstream, depth: int, status: int, code: str | None
+) -> None:
     nested = b"[" * depth + b'"x"' + b"]" * depth
     body = b'{"model": "gpt-4o-mini", "user": "deep", "messages": ' + nested + b"}"
     key = gateway.key()
     head = post_head(key, body, f"{POLICY}: 100000;w=60;u=token;s=user, 10;w=60;u=cents".encode())
-    status, payload = raw_request(gateway, head, body)
-    if depth < 1024:  # parsed: the user and the prompt are read from it
-        assert status in (200, 400) and b"Internal" not in payload
-    else:  # beyond the JSON parser's depth limit the body is not JSON: no user
-        assert status == 400 and orjson.loads(payload)["error"]["code"] == "missing_segment_value"
+    answer, payload = raw_request(gateway, head, body)
+    assert answer == status
+    if code is None:
+        assert orjson.loads(payload)["object"] == "chat.completion" and upstream.count() == 1
+    else:
+        assert orjson.loads(payload)["error"]["code"] == code and upstream.count() == 0
 
 
 def test_huge_body_without_content_length_is_413(make_gateway: Callable[..., Gateway], upstream: FakeUpstream) -> None:

@@ -13,9 +13,7 @@ import pytest
 
 from quotagate.fake_upstream import FakeUpstream
 
-from .conftest import CHAT, CLAUDE, FakeClock, Gateway
-
-POLICY = "Helicone-RateLimit-Policy"
+from .conftest import CHAT, CLAUDE, POLICY, FakeClock, Gateway
 
 
 def call(client: openai.OpenAI, **headers: str) -> tuple[int, dict[str, str]]:

@@ -7,16 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import httpx2 as httpx
-import openai
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from quotagate.fake_upstream import FakeUpstream
 
-from .conftest import CHAT, Gateway, free_port
+from .conftest import CHAT, POLICY, Gateway, chat, free_port
 
-POLICY = "Helicone-RateLimit-Policy"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -40,15 +38,10 @@ def grew(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
-def chat(client: openai.OpenAI, model: str = "gpt-4o-mini", **headers: str) -> int:
-    try:
-        client.chat.completions.create(model=model, messages=CHAT, extra_headers=headers or None)
-        return 200
-    except openai.APIStatusError as exc:
-        return exc.status_code
-
-
-def test_metrics_move_with_the_traffic(gateway: Gateway, upstream: FakeUpstream) -> None:
+def test_metrics_move_with_the_traffic(serve: Callable[..., Gateway], upstream: FakeUpstream) -> None:
+    """A gateway process of its own: counters that other tests in this process drove (to 1e30
+    tokens, say, where adding 450 changes nothing) are not these."""
+    gateway = serve()
     before = scrape(gateway.url)
     tokens = {"X-Fake-Prompt-Tokens": "120", "X-Fake-Completion-Tokens": "30"}
     client = gateway.openai(gateway.key(), **{POLICY: "2;w=60;s=user", "Helicone-User-Id": "alice-secret-id"})

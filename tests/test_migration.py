@@ -19,11 +19,10 @@ from hypothesis import strategies as st
 
 from quotagate.fake_upstream import FakeUpstream
 
-from .conftest import CHAT, CLAUDE, FakeClock, Gateway
+from .conftest import CHAT, CLAUDE, POLICY, FakeClock, Gateway
 from .test_metrics import grew, scrape
 from .test_policy_properties import invalid_items, policy_texts
 
-POLICY = "Helicone-RateLimit-Policy"
 INVALID = "invalid_rate_limit_policy"
 MISSING = "missing_segment_value"
 

@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 from quotagate.admin import COOKIE
 from quotagate.policy import MAX_WINDOW, MIN_WINDOW, PolicyError, parse_policy
 
-from .conftest import CHAT, Gateway, cli
+from .conftest import CHAT, POLICY, Gateway, cli
 
-POLICY = "Helicone-RateLimit-Policy"
 TOKEN = "numbers-admin-token"
 LONG = "1" * 5000
 ANY_DIGITS = st.one_of(

@@ -10,13 +10,12 @@ from pathlib import Path
 import openai
 import orjson
 import pytest
+import redis
 
 from quotagate.fake_upstream import FakeUpstream
 
 from .cluster import RedisServer, make_tls_files
-from .conftest import Gateway, cli, concurrent_calls, httpx
-
-POLICY = "Helicone-RateLimit-Policy"
+from .conftest import POLICY, Gateway, cli, concurrent_calls, httpx
 
 
 def test_three_instances_share_one_budget_exactly(
@@ -52,9 +51,12 @@ def test_tls_redis(make_gateway: Callable[..., Gateway], upstream: FakeUpstream,
         gateway = make_gateway(store_url=server.url)
         client = gateway.openai(gateway.key(), **{POLICY: "1;w=60"})
         client.models.list()
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.RateLimitError):  # counted in the store, so it went over TLS
             client.models.list()
-    assert server.url.startswith("rediss://")
+        plain = redis.Redis(port=server.port, socket_timeout=5)
+        with pytest.raises(redis.ConnectionError):  # the server speaks nothing but TLS
+            plain.ping()
+        plain.close()
     assert upstream.count() == 1
 
 

@@ -15,9 +15,8 @@ import pytest
 from quotagate.config import ConfigError, Settings, load_file
 from quotagate.fake_upstream import FakeUpstream
 
-from .conftest import CHAT, Gateway, cli
+from .conftest import CHAT, POLICY, Gateway, cli
 
-POLICY = "Helicone-RateLimit-Policy"
 PROVIDER_KEY = "sk-client-provider-secret-0123456789"
 BODY = {"model": "gpt-4o-mini", "messages": CHAT, "max_tokens": 4}
 

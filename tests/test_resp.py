@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -89,12 +90,13 @@ def test_a_server_that_stops_answering_times_out_and_the_next_call_reconnects(tm
         async def main() -> None:
             async with connected(server.url, reply_timeout=0.2) as client:
                 assert await client.execute(echo("before")) == b"before"
-                pause(server.url, 1000)
+                assert server.process is not None
+                server.process.send_signal(signal.SIGSTOP)  # the server stops answering, until SIGCONT
                 calls = [asyncio.ensure_future(client.execute(echo(str(i)))) for i in range(3)]
                 for call in calls:
                     with pytest.raises(RedisTimeoutError, match=r"did not answer within 0\.2 s"):
                         await call
-                await asyncio.sleep(1.0)  # the pause ends
+                server.process.send_signal(signal.SIGCONT)
                 assert await client.execute(echo("after")) == b"after"
 
         run(main())

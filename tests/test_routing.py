@@ -27,10 +27,9 @@ from hypothesis import strategies as st
 from quotagate.config import CallPrice, ConfigError, Upstream, load_file
 from quotagate.fake_upstream import FakeUpstream
 
-from .conftest import CHAT, CLAUDE, FakeClock, Gateway, cli
+from .conftest import CHAT, CLAUDE, POLICY, FakeClock, Gateway, cli
 from .test_spend import ledger, usage_headers
 
-POLICY = "Helicone-RateLimit-Policy"
 TOKENS = "100000000;w=3600;u=token"
 CENTS = "100000;w=3600;u=cents"
 GATEWAY_OPENAI_KEY = "sk-gateway-owned-openai"

@@ -15,9 +15,8 @@ import pytest
 from quotagate.fake_upstream import BackgroundServer, FakeUpstream
 from quotagate.server import JsonFormatter
 
-from .conftest import CHAT, Gateway, free_port
+from .conftest import CHAT, POLICY, Gateway, free_port
 
-POLICY = "Helicone-RateLimit-Policy"
 PROVIDER_KEY = "sk-provider-VERY-SECRET-0123456789"
 ADMIN_TOKEN = "admin-token-VERY-SECRET-987"
 

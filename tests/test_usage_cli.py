@@ -8,20 +8,9 @@ import subprocess
 import threading
 import time
 
-import openai
+from .conftest import POLICY, Gateway, chat, cli, quotagate_command
 
-from .conftest import CHAT, Gateway, cli, quotagate_command
-
-POLICY = "Helicone-RateLimit-Policy"
 WIDE = {"COLUMNS": "200"}  # rich sizes its table to the terminal; a pipe has none
-
-
-def chat(client: openai.OpenAI, **headers: str) -> int:
-    try:
-        client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, extra_headers=headers or None)
-        return 200
-    except openai.APIStatusError as exc:
-        return exc.status_code
 
 
 def table_rows(output: str) -> list[list[str]]:

@@ -32,9 +32,10 @@ from typing import Any
 from aiohttp import web
 
 from . import keys
-from .adminauth import COOKIE, SESSION_SECONDS, Gatekeeper, error, json_required
+from .adminauth import COOKIE, SESSION_SECONDS, Gatekeeper, json_required
 from .bounded import shown, whole_number
 from .config import Settings
+from .errors import NO_STORE, AdminError, admin_error, admin_response
 from .metrics import RequestHistory
 from .policy import PolicyError, Unit, format_quota, segment_kind
 from .stores import EVERY_SEGMENT, BudgetUsage, Denial, KeyRecord, SegmentFilter, Store, StoreError
@@ -43,7 +44,6 @@ PAGE_MAX = 500
 OFFSET_MAX = 10**9  # far beyond any list; SQLite refuses offsets over 2**63
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 PROPERTY_SEGMENT_PREFIX = "property:"  # ?segment=property:NAME asks for a property, even one named global
-_NO_STORE = {"Cache-Control": "no-store"}
 _PAGE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Content-Type-Options": "nosniff",
@@ -55,18 +55,6 @@ _PAGE_HEADERS = {
     ),
 }
 ASSET_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".html": "text/html"}
-
-
-class AdminError(Exception):
-    """A request the admin API answers with an error status."""
-
-    def __init__(self, status: int, message: str, code: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-
-def _error(status: int, message: str, code: str) -> web.Response:
-    return error(status, message, code)
 
 
 # --- JSON shapes ----------------------------------------------------------------------------------
@@ -177,16 +165,16 @@ class AdminApi:
 
         async def guarded_handler(request: web.Request) -> web.StreamResponse:
             if not self.settings.admin_token:
-                return _error(404, "the admin surface is off: start the gateway with --admin-token", "admin_off")
+                return admin_error(404, "the admin surface is off: start the gateway with --admin-token", "admin_off")
             refusal = await self.gate.check(request) or json_required(request)
             if refusal is not None:
                 return refusal
             try:
                 return await handler(request)
             except AdminError as exc:
-                return _error(exc.status, exc.message, exc.code)
+                return admin_response(exc)
             except StoreError as exc:
-                return _error(503, f"store unreachable: {exc}", "store_unavailable")
+                return admin_error(503, f"store unreachable: {exc}", "store_unavailable")
 
         return guarded_handler
 
@@ -197,12 +185,12 @@ class AdminApi:
 
     async def session(self, request: web.Request) -> web.Response:
         expires = await self.gate.session_expiry(request)
-        return web.json_response({"authenticated": True, "expires_at": expires}, headers=_NO_STORE)
+        return web.json_response({"authenticated": True, "expires_at": expires}, headers=NO_STORE)
 
     async def login(self, request: web.Request) -> web.Response:
         """The admin token for a session cookie: a sign-in attempt, throttled per client address."""
         if not self.settings.admin_token:
-            return _error(404, "the admin surface is off: start the gateway with --admin-token", "admin_off")
+            return admin_error(404, "the admin surface is off: start the gateway with --admin-token", "admin_off")
         presented = await _presented_token(request)
         if isinstance(presented, web.Response):
             return presented
@@ -212,8 +200,8 @@ class AdminApi:
         try:
             value, expires = await self.gate.start_session()
         except StoreError as exc:
-            return _error(503, f"cannot start a session: {exc}", "store_unavailable")
-        response = web.json_response({"authenticated": True, "expires_at": expires}, headers=_NO_STORE)
+            return admin_error(503, f"cannot start a session: {exc}", "store_unavailable")
+        response = web.json_response({"authenticated": True, "expires_at": expires}, headers=NO_STORE)
         response.set_cookie(
             COOKIE,
             value,
@@ -228,15 +216,15 @@ class AdminApi:
     async def logout(self, request: web.Request) -> web.Response:
         """Ends the session in the store: its cookie is worthless from now on, wherever it is."""
         if not self.settings.admin_token:
-            return _error(404, "the admin surface is off", "admin_off")
+            return admin_error(404, "the admin surface is off", "admin_off")
         refusal = json_required(request)
         if refusal is not None:
             return refusal
         try:
             await self.gate.end_session(request)
         except StoreError as exc:
-            return _error(503, f"cannot end the session: {exc}", "store_unavailable")
-        response = web.json_response({"authenticated": False}, headers=_NO_STORE)
+            return admin_error(503, f"cannot end the session: {exc}", "store_unavailable")
+        response = web.json_response({"authenticated": False}, headers=NO_STORE)
         response.del_cookie(COOKIE, path="/", httponly=True, samesite="Strict")
         return response
 
@@ -260,7 +248,7 @@ class AdminApi:
                 "has_more": len(items) > limit,
                 "now": time.time(),
             },
-            headers=_NO_STORE,
+            headers=NO_STORE,
         )
 
     async def _page(
@@ -278,13 +266,13 @@ class AdminApi:
             return None
         try:
             return (await keys.find_key(self.store, name_or_id)).id
-        except keys.KeyError_ as exc:
+        except keys.GatewayKeyError as exc:
             raise AdminError(404, str(exc), "unknown_key") from None
 
     async def denials(self, request: web.Request) -> web.Response:
         limit = _int_param(request, "limit", 50, 1, PAGE_MAX)
         items = await self.store.denials(limit=limit)
-        return web.json_response({"denials": [denial_json(d) for d in items], "now": time.time()}, headers=_NO_STORE)
+        return web.json_response({"denials": [denial_json(d) for d in items], "now": time.time()}, headers=NO_STORE)
 
     async def stats(self, request: web.Request) -> web.Response:
         series = self.history.series()
@@ -292,13 +280,13 @@ class AdminApi:
         sums = {name: sum(float(p[name] or 0) for p in window) for name in ("allowed", "denied", "rejected")}
         return web.json_response(
             {"step": self.history.step, "now": time.time(), "series": series, "window_totals": sums},
-            headers=_NO_STORE,
+            headers=NO_STORE,
         )
 
     # -- keys -------------------------------------------------------------------------------
 
     async def list_keys(self, request: web.Request) -> web.Response:
-        return web.json_response({"keys": [key_json(k) for k in await self.store.list_keys()]}, headers=_NO_STORE)
+        return web.json_response({"keys": [key_json(k) for k in await self.store.list_keys()]}, headers=NO_STORE)
 
     async def create_key(self, request: web.Request) -> web.Response:
         try:
@@ -316,43 +304,43 @@ class AdminApi:
             raw, record = await keys.create_key(self.store, data["name"], policies)
         except PolicyError as exc:
             raise AdminError(400, f"invalid policy: {exc}", "invalid_policy") from None
-        except keys.KeyError_ as exc:
+        except keys.GatewayKeyError as exc:
             raise AdminError(409, str(exc), "duplicate_key") from None
-        return web.json_response({"key": raw, **key_json(record)}, status=201, headers=_NO_STORE)
+        return web.json_response({"key": raw, **key_json(record)}, status=201, headers=NO_STORE)
 
     async def revoke_key(self, request: web.Request) -> web.Response:
         try:
             record = await keys.find_key(self.store, request.match_info["key"])
-        except keys.KeyError_ as exc:
+        except keys.GatewayKeyError as exc:
             raise AdminError(404, str(exc), "unknown_key") from None
         if not record.active:
             raise AdminError(409, f"key {record.name!r} ({record.id}) is already revoked", "already_revoked")
         try:
             record = await keys.revoke_key(self.store, record.id)
-        except keys.KeyError_ as exc:
+        except keys.GatewayKeyError as exc:
             raise AdminError(409, str(exc), "already_revoked") from None
         record.revoked_at = record.revoked_at or time.time()
-        return web.json_response(key_json(record), headers=_NO_STORE)
+        return web.json_response(key_json(record), headers=NO_STORE)
 
     # -- the page ---------------------------------------------------------------------------
 
     async def dashboard(self, request: web.Request) -> web.StreamResponse:
         """The page itself holds no data: it asks /admin/ (behind the token) once loaded."""
         if not self.settings.admin_token:
-            return _error(404, "the admin surface is off: start the gateway with --admin-token", "admin_off")
+            return admin_error(404, "the admin surface is off: start the gateway with --admin-token", "admin_off")
         return web.Response(body=_asset("dashboard.html"), content_type="text/html", headers=_PAGE_HEADERS)
 
     async def asset(self, request: web.Request) -> web.StreamResponse:
         if not self.settings.admin_token:
-            return _error(404, "the admin surface is off", "admin_off")
+            return admin_error(404, "the admin surface is off", "admin_off")
         name = request.match_info["asset"]
         suffix = name[name.rfind(".") :] if "." in name else ""
         if suffix not in ASSET_TYPES or not re.fullmatch(r"[a-z0-9-]+\.[a-z]+", name):
-            return _error(404, "no such asset", "unknown_asset")
+            return admin_error(404, "no such asset", "unknown_asset")
         try:
             return web.Response(body=_asset(name), content_type=ASSET_TYPES[suffix], headers=_PAGE_HEADERS)
         except FileNotFoundError:
-            return _error(404, "no such asset", "unknown_asset")
+            return admin_error(404, "no such asset", "unknown_asset")
 
 
 def _segment_param(raw: str | None) -> str | None:
@@ -383,7 +371,7 @@ async def _presented_token(request: web.Request) -> str | web.Response:
         data = None
     token = data.get("token") if isinstance(data, dict) else None
     if not isinstance(token, str):
-        return _error(400, 'body must be JSON: {"token": "<admin token>"}', "invalid_body")
+        return admin_error(400, 'body must be JSON: {"token": "<admin token>"}', "invalid_body")
     return token
 
 

@@ -22,11 +22,11 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Mapping
 
 from aiohttp import web
 
 from .config import Settings
+from .errors import admin_error
 from .stores import Store, StoreError
 
 log = logging.getLogger("quotagate.admin")
@@ -36,13 +36,6 @@ SESSION_SECONDS = 12 * 3600
 SIGNIN_WINDOW = 60  # seconds: the allowance of failed sign-ins is per address per minute
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 _STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-NO_STORE = {"Cache-Control": "no-store"}
-_KINDS = {401: "authentication_error", 429: "rate_limit_exceeded", 503: "gateway_error"}
-
-
-def error(status: int, message: str, code: str, headers: Mapping[str, str] | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": _KINDS.get(status, "invalid_request_error"), "code": code}}
-    return web.json_response(body, status=status, headers={**NO_STORE, **(headers or {})})
 
 
 def _bytes(text: str) -> bytes:
@@ -96,7 +89,7 @@ def json_required(request: web.Request) -> web.Response | None:
         return None
     if request.content_type == "application/json":
         return None
-    return error(
+    return admin_error(
         415,
         f"{request.method} {request.path} takes a JSON body: send Content-Type: application/json",
         "json_required",
@@ -115,7 +108,7 @@ class Gatekeeper:
     async def check(self, request: web.Request) -> web.Response | None:
         """None when the request carries the admin token or a live session; else the answer."""
         if not self.settings.admin_token:
-            return error(401, "admin token required, and none is configured", "admin_token_required")
+            return admin_error(401, "admin token required, and none is configured", "admin_token_required")
         header = request.headers.get("Authorization", "")
         if header[:7].lower() == "bearer ":
             return await self.verify(request, header[7:].strip())
@@ -123,8 +116,8 @@ class Gatekeeper:
             if await self.session_expiry(request) is not None:
                 return None
         except StoreError as exc:
-            return error(503, f"cannot check the session: {exc}", "store_unavailable")
-        return error(
+            return admin_error(503, f"cannot check the session: {exc}", "store_unavailable")
+        return admin_error(
             401,
             "admin token required: send 'Authorization: Bearer <admin token>' or sign in at /dashboard",
             "admin_token_required",
@@ -138,7 +131,7 @@ class Gatekeeper:
         if refusal is not None:
             return refusal
         if not hmac.compare_digest(_bytes(presented), _bytes(token)):
-            return error(401, "wrong admin token", "admin_token_invalid")
+            return admin_error(401, "wrong admin token", "admin_token_invalid")
         try:
             await self.store.refund_attempt(scope, SIGNIN_WINDOW)
         except StoreError as exc:
@@ -150,7 +143,7 @@ class Gatekeeper:
             count, remaining = await self.store.count_attempt(scope, SIGNIN_WINDOW)
         except StoreError as exc:
             if self.settings.on_store_error == "closed":
-                return error(503, f"cannot count sign-in attempts: {exc}", "store_unavailable")
+                return admin_error(503, f"cannot count sign-in attempts: {exc}", "store_unavailable")
             log.warning("sign-in attempts of %s not counted (store unreachable): %s", scope, exc)
             return None
         if count <= self.allowance:
@@ -158,7 +151,7 @@ class Gatekeeper:
         if count == self.allowance + 1:
             log.warning("admin sign-ins from %s throttled: over %d failed this minute", scope, self.allowance)
         wait = max(1, math.ceil(remaining))
-        return error(
+        return admin_error(
             429,
             f"too many failed admin sign-ins from your address: try again in {wait} s",
             "too_many_signins",

@@ -292,7 +292,7 @@ class Admitter:
                 continue
             if index >= header or self.settings.on_policy_error != "ignore":
                 raise MissingSegment(_missing(policy), policy=policy.normal_form(), segment=segment)
-            ticket.skipped.append(Skip(MissingSegment.code, policy.normal, _missing(policy)))
+            ticket.skipped.append(Skip(MissingSegment.code, policy.normal_form(), _missing(policy)))
             lacking.append(index)
         if lacking:
             policies = ticket.policies = tuple(p for i, p in enumerate(policies) if i not in lacking)

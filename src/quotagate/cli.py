@@ -189,7 +189,7 @@ def keys_create(name: str, policies: tuple[str, ...], store: str) -> None:
         raw, record = _run(_with_store(store, create))
     except PolicyError as exc:
         raise click.BadParameter(str(exc), param_hint="--policy") from None
-    except keymod.KeyError_ as exc:
+    except keymod.GatewayKeyError as exc:
         raise click.ClickException(str(exc)) from None
     from .terminal import inert
 
@@ -240,7 +240,7 @@ def keys_revoke(name_or_id: str, store: str) -> None:
 
     try:
         record = _run(_with_store(store, revoke))
-    except keymod.KeyError_ as exc:
+    except keymod.GatewayKeyError as exc:
         raise click.ClickException(inert(str(exc))) from None
 
     click.echo(f"revoked key '{inert(record.name)}' (id {inert(record.id)})")

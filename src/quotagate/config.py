@@ -24,7 +24,7 @@ from .redact import redact_url
 from .routing import Endpoint, Pattern, endpoint, patterns
 
 ENV_PREFIX = "QUOTAGATE_"
-RESERVED_ROUTES = {"v1", "anthropic", "admin", "dashboard", "metrics", "healthz", "readyz", "static"}
+RESERVED_ROUTES = {"v1", "anthropic", "admin", "dashboard", "metrics", "healthz", "readyz"}
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 # what each numeric setting may be: anything beyond is a ConfigError at load, never a crash later
 NUMBER_BOUNDS: dict[str, tuple[float, float]] = {

@@ -2,110 +2,126 @@
 
 Bodies are OpenAI-style (`{"error": {"message", "type", "code", ...}}`) so that the OpenAI and
 Anthropic SDKs raise their matching exceptions (AuthenticationError, BadRequestError,
-RateLimitError, ...).
+RateLimitError, ...). The `type` follows from the status (`ERROR_TYPES`). Proxied calls get
+`error_response`; the admin surface (/admin/, /dashboard, a /metrics that wants the token) gets
+`admin_response`, the same fields as aiohttp's json_response writes them, never cached.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import orjson
 from aiohttp import web
 
+ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_exceeded",
+    499: "gateway_error",
+    500: "gateway_error",
+    502: "upstream_error",
+    503: "gateway_error",
+    504: "upstream_error",
+}  # any other status: invalid_request_error
+
 
 class GatewayError(Exception):
-    status: ClassVar[int] = 500
-    type: ClassVar[str] = "gateway_error"
-    code: ClassVar[str] = "internal_error"
+    status: int = 500
+    code: str = "internal_error"
 
     def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
         self.extra = extra
 
+    @property
+    def type(self) -> str:
+        return ERROR_TYPES.get(self.status, "invalid_request_error")
+
 
 class Unauthorized(GatewayError):
-    status, type, code = 401, "authentication_error", "invalid_gateway_key"
+    status, code = 401, "invalid_gateway_key"
 
 
 class BadPolicy(GatewayError):
-    status, type, code = 400, "invalid_request_error", "invalid_rate_limit_policy"
+    status, code = 400, "invalid_rate_limit_policy"
 
 
 class MissingSegment(GatewayError):
-    status, type, code = 400, "invalid_request_error", "missing_segment_value"
+    status, code = 400, "missing_segment_value"
 
 
 class InvalidSegmentValue(GatewayError):
-    status, type, code = 400, "invalid_request_error", "invalid_segment_value"
+    status, code = 400, "invalid_segment_value"
 
 
 class NotFound(GatewayError):
-    status, type, code = 404, "invalid_request_error", "unknown_route"
+    status, code = 404, "unknown_route"
 
 
 class BadPath(GatewayError):
-    status, type, code = 400, "invalid_request_error", "invalid_path"
+    status, code = 400, "invalid_path"
 
 
 class BadBody(GatewayError):
     """A body the gateway must read to meter a call, which it cannot read as the upstream would."""
 
-    status, type, code = 400, "invalid_request_error", "invalid_body"
+    status, code = 400, "invalid_body"
 
 
 class EndpointNotAllowed(GatewayError):
     """An endpoint the gateway's own provider key may not reach."""
 
-    status, type, code = 403, "permission_error", "endpoint_not_allowed"
+    status, code = 403, "endpoint_not_allowed"
 
 
 class UnmeteredEndpoint(GatewayError):
     """An endpoint whose cost the gateway cannot read, under a cents or token budget."""
 
-    status, type, code = 403, "permission_error", "unmetered_endpoint"
+    status, code = 403, "unmetered_endpoint"
 
 
 class BodyTooLarge(GatewayError):
-    status, type, code = 413, "invalid_request_error", "request_too_large"
+    status, code = 413, "request_too_large"
 
 
 class UnsupportedEncoding(GatewayError):
-    status, type, code = 415, "invalid_request_error", "unsupported_content_encoding"
+    status, code = 415, "unsupported_content_encoding"
 
 
 class BadRequestHead(GatewayError):
-    status, type, code = 400, "invalid_request_error", "malformed_request"
+    status, code = 400, "malformed_request"
 
 
 class HeadTooLarge(GatewayError):
-    status, type, code = 431, "invalid_request_error", "request_head_too_large"
+    status, code = 431, "request_head_too_large"
 
 
 class TargetTooLong(GatewayError):
-    status, type, code = 414, "invalid_request_error", "request_target_too_long"
+    status, code = 414, "request_target_too_long"
 
 
 class RequestTimeout(GatewayError):
-    status, type, code = 408, "invalid_request_error", "request_timeout"
+    status, code = 408, "request_timeout"
 
 
 class GatewayBusy(GatewayError):
-    status, type, code = 503, "gateway_error", "gateway_busy"
+    status, code = 503, "gateway_busy"
 
 
 class ClientGone(GatewayError):
     """The client closed its connection: the response (499, as nginx logs it) never leaves."""
 
-    status, type, code = 499, "gateway_error", "client_closed_request"
+    status, code = 499, "client_closed_request"
 
 
 class RateLimited(GatewayError):
     """A 429. `should_retry=False` tells the OpenAI and Anthropic SDKs not to retry it themselves
     (`x-should-retry: false`): waiting is long or pointless, the application decides."""
 
-    status, type, code = 429, "rate_limit_exceeded", "rate_limited"
+    status, code = 429, "rate_limited"
 
     def __init__(self, message: str, *, should_retry: bool = True, **extra: Any) -> None:
         super().__init__(message, **extra)
@@ -113,15 +129,23 @@ class RateLimited(GatewayError):
 
 
 class StoreUnavailable(GatewayError):
-    status, type, code = 503, "gateway_error", "store_unavailable"
+    status, code = 503, "store_unavailable"
 
 
 class UpstreamUnreachable(GatewayError):
-    status, type, code = 502, "upstream_error", "upstream_unreachable"
+    status, code = 502, "upstream_unreachable"
 
 
 class UpstreamTimeout(GatewayError):
-    status, type, code = 504, "upstream_error", "upstream_timeout"
+    status, code = 504, "upstream_timeout"
+
+
+class AdminError(GatewayError):
+    """An answer of the admin surface, its status and code given where it is raised."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 def error_body(exc: GatewayError) -> bytes:
@@ -137,3 +161,15 @@ def error_response(exc: GatewayError, headers: Mapping[str, str] | None = None) 
     if "retry_after" in exc.extra:
         out["Retry-After"] = str(exc.extra["retry_after"])
     return web.Response(status=exc.status, body=error_body(exc), headers=out, content_type="application/json")
+
+
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def admin_response(exc: GatewayError, headers: Mapping[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": exc.message, "type": exc.type, "code": exc.code}}
+    return web.json_response(body, status=exc.status, headers={**NO_STORE, **(headers or {})})
+
+
+def admin_error(status: int, message: str, code: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return admin_response(AdminError(status, message, code), headers)

@@ -21,7 +21,7 @@ PREFIX = "qg_"
 ID_LENGTH = 12
 
 
-class KeyError_(Exception):
+class GatewayKeyError(Exception):
     """A key operation that cannot be done (unknown key, duplicate name)."""
 
 
@@ -58,12 +58,12 @@ async def create_key(store: Store, name: str, policies: list[str]) -> tuple[str,
     """Create a key; returns the raw key (shown once) and its stored record."""
     name = name.strip()
     if not name:
-        raise KeyError_("a key needs a non-empty --name")
+        raise GatewayKeyError("a key needs a non-empty --name")
     bound = normal_policies(",".join(policies)) if policies else ""
     key_id, secret, salt = secrets.token_hex(ID_LENGTH // 2), secrets.token_urlsafe(32), secrets.token_bytes(16)
     record = KeyRecord(key_id, name, salt, _digest(salt, secret), bound, time.time())
     if not await store.create_key(record):  # the store checks the name and inserts in one step
-        raise KeyError_(f"an active key named {name!r} already exists")
+        raise GatewayKeyError(f"an active key named {name!r} already exists")
     return f"{PREFIX}{key_id}_{secret}", record
 
 
@@ -73,7 +73,7 @@ async def find_key(store: Store, name_or_id: str) -> KeyRecord:
     by_id = [k for k in keys if k.id == name_or_id]
     matches = by_id or [k for k in keys if k.name == name_or_id and k.active]
     if not matches:
-        raise KeyError_(f"no key with id or name {name_or_id!r}")
+        raise GatewayKeyError(f"no key with id or name {name_or_id!r}")
     return matches[0]
 
 
@@ -84,10 +84,10 @@ async def revoke_key(store: Store, name_or_id: str) -> KeyRecord:
     if not any(k.id == name_or_id or (k.name == name_or_id and k.active) for k in keys):
         gone = [k for k in keys if k.name == name_or_id]
         if gone:
-            raise KeyError_(f"key {name_or_id!r} ({', '.join(k.id for k in gone)}) is already revoked")
+            raise GatewayKeyError(f"key {name_or_id!r} ({', '.join(k.id for k in gone)}) is already revoked")
     record = await find_key(store, name_or_id)
     if not await store.revoke_key(record.id, time.time()):
-        raise KeyError_(f"key {record.name!r} ({record.id}) is already revoked")
+        raise GatewayKeyError(f"key {record.name!r} ({record.id}) is already revoked")
     return record
 
 

@@ -301,7 +301,7 @@ def rate_limit_headers(items: Sequence[PolicyReport]) -> dict[str, str]:
     return {
         "Helicone-RateLimit-Limit": policy.quota_text,
         "Helicone-RateLimit-Remaining": str(worst.remaining // policy.scale),
-        "Helicone-RateLimit-Policy": policy.normal,
+        "Helicone-RateLimit-Policy": policy.normal_form(),
         "Helicone-RateLimit-Reset": str(worst.reset),
         "RateLimit-Policy": ", ".join([f'"{r.name}";{_ietf_policy(r.policy)}' for r in items]),
         "RateLimit": ", ".join([f'"{r.name}";r={r.remaining // r.policy.scale};t={r.reset}' for r in items]),

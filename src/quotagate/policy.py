@@ -93,7 +93,7 @@ class Policy:
     scaled_quota: int = field(init=False, compare=False, repr=False)  # rounded down: never over-admits
     budget_kind: tuple[Unit, int, str | None] = field(init=False, compare=False, repr=False)
     quota_text: str = field(init=False, compare=False, repr=False)
-    normal: str = field(init=False, compare=False, repr=False)
+    _normal: str = field(init=False, compare=False, repr=False)
     hashed: int = field(init=False, compare=False, repr=False)  # policies key caches on every request
 
     def __hash__(self) -> int:
@@ -109,10 +109,11 @@ class Policy:
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
-        object.__setattr__(self, "normal", self._normal_form())
+        object.__setattr__(self, "_normal", self._normal_form())
 
     def normal_form(self) -> str:
-        return self.normal
+        """`quota;w=W`, then `;u=` if not request, then `;s=` if not global (built once)."""
+        return self._normal
 
     def _normal_form(self) -> str:
         text = f"{self.quota_text};w={self.window}"

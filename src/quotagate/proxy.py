@@ -463,7 +463,7 @@ def _refusal(request: web.Request, call: Call) -> dict[str, Any]:
     exc, ticket = call.error, call.ticket
     if exc is None:
         return {}
-    policy: str | None = ", ".join(p.normal for p in ticket.policies) or None
+    policy: str | None = ", ".join(p.normal_form() for p in ticket.policies) or None
     reason = exc.message
     if isinstance(exc, BadPolicy):
         policy = exc.extra.get("policy")

@@ -141,10 +141,10 @@ def logged(
             full = spent >= policy.scaled_quota if budget.holds else spent + amount > policy.scaled_quota
             if not full:
                 continue
-            names.append(policy.normal)
-            parts.append(f"{policy.normal}: {_usage_text(policy, state)}{_sharing(budget.policies, policy)}")
+            names.append(policy.normal_form())
+            parts.append(f"{policy.normal_form()}: {_usage_text(policy, state)}{_sharing(budget.policies, policy)}")
     if not names:  # refused for another reason (a call that can never fit): its message says why
-        return ", ".join(p.normal for p in policies) or None, message
+        return ", ".join(p.normal_form() for p in policies) or None, message
     return ", ".join(names), "; ".join(parts) + (f"; retry after {retry} s" if retry is not None else "")
 
 
@@ -160,5 +160,5 @@ def _usage_text(policy: Policy, state: CounterState) -> str:
 
 
 def _sharing(policies: tuple[Policy, ...], policy: Policy) -> str:
-    others = [p.normal for p in policies if p is not policy]
+    others = [p.normal_form() for p in policies if p is not policy]
     return f" (one counter with {', '.join(others)})" if others else ""

@@ -87,10 +87,6 @@ def count_tokens(text: str) -> int:
     return len(_encoding().encode_ordinary(text))
 
 
-def warm_tokenizer() -> None:
-    _encoding()
-
-
 # An SSE event ends with a blank line; lines may end in LF, CRLF or CR.
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # `"usage":null` in chunks of a stream whose client did not ask for usage, with its comma.

@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .keys import KeyError_, find_key
+from .keys import GatewayKeyError, find_key
 from .policy import USER, Unit
 from .stores import BudgetUsage, StoreError, open_store
 from .terminal import inert_text
@@ -244,7 +244,7 @@ def show_usage(store_url: str, key: str | None, watch: bool, limit: int, interva
             time.sleep(interval)
             console.print()
             console.print(snapshot(store_url, key, limit, console))
-    except KeyError_ as exc:
+    except GatewayKeyError as exc:
         console.print(inert_text(str(exc), "red"))
         raise SystemExit(1) from None
     except StoreError as exc:
