@@ -12,10 +12,9 @@ call: one atomic step (`ServerSteps`). On a Cluster, budgets in different slots 
 script: each slot's group is checked and taken atomically, all groups in parallel, and if any group
 (or the key check) says no, the groups that said yes are refunded (`ClusterSteps`).
 
-The dashboard's index of budgets (sorted sets by usage ratio, with expiry) and the list of recent
-denials are written in the background, batched once a second, in chunks, off the request path;
-the same background task removes expired index entries, in bounded steps, by the counters' clock.
-An item of a batch that fails on its own data fails alone (see `_pack` and `lua/step.lua`).
+Gateway keys are `RedisKeys` (`redis_keys.py`); the dashboard's index of budgets and the recent
+denials, `RedisUsageIndex` (`redis_index.py`). An item of a batch that fails on its own data fails
+alone (see `_pack` and `lua/step.lua`).
 """
 
 from __future__ import annotations
@@ -23,67 +22,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
-import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from importlib import resources
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import orjson
 from redis.cluster import key_slot
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisError
 
 from .. import limiter
 from ..limiter import Admission, Budget, CounterState
 from ..policy import Policy
-from ..redact import redact_url
-from .base import DENIALS_KEPT, EVERY_SEGMENT, BudgetUsage, Denial, KeyRecord, SegmentFilter, StepError, StoreError
+from .base import StepError
 from .batch import Admit, Batcher, Charge, Failed, Step, StepResult
-from .transport import ClusterTransport, Transport, open_transport
+from .redis_base import budget_key, key_record_key
+from .redis_index import INDEX, INDEX_CHUNK, INDEX_EXPIRY, RedisUsageIndex
+from .redis_keys import RedisKeys
+from .transport import ClusterTransport, Transport
 
-T = TypeVar("T")
-log = logging.getLogger("quotagate.store")
-
-PREFIX = "qg:"
-INDEX = PREFIX + "idx"  # budget id -> usage ratio
-INDEX_EXPIRY = PREFIX + "idx:exp"  # budget id -> when it expires
-KEYS_SET = PREFIX + "keys"
-DENIALS = PREFIX + "denials"
-FLUSH_SECONDS = 1.0
-INDEXED_REMEMBERED = 100_000
-INDEX_CHUNK = 200  # index entries per ZADD, the event loop free between them
-NAMES = PREFIX + "names"  # name -> id of the active key that holds it
-SESSION = PREFIX + "session:"  # + session hash -> its expiry, with a TTL
-ATTEMPTS = PREFIX + "attempts:"  # + scope -> {s: window start, n: count}
-# one key each, so that they run on a Cluster too
-_COUNT_ATTEMPT = """
-local now = tonumber(ARGV[1])
-if not now then local t = redis.call('TIME') now = tonumber(t[1]) + tonumber(t[2]) / 1000000 end
-local window = tonumber(ARGV[2])
-local start = math.floor(now / window) * window
-local seen = redis.call('HMGET', KEYS[1], 's', 'n')
-local current = tonumber(seen[1]) == start
-if ARGV[3] == '-' then
-  if current and tonumber(seen[2]) > 0 then redis.call('HINCRBY', KEYS[1], 'n', -1) end
-  return {0, 0}
-end
-local count = current and tonumber(seen[2]) + 1 or 1
-redis.call('HSET', KEYS[1], 's', string.format('%d', start), 'n', count)
-redis.call('EXPIRE', KEYS[1], window * 2)
-return {count, math.ceil((start + window - now) * 1000)}
-"""
-_SWAP_NAME = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
-  return 1
-end
-return 0
-"""
-EXPIRY_CHUNK = 500  # expired index entries removed per step (a ZREM of 500 takes well under a millisecond)
-EXPIRY_CHUNKS = 20  # steps per flush or admin read, at most: 10,000 entries a second per worker
-SCAN_CHUNK = 500  # index entries an admin read fetches per command
+__all__ = ["INDEX", "INDEX_CHUNK", "INDEX_EXPIRY", "ClusterSteps", "RedisStore", "ServerSteps", "budget_key"]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -189,19 +147,6 @@ def _step_error(cause: Exception) -> StepError:
 def _meta(budget: Budget) -> bytes:
     """The raw segment value, kept only when the budget id holds a hash of it instead."""
     return orjson.dumps({"value": budget.value}) if budget.value and len(budget.value.encode()) > 96 else b""
-
-
-def _script(name: str) -> str:
-    folder = resources.files("quotagate.stores").joinpath("lua")
-    return folder.joinpath("common.lua").read_text() + "\n" + folder.joinpath(name).read_text()
-
-
-def budget_key(budget_id: str) -> str:
-    return f"{PREFIX}{{{budget_id}}}"
-
-
-def key_record_key(key_id: str) -> str:
-    return f"{PREFIX}key:{{{key_id}}}"
 
 
 def _decode(packed: _Packed, raws: Sequence[Any], note_time: Callable[[float], None]) -> list[StepResult | Failed]:
@@ -336,39 +281,14 @@ class ClusterSteps:
         return [cast(list[CounterState], s)[0] for s in settled]
 
 
-class RedisStore:
+class RedisStore(RedisKeys, RedisUsageIndex):
+    """`Store` over Redis: the counters here, `RedisKeys` and `RedisUsageIndex` beside them, on one
+    transport (`RedisBase`)."""
+
     def __init__(self, url: str, clock: Callable[[], float] | None = None) -> None:
-        self.url = url
-        self.clock = clock
-        self._transport = open_transport(url, _script("step.lua"))
+        super().__init__(url, clock)
         steps = ClusterSteps if isinstance(self._transport, ClusterTransport) else ServerSteps
         self._steps = steps(self._transport, self._now_arg, self._note_time)
-        self._expire: Any = None
-        self._touched: dict[str, tuple[float, float]] = {}  # index entries to write
-        self._indexed: dict[str, tuple[float, float]] = {}  # what this worker last wrote, per budget
-        self._denials: list[bytes] = []
-        self._store_now: float | None = None  # the counters' clock, as the last step reply told it
-        self._flusher: asyncio.Task[None] | None = None
-
-    # -- plumbing ----------------------------------------------------------------------------
-
-    def _redis(self) -> Any:
-        return self._transport.redis
-
-    def _now_arg(self) -> str:
-        return "" if self.clock is None else repr(self.clock())
-
-    def _note_time(self, at: float) -> None:
-        self._store_now = at
-
-    async def _call(self, operation: str, step: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """`step(*args)`, its failures as StoreError."""
-        try:
-            if not self._transport.ready:
-                await self._transport.prepare()
-            return await step(*args)
-        except (RedisError, RedisClusterException, OSError, RuntimeError) as exc:  # RuntimeError: a transport closed
-            raise StoreError(f"Redis store {redact_url(self.url)} ({operation}): {exc!r}") from exc
 
     async def ping(self) -> None:
         await self._call("ping", self._redis().ping)
@@ -397,285 +317,8 @@ class RedisStore:
         self._remember(budgets, Admission(True, True, states))
         return states
 
-    # -- the dashboard's index, written off the request path -------------------------------------
-
-    def _remember(self, budgets: Sequence[Budget], admission: Admission, hold_ttl: float = 0.0) -> None:
-        """Queue index updates: a budget new to this worker, one whose usage ratio moved by a
-        point or more, or one whose index entry is half-way to its expiry. Entries expire by the
-        counters' own clock (the time of the store's last reply), holds included."""
-        now = self._store_now if self._store_now is not None else self._local_now()
-        indexed = self._indexed
-        for budget, state in zip(budgets, admission.states, strict=True):
-            ratio = limiter.ratio(state.used, state.held, budget.quota)
-            last = indexed.get(budget.id)
-            if last is None or abs(ratio - last[0]) >= 0.01 or last[1] - now < budget.window / 2:
-                entry = (ratio, now + budget.window + (hold_ttl if budget.holds else 0.0))
-                self._touched[budget.id] = indexed[budget.id] = entry
-        if len(indexed) > INDEXED_REMEMBERED:
-            indexed.clear()
-        if not admission.allowed:
-            self._note_denials(budgets, admission, now)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
-
-    def _note_denials(self, budgets: Sequence[Budget], admission: Admission, now: float) -> None:
-        for budget, state in zip(budgets, admission.states, strict=True):
-            if state.retry_after:
-                policy = budget.strictest.normal_form()
-                self._denials.append(
-                    orjson.dumps(
-                        {
-                            "at": now,
-                            "key_id": budget.key_id,
-                            "policy": policy,
-                            "segment": budget.segment,
-                            "value": budget.value,
-                        }
-                    )
-                )
-
-    def _local_now(self) -> float:
-        return self.clock() if self.clock else time.time()
-
-    async def _flush_soon(self) -> None:
-        """Once a second while there is work: the index writes gathered, then expired entries removed
-        (a bounded number; while more remain, again a second later)."""
-        while True:
-            await asyncio.sleep(FLUSH_SECONDS)
-            try:
-                await self._flush()
-                more = await self._expire_index(EXPIRY_CHUNKS)
-            except (RedisError, OSError) as exc:
-                log.warning("could not update the budget index: %s", exc)
-                return
-            if not more and not self._touched and not self._denials:
-                return
-
-    async def _flush(self) -> None:
-        """The index entries and denials gathered since the last flush, in commands of at most
-        INDEX_CHUNK entries, packed one at a time with the event loop free between them: one ZADD
-        of a busy second's entries stalls every request in flight while it is packed. Sent in
-        order (each chunk's expiry before its ratio: see `_expire_index`)."""
-        touched, self._touched = self._touched, {}
-        denials, self._denials = self._denials, []
-        if touched or denials:
-            await self._transport.write_all(_index_commands(touched, denials))
-
-    async def _expire_index(self, chunks: int) -> bool:
-        """Remove the index entries whose budgets expired, at most `chunks` times EXPIRY_CHUNK of them
-        (each step bounded: one ZREM of 4 million entries held Redis for 2 s); True if more remain.
-        Safe with any number of workers doing it at once: the expiry set loses its entries in one
-        atomic step (`lua/expire.lua`, by the counters' clock), then the ratio set; an entry that a
-        writer re-added meanwhile (expiry first, then ratio) is put back by `_restore`."""
-        client = self._redis()
-        for _ in range(chunks):
-            if self._expire is None:
-                self._expire = client.register_script(_script("expire.lua"))
-            gone = await self._expire(keys=[INDEX_EXPIRY], args=[self._now_arg(), EXPIRY_CHUNK], client=client)
-            if gone:
-                await client.zrem(INDEX, *gone)
-                await self._restore(gone)
-            if len(gone) < EXPIRY_CHUNK:
-                return False
-        return True
-
-    async def _restore(self, gone: list[bytes]) -> None:
-        """Entries written again while they were being removed (their budget came back to life):
-        their ratio, which the removal may have taken away, read from their budgets."""
-        client = self._redis()
-        back = [m for m, score in zip(gone, await client.zmscore(INDEX_EXPIRY, gone), strict=True) if score is not None]
-        if not back:
-            return
-        ids = [m.decode() for m in back]
-        for budget_id, usage in zip(ids, await self._read_budgets(ids, await self._store_time(), {}), strict=True):
-            if usage is not None:
-                await client.zadd(INDEX, {budget_id: usage.ratio})
-
-    async def _store_time(self) -> float:
-        """Now, by the counters' clock: the injected one, else the Redis server's."""
-        if self.clock is not None:
-            return self.clock()
-        seconds, micros = await self._redis().time()
-        return float(seconds) + micros / 1_000_000
-
-    async def usage(
-        self,
-        key_id: str | None = None,
-        segment: SegmentFilter = EVERY_SEGMENT,
-        value: str | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[BudgetUsage]:
-        return await self._call("usage", self._usage, key_id, segment, value, limit, offset)
-
-    async def _usage(
-        self, key_id: str | None, segment: SegmentFilter, value: str | None, limit: int, offset: int
-    ) -> list[BudgetUsage]:
-        await self._flush()
-        while await self._expire_index(EXPIRY_CHUNKS):  # a backlog (after an upgrade, say): bounded steps
-            pass
-        client = self._redis()
-        now = await self._store_time()
-        names = {k.id: k.name for k in await self.list_keys()}
-        out: list[BudgetUsage] = []
-        skipped, start, chunk = 0, 0, min(max(100, limit), SCAN_CHUNK)
-        while len(out) < limit:
-            ids = await client.zrevrange(INDEX, start, start + chunk - 1)
-            if not ids:
-                break
-            start += chunk
-            for item in await self._read_budgets([i.decode() for i in ids], now, names):
-                if item is None or not _matches(item, key_id, segment, value):
-                    continue
-                if skipped < offset:
-                    skipped += 1
-                    continue
-                out.append(item)
-                if len(out) == limit:
-                    break
-        return sorted(out, key=lambda u: -u.ratio)
-
-    async def _read_budgets(self, ids: list[str], now: float, names: dict[str, str]) -> list[BudgetUsage | None]:
-        pipe = self._redis().pipeline(transaction=False)
-        for budget_id in ids:
-            pipe.hgetall(budget_key(budget_id))
-        return [_usage_from_hash(i, h, now, names) for i, h in zip(ids, await pipe.execute(), strict=True)]
-
-    async def denials(self, limit: int = 50) -> list[Denial]:
-        async def read() -> list[Denial]:
-            await self._flush()
-            names = {k.id: k.name for k in await self.list_keys()}
-            rows = [orjson.loads(r) for r in await self._redis().lrange(DENIALS, 0, limit - 1)]
-            return [
-                Denial(r["at"], r["key_id"], names.get(r["key_id"], ""), r["policy"], r["segment"], r["value"])
-                for r in rows
-            ]
-
-        return await self._call("denials", read)
-
-    # -- keys --------------------------------------------------------------------------------
-
-    async def create_key(self, record: KeyRecord) -> bool:
-        mapping = {
-            "id": record.id,
-            "name": record.name,
-            "salt": record.salt.hex(),
-            "digest": record.digest.hex(),
-            "policies": record.policies,
-            "created_at": repr(record.created_at),
-            "revoked_at": "",
-        }
-        client = self._redis()
-
-        async def create() -> bool:
-            await client.hset(key_record_key(record.id), mapping=mapping)
-            await client.sadd(KEYS_SET, record.id)
-            if await self._claim_name(record.name, record.id):
-                return True
-            await client.srem(KEYS_SET, record.id)
-            await client.delete(key_record_key(record.id))
-            return False
-
-        created: bool = await self._call("create_key", create)
-        return created
-
-    async def get_key(self, key_id: str) -> KeyRecord | None:
-        raw = await self._call("get_key", self._redis().hgetall, key_record_key(key_id))
-        return _key_from_hash(raw)
-
-    async def list_keys(self) -> list[KeyRecord]:
-        async def read() -> list[KeyRecord]:
-            client = self._redis()
-            ids = sorted(i.decode() for i in await client.smembers(KEYS_SET))
-            records = [_key_from_hash(await client.hgetall(key_record_key(i))) for i in ids]
-            return sorted((r for r in records if r is not None), key=lambda r: r.created_at)
-
-        return await self._call("list_keys", read)
-
-    async def revoke_key(self, key_id: str, at: float) -> bool:
-        script = (
-            "if redis.call('HGET', KEYS[1], 'revoked_at') == '' then "
-            "redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1]) return 1 end return 0"
-        )
-        done = await self._call("revoke_key", self._redis().eval, script, 1, key_record_key(key_id), repr(at))
-        if done:
-            await self._call("revoke_key", self._release_name, key_id)
-        return bool(done)
-
-    # -- unique names, dashboard sessions, failed sign-ins: one Redis key per command ------------
-
-    async def _claim_name(self, name: str, key_id: str) -> bool:
-        """Claim the name for a key whose record is written: HSETNX on the names hash; a claim
-        left by a key since revoked (or never finished) is taken over, compare-and-set."""
-        client = self._redis()
-        await self._claim_existing_names()
-        for _ in range(8):
-            if await client.hsetnx(NAMES, name, key_id):
-                return True
-            holder = await client.hget(NAMES, name)
-            if holder is None:
-                continue  # released meanwhile
-            if holder.decode() == key_id:
-                return True  # claimed on its behalf by _claim_existing_names elsewhere
-            if await client.hget(key_record_key(holder.decode()), "revoked_at") == b"":
-                return False  # an active key has the name
-            if await client.eval(_SWAP_NAME, 1, NAMES, name, holder, key_id):
-                return True
-        return False
-
-    async def _claim_existing_names(self) -> None:
-        """Keys made before names were claimed hold their names from now on (first made first)."""
-        client = self._redis()
-        for record in await self.list_keys():
-            if record.active:
-                await client.hsetnx(NAMES, record.name, record.id)
-
-    async def _release_name(self, key_id: str) -> None:
-        name = await self._redis().hget(key_record_key(key_id), "name")
-        if name is not None:
-            await self._redis().eval(_SWAP_NAME, 1, NAMES, name, key_id, "")
-
-    async def create_session(self, session: str, expires_at: float) -> None:
-        ttl = max(1, math.ceil(expires_at - time.time()))
-        await self._call(
-            "create_session", functools.partial(self._redis().set, ex=ttl), SESSION + session, repr(expires_at)
-        )
-
-    async def session_expiry(self, session: str) -> float | None:
-        raw = await self._call("session_expiry", self._redis().get, SESSION + session)
-        return float(raw) if raw is not None else None
-
-    async def delete_session(self, session: str) -> None:
-        await self._call("delete_session", self._redis().delete, SESSION + session)
-
-    async def count_attempt(self, scope: str, window: int) -> tuple[int, float]:
-        count, remaining_ms = await self._call(
-            "count_attempt", self._redis().eval, _COUNT_ATTEMPT, 1, ATTEMPTS + scope, self._now_arg(), window, "+"
-        )
-        return int(count), int(remaining_ms) / 1000
-
-    async def refund_attempt(self, scope: str, window: int) -> None:
-        await self._call(
-            "refund_attempt", self._redis().eval, _COUNT_ATTEMPT, 1, ATTEMPTS + scope, self._now_arg(), window, "-"
-        )
-
 
 # --- decoding what the scripts and hashes return -----------------------------------------------
-
-
-def _index_commands(touched: dict[str, tuple[float, float]], denials: list[bytes]) -> Iterator[list[bytes]]:
-    """The index's ZADDs, INDEX_CHUNK entries each (expiry, then ratio), then the denials' LPUSH and LTRIM."""
-    items = list(touched.items())
-    for first in range(0, len(items), INDEX_CHUNK):
-        chunk = items[first : first + INDEX_CHUNK]
-        for key, score, flags in ((INDEX_EXPIRY, 1, [b"GT"]), (INDEX, 0, [])):  # an expiry never moves back
-            command = [b"ZADD", key.encode(), *flags]
-            for member, entry in chunk:
-                command += (repr(entry[score]).encode(), member.encode())
-            yield command
-    if denials:
-        yield [b"LPUSH", DENIALS.encode(), *denials]
-        yield [b"LTRIM", DENIALS.encode(), b"0", b"%d" % (DENIALS_KEPT - 1)]
 
 
 def _decode_step(items: Sequence[Step], raws: Sequence[Any]) -> list[Any]:
@@ -739,63 +382,3 @@ def _without(state: CounterState, budget: Budget, amount: int) -> CounterState:
     if budget.holds:
         return CounterState(state.used, max(0, state.held - amount), state.reset, 0)
     return CounterState(max(0, state.used - amount), state.held, state.reset, 0)
-
-
-def _key_from_hash(raw: dict[bytes, bytes]) -> KeyRecord | None:
-    if not raw or b"name" not in raw:
-        return None
-    h = {k.decode(): v.decode() for k, v in raw.items()}
-    return KeyRecord(
-        id=h["id"],
-        name=h["name"],
-        salt=bytes.fromhex(h["salt"]),
-        digest=bytes.fromhex(h["digest"]),
-        policies=h["policies"],
-        created_at=float(h["created_at"]),
-        revoked_at=float(h["revoked_at"]) if h["revoked_at"] else None,
-    )
-
-
-def _usage_from_hash(budget_id: str, raw: dict[bytes, bytes], now: float, names: dict[str, str]) -> BudgetUsage | None:
-    if not raw or b"q" not in raw:
-        return None
-    h = {k.decode(): v.decode() for k, v in raw.items()}
-    meta = limiter.parse_budget_id(budget_id)
-    if "m" in h:  # a long value: the id holds its hash, the hash its text
-        meta["value"] = orjson.loads(h["m"])["value"]
-    window = int(meta["window"])
-    used, held = limiter.usage_of(_window_state(h), window, now)
-    quota = int(h["q"])
-    return BudgetUsage(
-        key_id=meta["key_id"],
-        key_name=names.get(meta["key_id"], ""),
-        unit=meta["unit"],
-        window=window,
-        segment=meta["segment"],
-        value=meta["value"],
-        quota=quota,
-        used=used,
-        held=held,
-        ratio=limiter.ratio(used, held, quota),
-        policies=orjson.loads(h["p"]),
-        updated_at=now,
-        last_denied_at=float(h["ld"]) if "ld" in h else None,
-    )
-
-
-def _window_state(h: dict[str, str]) -> dict:
-    """A budget's hash (see lua/common.lua) as `limiter`'s window state: buckets a<i>/l<i>, holds
-    r<reservation> = "<amount>:<expiry>"."""
-    buckets = {
-        int(k[1:]): [int(h.get(f"a{k[1:]}", 0)), float(v)] for k, v in h.items() if k[0] == "l" and k[1:].isdigit()
-    }
-    holds = {k[1:]: [int(a), float(e)] for k, v in h.items() if k[0] == "r" for a, e in (v.split(":", 1),)}
-    return {"b": buckets, "t": sum(a for a, _ in buckets.values()), "h": holds}
-
-
-def _matches(item: BudgetUsage, key_id: str | None, segment: SegmentFilter, value: str | None) -> bool:
-    return (
-        (key_id is None or item.key_id == key_id)
-        and (segment is EVERY_SEGMENT or item.segment == segment)
-        and (value is None or item.value == value)
-    )
