@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,3 +375,33 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) ->
 
 def have(command: str) -> bool:
     return shutil.which(command) is not None
+
+
+def with_store(
+    store_url: str, clock: Callable[[], float], body: Callable[[Store, str], Awaitable[None]], name: str = "test"
+) -> None:
+    """`body(store, key_id)` on a store opened with `clock`, with a new gateway key named `name`."""
+
+    async def main() -> None:
+        store = open_store(store_url, clock)
+        try:
+            _, key = await create_key(store, name, [])
+            await body(store, key.id)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def post_head(key: str, body: bytes, *extra: bytes) -> bytes:
+    """A chat completion's request head, as raw bytes (for clients the SDKs cannot play)."""
+    lines = [
+        b"POST /v1/chat/completions HTTP/1.1",
+        b"Host: gateway",
+        b"Connection: close",
+        b"Content-Type: application/json",
+        f"Helicone-Auth: Bearer {key}".encode(),
+        f"Content-Length: {len(body)}".encode(),
+        *extra,
+    ]
+    return b"\r\n".join(lines) + b"\r\n"

@@ -14,14 +14,13 @@ from typing import Any
 import pytest
 import redis
 
-from quotagate.keys import create_key
 from quotagate.limiter import Budget, budgets_for
 from quotagate.policy import parse_policies
-from quotagate.stores import Store, open_store
+from quotagate.stores import Store
 from quotagate.stores.redis import INDEX, INDEX_EXPIRY
 from quotagate.stores.sqlite import path_from_url
 
-from .conftest import FakeClock, flush_redis
+from .conftest import FakeClock, flush_redis, with_store
 
 SHORT = parse_policies("10;w=60;s=user")
 LONG = parse_policies("1000;w=3600;s=user")
@@ -33,15 +32,7 @@ def clock() -> FakeClock:
 
 
 def run(store_url: str, clock: FakeClock, body: Callable[[Store, str], Awaitable[None]]) -> None:
-    async def main() -> None:
-        store = open_store(store_url, clock)
-        try:
-            _, key = await create_key(store, "bounded", [])
-            await body(store, key.id)
-        finally:
-            await store.close()
-
-    asyncio.run(main())
+    with_store(store_url, clock, body, "bounded")
 
 
 def budget(key_id: str, policies: Any, user: str, amount: int = 1) -> tuple[list[Budget], list[int]]:

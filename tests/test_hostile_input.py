@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from quotagate.fake_upstream import FakeUpstream
 
-from .conftest import CHAT, POLICY, Gateway
+from .conftest import CHAT, POLICY, Gateway, post_head
 
 BODY = {"model": "gpt-4o-mini", "messages": CHAT, "max_tokens": 2}
 
@@ -46,19 +46,6 @@ def raw_request(gateway: Gateway, head: bytes, body: bytes = b"") -> tuple[int, 
                 break
             data += chunk
         return status, data[head_end:]
-
-
-def post_head(key: str, body: bytes, *extra: bytes) -> bytes:
-    lines = [
-        b"POST /v1/chat/completions HTTP/1.1",
-        b"Host: gateway",
-        b"Connection: close",
-        b"Content-Type: application/json",
-        f"Helicone-Auth: Bearer {key}".encode(),
-        f"Content-Length: {len(body)}".encode(),
-        *extra,
-    ]
-    return b"\r\n".join(lines) + b"\r\n"
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

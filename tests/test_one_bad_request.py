@@ -12,12 +12,11 @@ import pytest
 import redis
 
 from quotagate.fake_upstream import FakeUpstream
-from quotagate.keys import create_key
 from quotagate.limiter import Budget, base_amounts, budgets_for
 from quotagate.policy import parse_policies
-from quotagate.stores import StepError, Store, open_store
+from quotagate.stores import StepError, Store
 
-from .conftest import CHAT, POLICY, FakeClock, Gateway
+from .conftest import CHAT, POLICY, FakeClock, Gateway, post_head, with_store
 
 # what aiohttp makes of the bytes 0xff 0xfe in a header (surrogateescape), and a lone surrogate
 BAD_VALUES = ["bad\udcff\udcfe", "\udc80"]
@@ -33,19 +32,6 @@ async def raw_status(gateway: Gateway, head: bytes, body: bytes) -> tuple[int, b
     writer.close()
     head_end = data.index(b"\r\n\r\n") + 4
     return int(data.split(b" ", 2)[1]), data[head_end:]
-
-
-def chat_head(key: str, body: bytes, *extra: bytes) -> bytes:
-    lines = [
-        b"POST /v1/chat/completions HTTP/1.1",
-        b"Host: gateway",
-        b"Connection: close",
-        b"Content-Type: application/json",
-        f"Helicone-Auth: Bearer {key}".encode(),
-        f"Content-Length: {len(body)}".encode(),
-        *extra,
-    ]
-    return b"\r\n".join(lines) + b"\r\n"
 
 
 BODY = orjson.dumps({"model": "gpt-4o-mini", "messages": CHAT, "max_tokens": 2})
@@ -69,7 +55,7 @@ def test_an_id_that_is_not_utf8_is_a_400_naming_its_header(
     key = gateway.key()
     policy = b"5;w=60;s=user" if header == b"Helicone-User-Id" else b"5;w=60;s=org"
     status, payload = asyncio.run(
-        raw_status(gateway, chat_head(key, BODY, POLICY.encode() + b": " + policy, header + b": " + value), BODY)
+        raw_status(gateway, post_head(key, BODY, POLICY.encode() + b": " + policy, header + b": " + value), BODY)
     )
     assert status == 400
     error = orjson.loads(payload)["error"]
@@ -82,7 +68,7 @@ def test_an_invalid_id_is_refused_even_without_a_policy_naming_it(gateway: Gatew
     """The user id and every property value are read (and logged) on every request."""
     key = gateway.key()
     for extra in (b"Helicone-User-Id: \xff", b"Helicone-Property-Team: \xc3("):
-        status, payload = asyncio.run(raw_status(gateway, chat_head(key, BODY, extra), BODY))
+        status, payload = asyncio.run(raw_status(gateway, post_head(key, BODY, extra), BODY))
         assert status == 400 and orjson.loads(payload)["error"]["code"] == "invalid_segment_value"
     assert upstream.count() == 0
 
@@ -114,9 +100,9 @@ def test_a_lone_surrogate_escape_in_the_body_makes_it_not_json(gateway: Gateway,
     r"""orjson refuses `"\ud800"` (no valid UTF-8 holds it): the body is not JSON, so it has no user."""
     key = gateway.key()
     body = b'{"model": "gpt-4o-mini", "messages": [], "user": "\\ud800"}'
-    status, payload = asyncio.run(raw_status(gateway, chat_head(key, body, f"{POLICY}: 5;w=60;s=user".encode()), body))
+    status, payload = asyncio.run(raw_status(gateway, post_head(key, body, f"{POLICY}: 5;w=60;s=user".encode()), body))
     assert status == 400 and orjson.loads(payload)["error"]["code"] == "missing_segment_value"
-    status, payload = asyncio.run(raw_status(gateway, chat_head(key, body, f"{POLICY}: 5;w=60".encode()), body))
+    status, payload = asyncio.run(raw_status(gateway, post_head(key, body, f"{POLICY}: 5;w=60".encode()), body))
     # forwarded as it is: the provider cannot parse it either, and its answer comes back as it is
     assert (
         status == 400
@@ -130,7 +116,7 @@ def test_valid_unicode_ids_still_count_apart(gateway: Gateway, upstream: FakeUps
     users = ["Zoë", "Zoe", "🚀", "a\tb"]
     statuses = []
     for user in users * 2:
-        head = chat_head(key, BODY, f"{POLICY}: 1;w=60;s=user".encode(), b"Helicone-User-Id: " + user.encode())
+        head = post_head(key, BODY, f"{POLICY}: 1;w=60;s=user".encode(), b"Helicone-User-Id: " + user.encode())
         statuses.append(asyncio.run(raw_status(gateway, head, BODY))[0])
     assert statuses == [200] * 4 + [429] * 4
 
@@ -140,10 +126,10 @@ def test_hostile_ids_beside_300_concurrent_requests_never_fail_them(gw: Gateway,
     every valid one is decided exactly as counted, every hostile one is a 400, none a 500."""
     key = gw.key()
     policy = f"{POLICY}: 100;w=60, 3;w=60;s=user".encode()
-    valid = [chat_head(key, BODY, policy, f"Helicone-User-Id: user-{n % 150}".encode()) for n in range(300)]
+    valid = [post_head(key, BODY, policy, f"Helicone-User-Id: user-{n % 150}".encode()) for n in range(300)]
     hostile = [
-        chat_head(key, BODY, policy, b"Helicone-User-Id: " + bytes([0x80 + n % 64]) + b"x") for n in range(40)
-    ] + [chat_head(key, BODY, policy, b"Helicone-User-Id: u", b"Helicone-Property-Org: \xff") for _ in range(10)]
+        post_head(key, BODY, policy, b"Helicone-User-Id: " + bytes([0x80 + n % 64]) + b"x") for n in range(40)
+    ] + [post_head(key, BODY, policy, b"Helicone-User-Id: u", b"Helicone-Property-Org: \xff") for _ in range(10)]
 
     heads = [h for pair in zip(valid[:50], hostile, strict=True) for h in pair] + valid[50:]
 
@@ -168,15 +154,7 @@ def clock() -> FakeClock:
 
 
 def run(store_url: str, clock: FakeClock, body: Callable[[Store, str], Awaitable[None]]) -> None:
-    async def main() -> None:
-        store = open_store(store_url, clock)
-        try:
-            _, key = await create_key(store, "batch", [])
-            await body(store, key.id)
-        finally:
-            await store.close()
-
-    asyncio.run(main())
+    with_store(store_url, clock, body, "batch")
 
 
 def requests_of(key_id: str, user: str, policies: str = "5;w=60, 100;w=60;s=user") -> tuple[list[Budget], list[int]]:

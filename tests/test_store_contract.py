@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from quotagate.keys import create_key
 from quotagate.limiter import Budget, base_amounts, budgets_for
 from quotagate.policy import parse_policies
-from quotagate.stores import Store, open_store
+from quotagate.stores import Store
 
-from .conftest import FakeClock
+from .conftest import FakeClock, with_store
 
 
 @pytest.fixture
@@ -24,15 +23,7 @@ def clock() -> FakeClock:
 
 
 def run(store_url: str, clock: FakeClock, body: Callable[[Store, str], Awaitable[None]]) -> None:
-    async def main() -> None:
-        store = open_store(store_url, clock)
-        try:
-            _, key = await create_key(store, "contract", [])
-            await body(store, key.id)
-        finally:
-            await store.close()
-
-    asyncio.run(main())
+    with_store(store_url, clock, body, "contract")
 
 
 def tokens(key_id: str, amount: int, quota: int = 100) -> tuple[list[Budget], list[int]]:
