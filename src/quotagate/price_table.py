@@ -20,8 +20,8 @@ tests/test_price_table.py checks both against the library for every model it kno
 
 from __future__ import annotations
 
-import json
 import logging
+import marshal
 import re
 import subprocess
 import sys
@@ -37,23 +37,24 @@ PRICE_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok"
 Price = str | tuple[str, tuple[tuple[int, str], ...]] | None
 """USD per million tokens as a decimal string, or a tiered price: (base, ((start, price), ...))."""
 Prices = tuple[Price, Price, Price, Price]
-Clause = tuple[str, Any]  # (kind, argument): a match clause of genai-prices
+Clause = str | tuple[str, Any]
+"""A match clause of genai-prices: a lower-cased name it equals, or (kind, argument)."""
 
 
 # --- the lookup -----------------------------------------------------------------------------------
 
 
 def matches(clause: Clause, text: str) -> bool:
-    """genai-prices' `Clause*.is_match`; string arguments are stored lower-cased (`_clause`)."""
+    """genai-prices' `Clause*.is_match`; string arguments are stored lower-cased."""
+    if isinstance(clause, str):  # equals: most clauses
+        return text.lower() == clause
     kind, arg = clause
-    if kind == "equals":
-        return bool(text.lower() == arg)
     if kind == "starts_with":
         return text.lower().startswith(arg)
     if kind == "ends_with":
         return text.lower().endswith(arg)
     if kind == "contains":
-        return arg in text.lower()
+        return bool(arg in text.lower())
     if kind == "regex":
         return arg.search(text) is not None
     if kind == "or":
@@ -189,23 +190,39 @@ class PriceTable:
 # --- building it -----------------------------------------------------------------------------------
 
 
-def _clause(raw: list[Any]) -> Clause:
-    kind, arg = raw
-    if kind in ("or", "and"):
-        return kind, tuple(_clause(c) for c in arg)
+def _compiled(clause: Any) -> Clause:
+    """The clause with its regular expressions compiled (genai-prices: `re.search(regex, text)`)."""
+    if isinstance(clause, str):
+        return clause
+    kind, arg = clause
     if kind == "regex":
         return kind, re.compile(arg)
-    return kind, sys.intern(arg.lower())
+    if kind in ("or", "and") and any(not isinstance(c, str) for c in arg):
+        return kind, tuple(_compiled(c) for c in arg)
+    return kind, arg
 
 
-def _price(raw: Any) -> Price:
-    if raw is None or isinstance(raw, str):
-        return sys.intern(raw) if raw else raw
-    base, tiers = raw
-    return sys.intern(base), tuple((int(start), sys.intern(price)) for start, price in tiers)
+def from_data(data: tuple[Any, ...]) -> PriceTable:
+    """The table from `extract`'s nested tuples."""
+    return PriceTable(
+        tuple(
+            Provider(
+                id=pid,
+                api_pattern=re.compile(pattern),
+                provider_match=_compiled(provider_match) if provider_match else None,
+                model_match=_compiled(model_match) if model_match else None,
+                fallbacks=fallbacks,
+                models=tuple(
+                    Model(mid, _compiled(match), tuple((_condition(c), prices) for c, prices in conditional))
+                    for mid, match, conditional in models
+                ),
+            )
+            for pid, pattern, provider_match, model_match, fallbacks, models in data
+        )
+    )
 
 
-def _condition(raw: list[Any] | None) -> Condition | None:
+def _condition(raw: tuple[Any, ...] | None) -> Condition | None:
     if raw is None:
         return None
     if raw[0] == "date":
@@ -213,88 +230,77 @@ def _condition(raw: list[Any] | None) -> Condition | None:
     return Condition(start_us=raw[1], end_us=raw[2])
 
 
-def from_data(data: dict[str, Any]) -> PriceTable:
-    """The table from `extract`'s JSON-able data."""
-    providers = []
-    for pid, pattern, provider_match, model_match, fallbacks, models in data["providers"]:
-        providers.append(
-            Provider(
-                id=sys.intern(pid),
-                api_pattern=re.compile(pattern),
-                provider_match=_clause(provider_match) if provider_match else None,
-                model_match=_clause(model_match) if model_match else None,
-                fallbacks=tuple(fallbacks),
-                models=tuple(
-                    Model(
-                        id=mid,
-                        match=_clause(match),
-                        prices=tuple((_condition(c), tuple(_price(p) for p in prices)) for c, prices in conditional),  # type: ignore[misc]
-                    )
-                    for mid, match, conditional in models
-                ),
-            )
-        )
-    return PriceTable(tuple(providers))
-
-
-def extract() -> dict[str, Any]:
-    """What the table needs of genai-prices' bundled data, JSON-able (run in the child process)."""
+def extract() -> tuple[Any, ...]:
+    """What the table needs of genai-prices' bundled data, as nested tuples of strings and numbers
+    (run in the child process): per provider (id, URL pattern, provider match, model match,
+    fallback providers, models), per model (id, match, ((condition, prices), ...)), each clause
+    lower-cased (`matches`), each price a decimal string or (base, ((start, price), ...))."""
     from datetime import time
 
     from genai_prices import data_snapshot, types
 
-    def clause(c: Any) -> list[Any]:
+    strings: dict[str, str] = {}
+
+    def one(text: str) -> str:  # each distinct string once
+        return strings.setdefault(text, text)
+
+    def clause(c: Any) -> Clause:
         for kind, attr in (("or", "or_"), ("and", "and_")):
             if hasattr(c, attr):
-                return [kind, [clause(x) for x in getattr(c, attr)]]
-        (kind,) = (k for k in ("equals", "starts_with", "ends_with", "contains", "regex") if hasattr(c, k))
-        return [kind, getattr(c, kind)]
+                return kind, tuple(clause(x) for x in getattr(c, attr))
+        if hasattr(c, "regex"):
+            return "regex", c.regex
+        if hasattr(c, "equals"):
+            return one(c.equals.lower())
+        (kind,) = (k for k in ("starts_with", "ends_with", "contains") if hasattr(c, k))
+        return kind, one(getattr(c, kind).lower())
 
-    def price(value: Any) -> Any:
+    def price(value: Any) -> Price:
         if value is None:
             return None
         if isinstance(value, types.TieredPrices):
-            return [str(value.base), [[int(t.start), str(t.price)] for t in value.tiers]]
-        return str(value)
+            return one(str(value.base)), tuple((int(t.start), one(str(t.price))) for t in value.tiers)
+        return one(str(value))
 
     def utc_us(t: time) -> int:
         t = types._utc_timetz(t)  # the library's own normalisation
         return ((t.hour * 60 + t.minute) * 60 + t.second) * 1_000_000 + t.microsecond
 
-    def condition(c: Any) -> list[Any] | None:
+    def condition(c: Any) -> tuple[Any, ...] | None:
         if c is None:
             return None
         if isinstance(c, types.StartDateConstraint):
-            return ["date", c.start_date.isoformat()]
+            return "date", c.start_date.isoformat()
         if isinstance(c, types.TimeOfDateConstraint):
-            return ["time", utc_us(c.start_time), utc_us(c.end_time)]
+            return "time", utc_us(c.start_time), utc_us(c.end_time)
         raise TypeError(f"unknown price condition {c!r}")
 
-    def model(m: Any) -> list[Any]:
+    def model(m: Any) -> tuple[Any, ...]:
         conditional = m.prices if isinstance(m.prices, list) else [types.ConditionalPrice(prices=m.prices)]
-        prices = [[condition(c.constraint), [price(getattr(c.prices, k)) for k in PRICE_KEYS]] for c in conditional]
-        return [m.id, clause(m.match), prices]
+        prices = tuple(
+            (condition(c.constraint), tuple(price(getattr(c.prices, k)) for k in PRICE_KEYS)) for c in conditional
+        )
+        return one(m.id), clause(m.match), prices
 
-    return {
-        "providers": [
-            [
-                p.id,
-                p.api_pattern,
-                clause(p.provider_match) if p.provider_match else None,
-                clause(p.model_match) if p.model_match else None,
-                list(p.fallback_model_providers or ()),
-                [model(m) for m in p.models],
-            ]
-            for p in data_snapshot.get_snapshot().providers
-        ]
-    }
+    return tuple(
+        (
+            p.id,
+            p.api_pattern,
+            clause(p.provider_match) if p.provider_match else None,
+            clause(p.model_match) if p.model_match else None,
+            tuple(p.fallback_model_providers or ()),
+            tuple(model(m) for m in p.models),
+        )
+        for p in data_snapshot.get_snapshot().providers
+    )
 
 
 _CHILD = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 
 
 def load() -> PriceTable:
-    """The table, extracted by a child process; in this process if the child fails."""
+    """The table, extracted by a child process (the same interpreter: `marshal` is its own format);
+    in this process if the child fails."""
     try:
         done = subprocess.run(
             [sys.executable, "-P", "-c", _CHILD, __file__],
@@ -303,12 +309,12 @@ def load() -> PriceTable:
             timeout=120,
             stdin=subprocess.DEVNULL,
         )
-        return from_data(json.loads(done.stdout))
-    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        return from_data(marshal.loads(done.stdout))
+    except (OSError, subprocess.SubprocessError, ValueError, EOFError, TypeError) as exc:
         detail = exc.stderr.decode(errors="replace")[-500:] if isinstance(exc, subprocess.CalledProcessError) else ""
         log.warning("price data extracted in this process (the child process failed: %r %s)", exc, detail)
         return from_data(extract())
 
 
 if __name__ == "__main__":  # the child: the data to stdout
-    sys.stdout.write(json.dumps(extract(), separators=(",", ":")))
+    sys.stdout.buffer.write(marshal.dumps(extract()))
