@@ -1,6 +1,7 @@
 """What a call cost, in micro-cents (1e-6 US cent), from the `genai-prices` data.
 
-The library finds the model and its price card; the arithmetic per call is done here, in integers,
+The library's data, as a compact table (price_table.py: the library itself is never imported
+here), finds the model and its price card; the arithmetic per call is done here, in integers,
 on the card's per-million-token rates. It gives the same micro-cents as the library's own
 `calc_price` at a small fraction of its cost (figures: bench/README.md), which matters because
 every call on a cents budget is priced twice: its estimate at admission and its real cost at the
