@@ -262,8 +262,9 @@ def extract() -> tuple[Any, ...]:
             return one(str(value.base)), tuple((int(t.start), one(str(t.price))) for t in value.tiers)
         return one(str(value))
 
-    def utc_us(t: time) -> int:
-        t = types._utc_timetz(t)  # the library's own normalisation
+    def utc_us(t: time) -> int:  # a time of day in UTC, a naive one read as UTC (as the library does)
+        if t.tzinfo is not None:
+            t = datetime.combine(date(1970, 1, 1), t).astimezone(UTC).timetz()
         return ((t.hour * 60 + t.minute) * 60 + t.second) * 1_000_000 + t.microsecond
 
     def condition(c: Any) -> tuple[Any, ...] | None:
