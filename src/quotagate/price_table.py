@@ -5,11 +5,12 @@ The library's data is a pydantic snapshot of every provider and model (47 provid
 in 0.2.3): loaded in a worker, the library, pydantic and the snapshot take ~12 MB of its memory
 (figures: bench/README.md), where pricing a call reads four token prices of one model. `load()`
 runs a short-lived child process (this file, run by the same interpreter) that loads the library
-and writes out, as JSON, what the lookups need: each provider's URL pattern, provider match, model
-match and fallback providers, each model's match and its input, output, cache-read and cache-write
-prices (tiers and dated or time-of-day conditions kept). The gateway's process never imports the
-library. Should the child fail, the table is extracted in-process instead (the memory is then
-spent, as before), with a warning.
+and writes out, with `marshal`, what the lookups need: each provider's URL pattern, provider match,
+model match and fallback providers, each model's match and its input, output, cache-read and
+cache-write prices (tiers and dated or time-of-day conditions kept): 1.6 MB of a worker's memory.
+The gateway's process never imports the library. Should the child fail (or the interpreter be a
+frozen application, which cannot run this file), the table is extracted in-process instead (the
+memory is then spent, as before), with a warning.
 
 `PriceTable.find` is `DataSnapshot.find_provider_model` of genai-prices 0.2.3 on that table (the
 provider by id, by API URL or by model; the model by its match, in order, then in the fallback
@@ -303,6 +304,8 @@ def load() -> PriceTable:
     """The table, extracted by a child process (the same interpreter: `marshal` is its own format);
     in this process if the child fails."""
     try:
+        if getattr(sys, "frozen", False):
+            raise OSError("a frozen application runs no script")
         done = subprocess.run(
             [sys.executable, "-P", "-c", _CHILD, __file__],
             capture_output=True,
