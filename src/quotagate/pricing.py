@@ -1,6 +1,7 @@
 """What a call cost, in micro-cents (1e-6 US cent), from the `genai-prices` data.
 
-The library finds the model and its price card; the arithmetic per call is done here, in integers,
+The library's data, as a compact table (price_table.py: the library itself is never imported
+here), finds the model and its price card; the arithmetic per call is done here, in integers,
 on the card's per-million-token rates. It gives the same micro-cents as the library's own
 `calc_price` at a small fraction of its cost (figures: bench/README.md), which matters because
 every call on a cents budget is priced twice: its estimate at admission and its real cost at the
@@ -16,9 +17,10 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
-from typing import Any
 
+from . import price_table
 from .config import PriceOverride
+from .price_table import Model, Price, PriceTable
 from .usage import Usage
 
 log = logging.getLogger("quotagate.pricing")
@@ -79,50 +81,54 @@ class PriceCard:
         return -(-scaled // _RATE_SCALE)  # rounded up to a whole micro-cent
 
 
-def _rate(value: Any) -> Rate | None:
+def _rate(value: Price) -> Rate | None:
     if value is None:
         return None
-    if isinstance(value, Decimal):
-        return Rate.usd(value)
-    return Rate.usd(Decimal(value.base), tuple((int(t.start), Decimal(t.price)) for t in value.tiers))
+    if isinstance(value, str):
+        return Rate.usd(Decimal(value))
+    base, tiers = value
+    return Rate.usd(Decimal(base), tuple((start, Decimal(rate)) for start, rate in tiers))
 
 
-def _find_model(provider: str, model: str, api_url: str | None) -> Any:
-    """The library's model entry: by the upstream's URL (who serves the call), else by provider."""
-    from genai_prices import data_snapshot
-
-    snapshot = data_snapshot.get_snapshot()
-    if api_url:
-        try:
-            return snapshot.find_provider_model(model, None, None, api_url)[1]
-        except LookupError:
-            pass
-    try:
-        return snapshot.find_provider_model(model, None, provider, None)[1]
-    except LookupError:
-        return None
+_table: PriceTable | None = None
 
 
 def load_prices() -> None:
-    """Load the library's price data now (a worker calls it at start): the first call priced would
-    otherwise import it on the event loop, about half a second of CPU that every call in flight
-    waits out."""
-    _find_model("openai", "gpt-4o-mini", None)
+    """Load the price table now (`serve` does, before it starts its workers, which share it): the
+    first call priced would otherwise wait out its extraction (price_table.py), about a second."""
+    global _table
+    if _table is None:
+        _table = price_table.load()
+
+
+def _find_model(provider: str, model: str, api_url: str | None) -> Model | None:
+    """The library's model entry: by the upstream's URL (who serves the call), else by provider."""
+    load_prices()
+    assert _table is not None
+    if api_url:
+        try:
+            return _table.find(model, None, api_url)[1]
+        except LookupError:
+            pass
+    try:
+        return _table.find(model, provider, None)[1]
+    except LookupError:
+        return None
 
 
 def _card_from_library(provider: str, model: str, api_url: str | None = None) -> PriceCard | None:
     info = _find_model(provider, model, api_url)
     if info is None:
         return None
-    price = info.get_prices(datetime.now(tz=UTC))
-    if price.input_mtok is None and price.output_mtok is None:
+    input_mtok, output_mtok, cache_read_mtok, cache_write_mtok = info.prices_at(datetime.now(tz=UTC))
+    if input_mtok is None and output_mtok is None:
         return None
     zero = Rate(0)
     return PriceCard(
-        input=_rate(price.input_mtok) or zero,
-        output=_rate(price.output_mtok) or zero,
-        cache_read=_rate(price.cache_read_mtok),
-        cache_write=_rate(price.cache_write_mtok),
+        input=_rate(input_mtok) or zero,
+        output=_rate(output_mtok) or zero,
+        cache_read=_rate(cache_read_mtok),
+        cache_write=_rate(cache_write_mtok),
     )
 
 
@@ -130,8 +136,8 @@ def _card_from_override(price: PriceOverride) -> PriceCard:
     return PriceCard(
         input=Rate.usd(price.input_mtok),
         output=Rate.usd(price.output_mtok),
-        cache_read=_rate(price.cache_read_mtok),
-        cache_write=_rate(price.cache_write_mtok),
+        cache_read=Rate.usd(price.cache_read_mtok) if price.cache_read_mtok is not None else None,
+        cache_write=Rate.usd(price.cache_write_mtok) if price.cache_write_mtok is not None else None,
     )
 
 

@@ -291,7 +291,7 @@ def run_worker(settings: Settings, reuse_port: bool, ready: Callable[[], None] =
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         count_tokens("quotagate")  # the tokenizer loads now, not on the first request
-        load_prices()  # and so do the prices
+        load_prices()  # and so do the prices (done already in a worker `serve` forked)
         await run_site(settings, open_store(settings.store), reuse_port, stop, tune_gc=True, ready=bound)
 
     try:
@@ -356,6 +356,8 @@ def serve(settings: Settings, announce: Callable[[str], None] = _print) -> None:
         check_store(settings.store)
     except StoreError as exc:
         log.warning("store not reachable at start (%s); serving with --on-store-error=%s", exc, settings.on_store_error)
+
+    load_prices()  # once, before the workers fork: they share the table
 
     def ready() -> None:
         for line in banner(settings):

@@ -10,8 +10,10 @@ printed as a rich `Text`, which is never parsed for markup.
 from __future__ import annotations
 
 import unicodedata
+from typing import TYPE_CHECKING
 
-from rich.text import Text
+if TYPE_CHECKING:  # rich is imported by the commands that print tables, never by a gateway worker
+    from rich.text import Text
 
 _ACTIVE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})  # controls, format (bidi, zero-width), separators
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -35,6 +37,8 @@ def _escape(char: str) -> str:
 
 def inert_text(text: str | None, style: str = "") -> Text:
     """A value as a rich Text: escaped, and never read as markup."""
+    from rich.text import Text
+
     return Text(inert(text or ""), style=style)
 
 
