@@ -94,6 +94,11 @@ def send(port: int, key: str, users: range, concurrency: int) -> dict[str, int]:
     return seen
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def commandstats(client: redis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in client.info("commandstats").items()}
 
@@ -177,12 +182,14 @@ def main() -> int:
         if not args.no_valgrind:
             subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, capture_output=True)
         stats = commandstats(client)
+        cpu = {"gateway": cpu_seconds(gateway.pid), "redis": cpu_seconds(procs[0].pid)}
         if args.cprofile:
             os.kill(gateway.pid, signal.SIGUSR1)
         started = time.monotonic()
         seen = send(port, key, range(args.requests), args.concurrency)
         took = time.monotonic() - started
         after = commandstats(client)
+        cpu = {name: cpu_seconds(pid) - cpu[name] for name, pid in (("gateway", gateway.pid), ("redis", procs[0].pid))}
         if args.cprofile:
             os.kill(gateway.pid, signal.SIGUSR2)
             time.sleep(3)
@@ -193,6 +200,7 @@ def main() -> int:
             return 1
         calls = {name: (after[name] - stats.get(name, 0)) / args.requests for name in after}
         print(f"{args.requests} requests, {args.concurrency} connections, {took:.1f} s")
+        print(", ".join(f"{name} CPU {seconds * 1000 / args.requests:.3f} ms/request" for name, seconds in cpu.items()))
         print("Redis per request: " + ", ".join(f"{n} {c:.3f}" for n, c in sorted(calls.items()) if c and n != "info"))
         if not args.no_valgrind:
             dumps = sorted(glob.glob(str(out / "callgrind.out.*")), key=os.path.getmtime)
