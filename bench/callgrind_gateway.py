@@ -94,9 +94,10 @@ def send(port: int, key: str, users: range, concurrency: int) -> dict[str, int]:
     return seen
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, which: slice = slice(11, 13)) -> float:
+    """User + system CPU time of a process (`slice(11, 12)`: user alone), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(f) for f in fields[which]) / os.sysconf("SC_CLK_TCK")
 
 
 def commandstats(client: redis.Redis) -> dict[str, int]:
@@ -182,14 +183,19 @@ def main() -> int:
         if not args.no_valgrind:
             subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, capture_output=True)
         stats = commandstats(client)
-        cpu = {"gateway": cpu_seconds(gateway.pid), "redis": cpu_seconds(procs[0].pid)}
+        cpu = {"gateway": cpu_seconds(gateway.pid), "gateway user": cpu_seconds(gateway.pid, slice(11, 12))}
+        cpu["redis"] = cpu_seconds(procs[0].pid)
         if args.cprofile:
             os.kill(gateway.pid, signal.SIGUSR1)
         started = time.monotonic()
         seen = send(port, key, range(args.requests), args.concurrency)
         took = time.monotonic() - started
         after = commandstats(client)
-        cpu = {name: cpu_seconds(pid) - cpu[name] for name, pid in (("gateway", gateway.pid), ("redis", procs[0].pid))}
+        cpu = {
+            "gateway": cpu_seconds(gateway.pid) - cpu["gateway"],
+            "gateway user": cpu_seconds(gateway.pid, slice(11, 12)) - cpu["gateway user"],
+            "redis": cpu_seconds(procs[0].pid) - cpu["redis"],
+        }
         if args.cprofile:
             os.kill(gateway.pid, signal.SIGUSR2)
             time.sleep(3)
