@@ -25,7 +25,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -39,10 +39,11 @@ def granularity(window: int) -> int:
     return -(-window // BUCKETS_PER_WINDOW)
 
 
-@dataclass(frozen=True, slots=True)
-class Budget:
+class Budget(NamedTuple):
     """One counter that a request draws on, with the strictest quota naming it. What a request
-    takes from it (its amount) travels beside it: see `base_amounts`."""
+    takes from it (its amount) travels beside it: see `base_amounts`. Immutable: a named tuple,
+    made in a third of the time a frozen dataclass takes (three per request; bench/README.md,
+    issue 14)."""
 
     id: str
     key_id: str
@@ -126,19 +127,11 @@ def policies_json(policies: tuple[Policy, ...]) -> bytes:
 
 def budgets_for(key_id: str, policies: Iterable[Policy], values: Mapping[str | None, str | None]) -> list[Budget]:
     """Group policies into counters: a request takes from each counter once."""
-    return [
+    return [  # positional: a named tuple made from keywords costs a third more
         Budget(
-            id=budget_id(key_id, unit, window, segment, value),
-            key_id=key_id,
-            unit=unit,
-            window=window,
-            segment=segment,
-            value=value,
-            quota=quota,
-            policies=grouped,
-            holds=unit is not Unit.REQUEST,
+            budget_id(key_id, unit, window, segment, value), key_id, unit, window, segment, value, quota, grouped, holds
         )
-        for unit, window, segment, quota, grouped in _groups(tuple(policies))
+        for unit, window, segment, quota, grouped, holds in _groups(tuple(policies))
         for value in (values.get(segment),)
     ]
 
@@ -150,14 +143,14 @@ def base_amounts(budgets: Iterable[Budget]) -> list[int]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _groups(policies: tuple[Policy, ...]) -> tuple[tuple[Unit, int, str | None, int, tuple[Policy, ...]], ...]:
+def _groups(policies: tuple[Policy, ...]) -> tuple[tuple[Unit, int, str | None, int, tuple[Policy, ...], bool], ...]:
     """The counters a list of policies names, worked out once per list: policies differing only
     in quota share one, held to the smallest quota."""
     kinds: dict[tuple[Unit, int, str | None], list[Policy]] = {}
     for policy in policies:
         kinds.setdefault(policy.budget_kind, []).append(policy)
     return tuple(
-        (unit, window, segment, min(p.scaled_quota for p in grouped), tuple(grouped))
+        (unit, window, segment, min(p.scaled_quota for p in grouped), tuple(grouped), unit is not Unit.REQUEST)
         for (unit, window, segment), grouped in kinds.items()
     )
 

@@ -180,8 +180,7 @@ class ServerSteps:
         if not packed.sent:
             results.set_result(packed.results([]))
             return results
-        reply = self._transport.eval_step(packed.keys, packed.args)
-        reply.add_done_callback(functools.partial(self._decoded, packed, results))
+        self._transport.send_step(packed.keys, packed.args, functools.partial(self._decoded, packed, results))
         return results
 
     async def _run(self, items: list[Step]) -> Sequence[StepResult | Failed]:

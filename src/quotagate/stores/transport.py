@@ -58,27 +58,26 @@ class Transport:
 
     def eval_step(self, keys: list[bytes], args: list[bytes]) -> asyncio.Future[Any]:
         """The script's reply to one call; loaded again and called again if the server forgot it."""
-        reply = self._evalsha(keys, args)
         result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        reply.add_done_callback(functools.partial(self._answered, keys, args, result))
+        self.send_step(keys, args, functools.partial(_copy_outcome, result))
         return result
 
-    def _answered(self, keys: list[bytes], args: list[bytes], result: asyncio.Future[Any], reply: Any) -> None:
-        if result.done():
-            return
-        if reply.cancelled():
-            result.cancel()
-            return
-        exc = reply.exception()
-        if isinstance(exc, NoScriptError):
+    def send_step(self, keys: list[bytes], args: list[bytes], done: Callable[[asyncio.Future[Any]], None]) -> None:
+        """`eval_step` for a caller in a callback: `done(reply)` is called with the finished future
+        of the script's reply (of the call repeated, if the server forgot the script), with no
+        future of its own in between (each one is another turn of the event loop)."""
+        self._evalsha(keys, args).add_done_callback(functools.partial(self._answered, keys, args, done))
+
+    def _answered(
+        self, keys: list[bytes], args: list[bytes], done: Callable[[asyncio.Future[Any]], None], reply: Any
+    ) -> None:
+        if not reply.cancelled() and isinstance(reply.exception(), NoScriptError):
             again = asyncio.ensure_future(self._reload_and_call(keys, args))
             self._reloads.add(again)
             again.add_done_callback(self._reloads.discard)
-            again.add_done_callback(functools.partial(_copy_outcome, result))
-        elif exc is not None:
-            result.set_exception(exc)
-        else:
-            result.set_result(reply.result())
+            again.add_done_callback(done)
+            return
+        done(reply)
 
     async def _reload_and_call(self, keys: list[bytes], args: list[bytes]) -> Any:
         self.sha = await self.redis.script_load(self.script)

@@ -20,14 +20,19 @@ local now = clock(ARGV[1])
 local stamp = string.format('%.6f', now)
 local arg, key = 3, 1
 local results = {}
+local actives = {}  -- a gateway key's hash -> whether it is active, as read in this call
 
 local function admit_one()
   local reservation, ttl, check, count = string.match(ARGV[arg], '^A (%S+) (%S+) (%d) (%d+) %d+$')
   ttl, check, count = tonumber(ttl), check == '1', tonumber(count)
   arg = arg + 1
   local active = true
-  if check then
-    active = redis.call('HGET', KEYS[key], 'revoked_at') == ''
+  if check then  -- once per key and script call: nothing can revoke it in between
+    active = actives[KEYS[key]]
+    if active == nil then
+      active = redis.call('HGET', KEYS[key], 'revoked_at') == ''
+      actives[KEYS[key]] = active
+    end
     key = key + 1
   end
   local budgets = {}
