@@ -1,7 +1,7 @@
 """Instructions per request of one gateway worker, counted by callgrind: repeatable on a loaded machine.
 
     .venv/bin/python bench/callgrind_requests.py                       # this tree, 3 policies, Redis
-    .venv/bin/python bench/callgrind_requests.py --variant mypyc=/tmp/qg-mypyc/src --rounds 2
+    .venv/bin/python bench/callgrind_requests.py --variant mypyc=build/mypyc/src --rounds 2  # bench/build-mypyc
 
 It starts the canned-bytes upstream (bench/upstream.py), a private redis-server (or a new SQLite file
 with `--store sqlite`) and `quotagate serve --workers 1` under `valgrind --tool=callgrind` with
@@ -12,7 +12,8 @@ Every response must be the upstream's completion with the three policies' header
 must have served every request. `--variant NAME=SRC` runs the gateway from another source tree (its
 PYTHONPATH, e.g. a build with compiled extensions), alternating with this tree's, round by round.
 The count is the worker's own instructions (event loop, aiohttp, the gateway, the store client),
-not redis-server's nor the client's.
+not redis-server's nor the client's. `--keep DIR` keeps the callgrind files, for
+`callgrind_annotate --inclusive=yes DIR/callgrind.NAME.PORT`.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="each variant this many times, in turn")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=SRC")
     parser.add_argument("--no-tree", action="store_true", help="only the --variant gateways, not this tree's")
+    parser.add_argument("--keep", metavar="DIR", help="keep the callgrind files here (for callgrind_annotate)")
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control") + (("redis-server", "redis-cli") if args.store == "redis" else ()):
         if not shutil.which(tool):
@@ -142,7 +144,8 @@ def main() -> None:
     sides: list[tuple[str, str | None]] = [] if args.no_tree else [("tree", None)]
     sides += [(n, s) for n, s in (v.split("=", 1) for v in args.variant)]
     with tempfile.TemporaryDirectory(prefix="qg-callgrind-") as tmp:
-        workdir = Path(tmp)
+        workdir = Path(args.keep or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         up_port = free_port()
         procs = [subprocess.Popen([PYTHON, str(BENCH / "upstream.py"), "--port", str(up_port)])]
         try:
