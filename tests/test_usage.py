@@ -197,6 +197,10 @@ _NULL_USAGE_CASES = [
     b'data: "usage":null,\n\n',
     b', "usage":null}',
     b'"usage"',
+    b',"usage":null}\n\n',  # OpenAI's usual ending, alone
+    b'"usage":null}\n\n',
+    b'data: {"usage":1,"a":1,"usage":null}\n\n',  # the usual ending, but not the first "usage"
+    b'data: {"a":"\\"usage\\"","usage":null}\n\n',
 ]
 
 
