@@ -357,13 +357,21 @@ async def _pump(
     that leaves while the upstream is silent is noticed at once (`ClientWatch`).
     """
     unsent: int | None = None  # where the text of a write in progress begins
+    content, clock = response.content, writes.loop.time
     try:
         with ClientWatch(request):
-            async for chunk in response.content.iter_any():
+            # one coroutine per read and one per write (not `iter_any()`'s and `writes.send`'s around them)
+            while chunk := await content.readany():
                 unsent = len(tracker.text) if tracker is not None else 0
                 data = tracker.feed(chunk) if tracker is not None else chunk
-                if data and not await writes.send(out.write(data)):
-                    break
+                if data:
+                    writes.since = clock()  # what `WriteDeadline.send` does, inline
+                    try:
+                        await out.write(data)
+                    except (ConnectionError, RuntimeError):
+                        break
+                    finally:
+                        writes.since = None
                 unsent = None
             else:
                 return Outcome.COMPLETE
