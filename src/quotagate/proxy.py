@@ -26,7 +26,7 @@ from yarl import URL
 from . import metrics, refusal
 from .admission import POLICY_HEADER, Admitter, Decision, Ticket, asked, clipped
 from .config import Settings, Upstream
-from .connections import BodyTimeout, Capacity, ClientWatch, Slot, WriteDeadline
+from .connections import BodyTimeout, Capacity, ClientWatch, Slot, UpstreamIdle, WriteDeadline
 from .errors import (
     BadBody,
     BadPath,
@@ -266,7 +266,9 @@ class Proxy:
         call.streaming = True
         tracker = self.metering.track(ticket, meter, strip) if _is_sse(response) else None
         with WriteDeadline(request, self.settings.write_timeout) as writes:
-            tail = self.metering.stream_ended(ticket, meter, await _pump(request, response, out, tracker, writes))
+            with UpstreamIdle(response, self.settings.upstream_timeout) as idle:
+                outcome = await _pump(request, response, out, tracker, writes, idle)
+            tail = self.metering.stream_ended(ticket, meter, outcome)
             await self.metering.charge(ticket, meter, meter.usage)
             ended = meter.outcome is Outcome.COMPLETE and (not tail or await writes.send(out.write(tail)))
             if not (ended and await writes.send(out.write_eof())) and request.transport is not None:
@@ -349,6 +351,7 @@ async def _pump(
     out: web.StreamResponse,
     tracker: StreamUsage | None,
     writes: WriteDeadline,
+    idle: UpstreamIdle,
 ) -> Outcome:
     """Copy the upstream stream to the client; how it ended: complete, client gone, upstream broken.
 
@@ -361,7 +364,12 @@ async def _pump(
     try:
         with ClientWatch(request):
             # one coroutine per read and one per write (not `iter_any()`'s and `writes.send`'s around them)
-            while chunk := await content.readany():
+            while True:
+                idle.since = clock()  # what aiohttp's sock_read timer did per chunk (`UpstreamIdle`)
+                chunk = await content.readany()
+                idle.since = None
+                if not chunk:
+                    return Outcome.COMPLETE
                 unsent = len(tracker.text) if tracker is not None else 0
                 data = tracker.feed(chunk) if tracker is not None else chunk
                 if data:
@@ -373,8 +381,6 @@ async def _pump(
                     finally:
                         writes.since = None
                 unsent = None
-            else:
-                return Outcome.COMPLETE
     except (aiohttp.ClientError, TimeoutError):
         return Outcome.UPSTREAM_BROKEN
     except ClientGone:
