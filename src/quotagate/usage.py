@@ -106,6 +106,16 @@ def _payload(event: bytes) -> bytes:
     return b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
 
 
+def _may_carry_usage(payload: bytes) -> bool:
+    """Whether an event's data may hold a usage block: it names `"usage"`, other than as the
+    `"usage":null` of every chunk of an OpenAI stream that asked for its usage (a null reads as
+    no usage)."""
+    at = payload.find(b'"usage"')
+    if at < 0:
+        return False
+    return not payload.startswith(b":null", at + 7) or payload.find(b'"usage"', at + 12) >= 0
+
+
 _NULL_USAGE_LAST = b',"usage":null}\n\n'  # OpenAI's chunks: the field last, no spaces
 
 
@@ -133,8 +143,9 @@ class StreamUsage:
     charged for what was sent) and to recognise the stream's terminal event (`[DONE]`,
     `message_stop`, `response.completed`, ...): that event and anything after it are held back
     until `finish`, so that the caller can commit the charge before the client sees the end.
-    Without it only events that carry usage are decoded. With `strip_usage_chunk` the OpenAI
-    usage-only chunk the gateway asked for is removed, and so are the `"usage":null` fields.
+    Without it only events that may carry usage are decoded (not a `"usage":null` chunk). With
+    `strip_usage_chunk` the OpenAI usage-only chunk the gateway asked for is removed, and so are the
+    `"usage":null` fields.
     """
 
     def __init__(self, track_text: bool = False, strip_usage_chunk: bool = False) -> None:
@@ -196,7 +207,7 @@ class StreamUsage:
         (without `"usage":null` when stripping), or nothing (the terminal event, held; the usage
         chunk the gateway asked for, dropped)."""
         terminal = payload == b"[DONE]"
-        if payload and not terminal and (self.track_text or self.model is None or b'"usage"' in payload):
+        if payload and not terminal and (self.track_text or self.model is None or _may_carry_usage(payload)):
             try:
                 data = orjson.loads(payload)
             except orjson.JSONDecodeError:
