@@ -45,10 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-tree", action="store_true", help="only the --variant gateways")
     parser.add_argument("--no-ref", action="store_true", help="leave the reference out")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each side (alternating)")
+    parser.add_argument("--policy", default=POLICY, help="the gateway's policies (default: those of streams.py)")
     return parser.parse_args(argv)
 
 
-async def drive(port: int, auth: str, header: str, count: int, concurrency: int, seed: int) -> list[str]:
+async def drive(port: int, auth: str, header: str, policy: str, count: int, concurrency: int, seed: int) -> list[str]:
     """Send `count` streams, `concurrency` at a time, each on its connection; the problems seen."""
     bodies = prompts()
     spec = {
@@ -58,7 +59,7 @@ async def drive(port: int, auth: str, header: str, count: int, concurrency: int,
         "seconds": 0,
         "users": USERS,
         "auth": auth,
-        "policy": POLICY if header else "",
+        "policy": policy if header else "",
         "header": header,
         "bodies": [b for b, _ in bodies],
         "events": [WORDS + 3 + int(asks) for _, asks in bodies],
@@ -113,9 +114,9 @@ def measure(side: str, src: str | None, args: argparse.Namespace, upstream: str,
     try:
         wait_listening(service, port, timeout=600)
         pid = service.pid  # `env` execs valgrind, which runs the program in the same process
-        problems = asyncio.run(drive(port, auth, header, args.warmup, args.concurrency, 1))
+        problems = asyncio.run(drive(port, auth, header, args.policy, args.warmup, args.concurrency, 1))
         _control("-i", "on", pid)
-        problems += asyncio.run(drive(port, auth, header, args.streams, args.concurrency, 2))
+        problems += asyncio.run(drive(port, auth, header, args.policy, args.streams, args.concurrency, 2))
         _control("-i", "off", pid)
         _control("-d", "counted", pid)
         if problems:
