@@ -172,12 +172,19 @@ class StreamUsage:
         return self._feed(chunk)
 
     def _feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk
+        data = self._pending + chunk if self._pending else chunk
         out: list[bytes] = []
         start = 0
-        for end in _EVENT_END.finditer(data):
-            self._pass(data[start : end.end()], out)
-            start = end.end()
+        if b"\r" not in data:  # lines end in LF only: an event ends at the first "\n\n" (what _EVENT_END finds)
+            end = data.find(b"\n\n")
+            while end >= 0:
+                self._pass(data[start : end + 2], out)
+                start = end + 2
+                end = data.find(b"\n\n", start)
+        else:
+            for found in _EVENT_END.finditer(data):
+                self._pass(data[start : found.end()], out)
+                start = found.end()
         self._pending = data[start:]
         if len(self._pending) > _MAX_PENDING and not self.strip:  # not SSE after all: let it through
             out.append(self._pending)
@@ -198,7 +205,15 @@ class StreamUsage:
         if self.ended:
             self._held.append(event)
             return
-        passed = self._event(event, _payload(event))
+        if (
+            event.startswith(b"data:")
+            and event.endswith(b"\n\n")
+            and event.find(b"\n") == len(event) - 2
+            and b"\r" not in event
+        ):  # the usual event: one data line (what `_payload` gives)
+            passed = self._event(event, event[5:-2].lstrip(b" "))
+        else:
+            passed = self._event(event, _payload(event))
         if passed:
             out.append(passed)
 
