@@ -270,8 +270,9 @@ class Proxy:
                 outcome = await _pump(request, response, out, tracker, writes, idle)
             tail = self.metering.stream_ended(ticket, meter, outcome)
             await self.metering.charge(ticket, meter, meter.usage)
-            ended = meter.outcome is Outcome.COMPLETE and (not tail or await writes.send(out.write(tail)))
-            if not (ended and await writes.send(out.write_eof())) and request.transport is not None:
+            # the terminal event and the end of the body in one write
+            ended = meter.outcome is Outcome.COMPLETE and await writes.send(out.write_eof(tail))
+            if not ended and request.transport is not None:
                 request.transport.abort()  # the client must not take a cut stream for a whole one
         return out
 
