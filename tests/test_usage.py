@@ -262,6 +262,13 @@ def test_an_untracked_stream_with_null_usage_reads_as_a_tracked_one(strip: bool)
     assert (untracked.usage, untracked.model) == (tracked.usage, tracked.model) == (Usage(1000, 3, 400), "gpt-4o-mini")
 
 
+def test_a_usage_only_chunk_that_is_also_terminal_is_held_as_it_came() -> None:
+    event = b'data: {"type":"error","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
+    tracker = StreamUsage(track_text=True, strip_usage_chunk=True)
+    assert tracker.feed(event) == b"" and tracker.ended and tracker.usage == Usage(1, 2)
+    assert tracker.finish() == event
+
+
 def test_a_client_that_asked_for_usage_keeps_it() -> None:
     events = fake.chat_chunks(PLAN, include_usage=True)
     assert run(StreamUsage(track_text=True, strip_usage_chunk=False), events) == b"".join(events)

@@ -229,9 +229,12 @@ class StreamUsage:
                 data = None
             if isinstance(data, dict):
                 self._read(data)
-                if self.strip and data.get("choices") == [] and data.get("usage"):
-                    return b""  # the usage-only chunk the client did not ask for
                 terminal = data.get("type") in _TERMINAL_TYPES
+                if self.strip and data.get("choices") == [] and data.get("usage"):  # the usage-only chunk
+                    if terminal and self.track_text:  # (were it also terminal: held as it came)
+                        self.ended = True
+                        self._held.append(event)
+                    return b""  # the client did not ask for it
         if self.strip:
             event = _without_null_usage(event)
         if terminal and self.track_text:
