@@ -129,11 +129,17 @@ def test_stream_longer_than_the_timeout_with_shorter_gaps_completes(
 ) -> None:
     """The idle timeout is per gap, not per stream: 12 events 0.1 s apart under a 0.5 s timeout."""
     gateway = make_gateway(upstream_timeout=0.5)
+    key = gateway.key()
     steer = {"X-Fake-Chunk-Delay": "0.1", "X-Fake-Completion-Tokens": "8"}
-    client = gateway.openai(gateway.key(), **{POLICY: "1000;w=60;u=token", **steer})
+    client = gateway.openai(key, **{POLICY: "1000;w=60;u=token", **steer})
     stream = client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=50, stream=True)
     texts = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     assert "".join(texts) == "".join(f" word{i}" for i in range(8))
+    # the next call (on the upstream connection the stream used, back in the pool) still times out
+    # before its headers: aiohttp's timer is set again for every request
+    with gateway.http() as http:
+        response = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}", "X-Fake-Delay": "2"})
+    assert response.status_code == 504 and response.json()["error"]["code"] == "upstream_timeout"
 
 
 def test_sqlite_file_locked_by_another_process(
