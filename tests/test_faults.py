@@ -99,6 +99,49 @@ def test_stream_that_stalls_past_the_timeout_is_cut(
     assert incomplete(raised.value)
 
 
+def test_stream_that_stalls_midway_past_the_timeout_is_cut_and_charged_what_streamed(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream
+) -> None:
+    """The upstream's idle timeout after the headers (`UpstreamIdle`, which replaces aiohttp's
+    per-chunk `sock_read` timer): three events (role, " word0", " word1"), then silence."""
+    gateway = make_gateway(upstream_timeout=0.3)
+    key = gateway.key()
+    steer = {"X-Fake-Hold": "stall", "X-Fake-Hold-After": "3"}
+    client = gateway.openai(key, **{POLICY: "1000;w=60;u=token", **steer})
+    texts = []
+    with pytest.raises(openai.APIConnectionError) as raised:
+        for chunk in client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=50, stream=True):
+            texts.append(chunk.choices[0].delta.content or "")
+    assert incomplete(raised.value) and "".join(texts) == " word0 word1"
+    deadline = time.monotonic() + 10  # the gateway dropped its upstream connection (not kept for reuse)
+    while not upstream.abandoned and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert upstream.abandoned == ["stall"]
+    upstream.release("stall")
+    # charged the prompt's estimate (11 tokens) and the two words streamed (2 tokens each)
+    with gateway.http() as http:
+        response = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}", POLICY: "1000;w=60;u=token"})
+    assert response.headers["Helicone-RateLimit-Remaining"] == str(1000 - 11 - 4)
+
+
+def test_stream_longer_than_the_timeout_with_shorter_gaps_completes(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream
+) -> None:
+    """The idle timeout is per gap, not per stream: 12 events 0.1 s apart under a 0.5 s timeout."""
+    gateway = make_gateway(upstream_timeout=0.5)
+    key = gateway.key()
+    steer = {"X-Fake-Chunk-Delay": "0.1", "X-Fake-Completion-Tokens": "8"}
+    client = gateway.openai(key, **{POLICY: "1000;w=60;u=token", **steer})
+    stream = client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=50, stream=True)
+    texts = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert "".join(texts) == "".join(f" word{i}" for i in range(8))
+    # the next call (on the upstream connection the stream used, back in the pool) still times out
+    # before its headers: aiohttp's timer is set again for every request
+    with gateway.http() as http:
+        response = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}", "X-Fake-Delay": "2"})
+    assert response.status_code == 504 and response.json()["error"]["code"] == "upstream_timeout"
+
+
 def test_sqlite_file_locked_by_another_process(
     make_gateway: Callable[..., Gateway], upstream: FakeUpstream, sqlite_url: str
 ) -> None:

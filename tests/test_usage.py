@@ -21,6 +21,7 @@ from quotagate.usage import (
     _NULL_USAGE,
     StreamUsage,
     Usage,
+    _may_carry_usage,
     _without_null_usage,
     completions_requested,
     count_tokens,
@@ -197,6 +198,10 @@ _NULL_USAGE_CASES = [
     b'data: "usage":null,\n\n',
     b', "usage":null}',
     b'"usage"',
+    b',"usage":null}\n\n',  # OpenAI's usual ending, alone
+    b'"usage":null}\n\n',
+    b'data: {"usage":1,"a":1,"usage":null}\n\n',  # the usual ending, but not the first "usage"
+    b'data: {"a":"\\"usage\\"","usage":null}\n\n',
 ]
 
 
@@ -226,6 +231,42 @@ def test_one_event_per_chunk_reads_as_the_whole_stream_at_once(events: list[byte
     at_once = whole.feed(b"".join(events)) + whole.finish()
     assert by_event == at_once
     assert (one.usage, one.model, one.text, one.ended) == (whole.usage, whole.model, whole.text, whole.ended)
+
+
+@pytest.mark.parametrize(
+    ("payload", "may"),
+    [
+        (b'{"a":1}', False),
+        (b'{"a":1,"usage":null}', False),
+        (b'{"usage":null,"a":1}', False),
+        (b'{"a":1,"usage":{"prompt_tokens":1}}', True),
+        (b'{"usage":null,"response":{"usage":{"input_tokens":1}}}', True),  # a second one
+        (b'{"a":1,"usage": null}', True),  # spaced: read, to be sure
+        (b'{"a":"\\"usage\\":null"}', False),  # inside a string
+    ],
+)
+def test_which_events_may_carry_usage(payload: bytes, may: bool) -> None:
+    assert _may_carry_usage(payload) is may
+    data = orjson.loads(payload)
+    if not may:  # what is not read holds none
+        assert from_usage_block(data.get("usage")) is None and not isinstance(data.get("response"), dict)
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_an_untracked_stream_with_null_usage_reads_as_a_tracked_one(strip: bool) -> None:
+    """Without track_text the `"usage":null` chunks are not decoded: the same bytes, usage, model."""
+    events = fake.chat_chunks(PLAN, include_usage=True)  # "usage":null in every chunk but the usage chunk
+    assert sum(b'"usage":null' in e for e in events) == 5
+    untracked, tracked = StreamUsage(False, strip), StreamUsage(True, strip)
+    assert run(untracked, events) == run(tracked, events)
+    assert (untracked.usage, untracked.model) == (tracked.usage, tracked.model) == (Usage(1000, 3, 400), "gpt-4o-mini")
+
+
+def test_a_usage_only_chunk_that_is_also_terminal_is_held_as_it_came() -> None:
+    event = b'data: {"type":"error","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
+    tracker = StreamUsage(track_text=True, strip_usage_chunk=True)
+    assert tracker.feed(event) == b"" and tracker.ended and tracker.usage == Usage(1, 2)
+    assert tracker.finish() == event
 
 
 def test_a_client_that_asked_for_usage_keeps_it() -> None:

@@ -10,6 +10,7 @@ for an hour without a request. Here, for an application built by `server.build_a
 - a connection waits `idle_timeout` seconds for a request (aiohttp's keep-alive timer);
 - `ClientWatch` lets a handler notice a client that left while it waits for something else;
 - `WriteDeadline` drops a client that stops reading a response (`write_timeout`);
+- `UpstreamIdle` fails a stream whose upstream stops sending (`upstream_timeout`);
 - `Capacity` bounds the calls a worker has in flight and the request-body bytes they hold.
 
 The hook: `GatewayRunner` (used by `quotagate serve` and by `BackgroundServer`) makes a
@@ -26,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientResponse, ServerTimeoutError, web
 from aiohttp.http_exceptions import ContentEncodingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
@@ -332,7 +333,9 @@ class WriteDeadline:
     stopped reading what it asked for) drops the connection, which ends that write with an error.
     Only waiting writes are timed: an upstream that is slow to send is not the client's fault.
 
-    One timer per block, looked at every `seconds`; a write costs a clock read.
+    One timer per block, looked at every `seconds`; a write costs a clock read. A hot loop may do
+    what `send` does inline (`since = loop.time()`, the write, `since = None`) to save a coroutine
+    per write, as the stream pump does.
     """
 
     __slots__ = ("handle", "loop", "seconds", "since", "transport")
@@ -371,6 +374,51 @@ class WriteDeadline:
             self.handle = None
             if self.transport is not None:
                 self.transport.abort()
+            return
+        self.handle = self.loop.call_at((since if since is not None else now) + self.seconds, self._check)
+
+
+class UpstreamIdle:
+    """Inside the block, an upstream that sends nothing for `seconds` while the stream pump waits
+    for it fails the pump's read with `ServerTimeoutError`, and its connection is closed, not
+    reused: what aiohttp's `sock_read` timeout does, which this replaces once a response's headers
+    are in. aiohttp re-arms a timer for every chunk that arrives (a cancel and a `call_later`);
+    here one timer per block is looked at every `seconds`, and a wait costs a clock read: the pump
+    sets `since` (the loop's time) before it waits for the upstream and clears it after.
+
+    Time the pump spends writing to the client is not counted, as aiohttp stops `sock_read` while
+    a slow client keeps it from reading.
+    """
+
+    __slots__ = ("content", "handle", "loop", "seconds", "since")
+
+    def __init__(self, response: ClientResponse, seconds: float) -> None:
+        self.content = response.content
+        self.seconds = seconds
+        self.since: float | None = None  # when the wait for the upstream began
+        self.handle: asyncio.TimerHandle | None = None
+        self.loop = asyncio.get_running_loop()
+        connection = response.connection
+        protocol = connection.protocol if connection is not None else None
+        if protocol is not None:  # aiohttp's own timer, stopped (`start_timeout` re-arms it: with None, not)
+            protocol.read_timeout = None
+            protocol.start_timeout()
+
+    def __enter__(self) -> UpstreamIdle:
+        self.handle = self.loop.call_later(self.seconds, self._check)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        since = self.since
+        if since is not None and now - since >= self.seconds:
+            self.handle = None
+            self.content.set_exception(ServerTimeoutError("Timeout on reading data from socket"))
             return
         self.handle = self.loop.call_at((since if since is not None else now) + self.seconds, self._check)
 

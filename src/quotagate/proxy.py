@@ -26,7 +26,7 @@ from yarl import URL
 from . import metrics, refusal
 from .admission import POLICY_HEADER, Admitter, Decision, Ticket, asked, clipped
 from .config import Settings, Upstream
-from .connections import BodyTimeout, Capacity, ClientWatch, Slot, WriteDeadline
+from .connections import BodyTimeout, Capacity, ClientWatch, Slot, UpstreamIdle, WriteDeadline
 from .errors import (
     BadBody,
     BadPath,
@@ -266,10 +266,13 @@ class Proxy:
         call.streaming = True
         tracker = self.metering.track(ticket, meter, strip) if _is_sse(response) else None
         with WriteDeadline(request, self.settings.write_timeout) as writes:
-            tail = self.metering.stream_ended(ticket, meter, await _pump(request, response, out, tracker, writes))
+            with UpstreamIdle(response, self.settings.upstream_timeout) as idle:
+                outcome = await _pump(request, response, out, tracker, writes, idle)
+            tail = self.metering.stream_ended(ticket, meter, outcome)
             await self.metering.charge(ticket, meter, meter.usage)
-            ended = meter.outcome is Outcome.COMPLETE and (not tail or await writes.send(out.write(tail)))
-            if not (ended and await writes.send(out.write_eof())) and request.transport is not None:
+            # the terminal event and the end of the body in one write
+            ended = meter.outcome is Outcome.COMPLETE and await writes.send(out.write_eof(tail))
+            if not ended and request.transport is not None:
                 request.transport.abort()  # the client must not take a cut stream for a whole one
         return out
 
@@ -349,6 +352,7 @@ async def _pump(
     out: web.StreamResponse,
     tracker: StreamUsage | None,
     writes: WriteDeadline,
+    idle: UpstreamIdle,
 ) -> Outcome:
     """Copy the upstream stream to the client; how it ended: complete, client gone, upstream broken.
 
@@ -357,16 +361,27 @@ async def _pump(
     that leaves while the upstream is silent is noticed at once (`ClientWatch`).
     """
     unsent: int | None = None  # where the text of a write in progress begins
+    content, clock = response.content, writes.loop.time
     try:
         with ClientWatch(request):
-            async for chunk in response.content.iter_any():
+            # one coroutine per read and one per write (not `iter_any()`'s and `writes.send`'s around them)
+            while True:
+                idle.since = clock()  # what aiohttp's sock_read timer did per chunk (`UpstreamIdle`)
+                chunk = await content.readany()
+                idle.since = None
+                if not chunk:
+                    return Outcome.COMPLETE
                 unsent = len(tracker.text) if tracker is not None else 0
                 data = tracker.feed(chunk) if tracker is not None else chunk
-                if data and not await writes.send(out.write(data)):
-                    break
+                if data:
+                    writes.since = clock()  # what `WriteDeadline.send` does, inline
+                    try:
+                        await out.write(data)
+                    except (ConnectionError, RuntimeError):
+                        break
+                    finally:
+                        writes.since = None
                 unsent = None
-            else:
-                return Outcome.COMPLETE
     except (aiohttp.ClientError, TimeoutError):
         return Outcome.UPSTREAM_BROKEN
     except ClientGone:
