@@ -88,19 +88,22 @@ def _rate(value: Any) -> Rate | None:
 
 
 def _find_model(provider: str, model: str, api_url: str | None) -> Any:
-    """The library's model entry: by the upstream's URL (who serves the call), else by provider."""
+    """The library's model entry: by the upstream's URL (who serves the call), else by provider.
+    The provider is looked up without the model's name: the library caches lookups by their
+    arguments, forever, and model names come from clients (`find_provider_model` kept an entry per
+    name ever sent)."""
     from genai_prices import data_snapshot
 
     snapshot = data_snapshot.get_snapshot()
-    if api_url:
+    for provider_id, url in ((None, api_url), (provider, None)) if api_url else ((provider, None),):
         try:
-            return snapshot.find_provider_model(model, None, None, api_url)[1]
+            found = snapshot.find_provider(None, provider_id, url)
         except LookupError:
-            pass
-    try:
-        return snapshot.find_provider_model(model, None, provider, None)[1]
-    except LookupError:
-        return None
+            continue
+        info = found.find_model(model, all_providers=snapshot.providers)
+        if info is not None:
+            return info
+    return None
 
 
 def load_prices() -> None:
