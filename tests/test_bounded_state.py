@@ -18,7 +18,7 @@ import redis
 from quotagate.limiter import Budget, budgets_for
 from quotagate.policy import parse_policies
 from quotagate.stores import Store, open_store
-from quotagate.stores.redis import INDEX, INDEX_EXPIRY
+from quotagate.stores.redis import INDEX, INDEX_EXPIRY, budget_key
 from quotagate.stores.sqlite import path_from_url
 
 from .conftest import FakeClock, flush_redis, with_store
@@ -233,3 +233,39 @@ def test_an_index_entry_written_again_while_it_expired_is_put_back(redis_cluster
 
     run(url, clock, body)
     nodes.close()
+
+
+def test_a_charge_after_its_hold_expired_counts_for_a_whole_window(shared_url: str, clock: FakeClock) -> None:
+    """A call that outlived its hold is charged after it expired: its units count for the budget's
+    whole window from the charge. Redis keeps the budget's hash that long (its expiry, set at the
+    admission, moved out), and a hash that expired meanwhile is written again with an expiry (it had
+    none: kept forever) and the charging call's quota and policies (the dashboard left it out)."""
+    tokens = parse_policies("1000;w=3600;u=token;s=user")
+
+    async def body(store: Store, key_id: str) -> None:
+        client = _client(shared_url)
+        slow, amounts = budget(key_id, tokens, "slow", amount=400)
+        key = budget_key(slow[0].id)
+        assert (await store.admit(key_id, slow, amounts, "slow-call", 5)).allowed
+        client.pexpire(key, 20_000)  # as if most of the hash's time had passed
+        clock.advance(10)  # the hold has expired
+        [state] = await store.charge(slow, "slow-call", [250])
+        assert (state.used, state.held) == (250, 0)
+        assert client.pttl(key) > 3500_000  # the window again (3,600,000 ms when set)
+
+        assert (await store.admit(key_id, slow, amounts, "slower-call", 5)).allowed
+        client.delete(key)  # the hash expired before the call ended
+        [state] = await store.charge(slow, "slower-call", [100])
+        assert (state.used, state.held) == (100, 0)
+        assert client.pttl(key) > 3500_000
+        [row] = await store.usage(key_id=key_id)
+        assert (row.value, row.quota, row.used, row.held, row.policies) == (
+            "slow",
+            1000,
+            100,
+            0,
+            [tokens[0].normal_form()],
+        )
+        client.close()
+
+    run(shared_url, clock, body)
