@@ -149,7 +149,7 @@ class Load:
                     self.errors.append(f"connect: {exc}")
                     await asyncio.sleep(0.1)
                     continue
-                conn = cast(Connection, proto)
+                conn = proto
             body, user = self.rng.randrange(len(self.bodies)), self.rng.randrange(self.users)
             whole = await conn.send(self.request(body, user))
             ok = whole and conn.ok and conn.events == self.expected[body]

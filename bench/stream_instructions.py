@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from run import BENCH, PYTHON, REF_AUTH, Service, flush_redis, free_port, wait_listening
 from stream_client import Connection, Load
@@ -72,8 +72,7 @@ async def drive(port: int, auth: str, header: str, policy: str, count: int, conc
     problems: list[str] = []
 
     async def slot() -> None:
-        _, proto = await loop.create_connection(lambda: Connection(load.header), "127.0.0.1", port)
-        conn = cast(Connection, proto)
+        _, conn = await loop.create_connection(lambda: Connection(load.header), "127.0.0.1", port)
         while left[0] > 0:
             left[0] -= 1
             body, user = load.rng.randrange(len(load.bodies)), load.rng.randrange(load.users)

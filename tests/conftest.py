@@ -31,7 +31,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from quotagate.config import Settings
 from quotagate.fake_upstream import BackgroundServer, FakeUpstream
 from quotagate.keys import create_key
-from quotagate.server import build_app
+from quotagate.server import PROXY, build_app
 from quotagate.stores import Store, open_store
 
 POLICY = "Helicone-RateLimit-Policy"
@@ -82,7 +82,13 @@ class Gateway:
     keys: list[str] = field(default_factory=list)
 
     def key(self, name: str = "test", policies: list[str] | None = None) -> str:
-        """Create a gateway key in this gateway's store; returns the raw key."""
+        """Create a gateway key in this gateway's store; returns the raw key. An in-process gateway's
+        own store object makes it, on the gateway's loop, as the admin API would: no new connections
+        (a Cluster client's discovery, on a loaded machine, ran past its 1 s connect timeout)."""
+        if self.server is not None:
+            store = self.server.app[PROXY].store
+            made = asyncio.run_coroutine_threadsafe(create_key(store, name, policies or []), self.server.loop)
+            return str(made.result(timeout=30)[0])
         return new_key(self.store_url, name, policies or [])
 
     def openai(self, key: str, **headers: str) -> OpenAI:

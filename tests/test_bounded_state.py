@@ -5,6 +5,7 @@ themselves in every store, in bounded chunks, without anyone reading the dashboa
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
 import threading
 import time
@@ -16,8 +17,8 @@ import redis
 
 from quotagate.limiter import Budget, budgets_for
 from quotagate.policy import parse_policies
-from quotagate.stores import Store
-from quotagate.stores.redis import INDEX, INDEX_EXPIRY
+from quotagate.stores import Store, open_store
+from quotagate.stores.redis import INDEX, INDEX_EXPIRY, budget_key
 from quotagate.stores.sqlite import path_from_url
 
 from .conftest import FakeClock, flush_redis, with_store
@@ -190,19 +191,81 @@ def test_an_admin_read_of_a_large_stale_index_sends_only_bounded_commands(redis_
     client.close()
 
 
-def test_an_index_entry_written_again_while_it_expired_is_put_back(shared_url: str, clock: FakeClock) -> None:
-    """The expiry step removes an entry from the expiry set, then from the ratio set; a writer
-    that re-adds it in between (expiry first, then ratio) may see its ratio removed: the expiry
-    step finds the entry back in the expiry set and restores its ratio from the budget."""
+def test_an_index_entry_written_again_while_it_expired_is_put_back(redis_cluster: Any, clock: FakeClock) -> None:
+    """The expiry step removes an entry from the expiry set (`expire.lua`), then from the ratio set;
+    a writer that re-adds it in between (expiry first, then ratio) would see its ratio removed: the
+    expiry step finds the entry back in the expiry set and restores its ratio from the budget, and
+    the dashboard lists the budget. On the Cluster the two sets live on different nodes, so the
+    race is played exactly: the ratio set's node stopped (SIGSTOP) while the remover's ZREM waits
+    for it, the writer's new expiry written meanwhile, then the node let go (SIGCONT)."""
+    redis_cluster.flush()
+    url = str(redis_cluster.url)
+    nodes = redis.RedisCluster.from_url(url.replace("+cluster", ""))
+    ratio_node, expiry_node = (nodes.get_node_from_key(k) for k in (INDEX, INDEX_EXPIRY))
+    assert ratio_node.port != expiry_node.port  # the race needs them apart
+    ratio_server = redis_cluster.processes[redis_cluster.ports.index(ratio_node.port)]
+
+    async def body(writer: Store, key_id: str) -> None:
+        [entry], amounts = budget(key_id, LONG, "back")
+        assert (await writer.admit(key_id, [entry], amounts, "first", 60)).allowed
+        assert [u.value for u in await writer.usage(key_id=key_id)] == ["back"]  # indexed
+        await writer.close()
+        clock.advance(3600 + 1)  # the index entry has expired
+        remover = open_store(url, clock)
+        try:
+            await remover.ping()  # connected to every node before one stops
+            with Monitor(f"redis://127.0.0.1:{expiry_node.port}") as monitor:
+                ratio_server.send_signal(signal.SIGSTOP)
+                try:
+                    read = asyncio.ensure_future(remover.usage(key_id=key_id))
+                    deadline = time.monotonic() + 5  # a node is marked failed after 15 s (tests/cluster.py)
+                    while not any(w[:2] == ["ZREM", INDEX_EXPIRY] for w in monitor.commands):
+                        assert time.monotonic() < deadline, monitor.commands
+                        await asyncio.sleep(0.005)  # until expire.lua has taken the entry out
+                    nodes.zadd(INDEX_EXPIRY, {entry.id: clock() + 3600})  # the writer's first ZADD
+                finally:
+                    ratio_server.send_signal(signal.SIGCONT)
+                listed = await read
+            assert [(u.value, u.used) for u in listed] == [("back", 0)]
+            assert nodes.zscore(INDEX, entry.id) == 0.0  # restored, from the budget as it is now
+        finally:
+            await remover.close()
+
+    run(url, clock, body)
+    nodes.close()
+
+
+def test_a_charge_after_its_hold_expired_counts_for_a_whole_window(shared_url: str, clock: FakeClock) -> None:
+    """A call that outlived its hold is charged after it expired: its units count for the budget's
+    whole window from the charge. Redis keeps the budget's hash that long (its expiry, set at the
+    admission, moved out), and a hash that expired meanwhile is written again with an expiry (it had
+    none: kept forever) and the charging call's quota and policies (the dashboard left it out)."""
+    tokens = parse_policies("1000;w=3600;u=token;s=user")
 
     async def body(store: Store, key_id: str) -> None:
-        await admit_users(store, key_id, LONG, ["back"])
-        [entry], _ = budget(key_id, LONG, "back")
         client = _client(shared_url)
-        await until(lambda: client.zscore(INDEX, entry.id) is not None, "indexed")
-        client.zrem(INDEX, entry.id)  # what the remover's ZREM did after the writer's ZADDs
-        await store._restore([entry.id.encode()])  # type: ignore[attr-defined]
-        assert client.zscore(INDEX, entry.id) == pytest.approx(1 / 1000)
+        slow, amounts = budget(key_id, tokens, "slow", amount=400)
+        key = budget_key(slow[0].id)
+        assert (await store.admit(key_id, slow, amounts, "slow-call", 5)).allowed
+        client.pexpire(key, 20_000)  # as if most of the hash's time had passed
+        clock.advance(10)  # the hold has expired
+        [state] = await store.charge(slow, "slow-call", [250])
+        assert (state.used, state.held) == (250, 0)
+        assert client.pttl(key) > 3500_000  # the window again (3,600,000 ms when set)
+
+        assert (await store.admit(key_id, slow, amounts, "slower-call", 5)).allowed
+        client.delete(key)  # the hash expired before the call ended
+        [state] = await store.charge(slow, "slower-call", [100])
+        assert (state.used, state.held) == (100, 0)
+        assert client.pttl(key) > 3500_000
+        [row] = await store.usage(key_id=key_id)
+        assert (row.value, row.quota, row.used, row.held, row.policies) == (
+            "slow",
+            1000,
+            100,
+            0,
+            [tokens[0].normal_form()],
+        )
         client.close()
 
     run(shared_url, clock, body)

@@ -92,10 +92,14 @@ def test_malformed_sse_event_passes_through_and_usage_is_still_read(gateway: Gat
 def test_stream_that_stalls_past_the_timeout_is_cut(
     make_gateway: Callable[..., Gateway], upstream: FakeUpstream
 ) -> None:
+    """The provider stops after two events and never goes on (held until the test ends): the
+    upstream timeout cuts the stream."""
     gateway = make_gateway(upstream_timeout=0.3)
-    client = gateway.openai(gateway.key(), **{POLICY: "1000;w=60;u=token", "X-Fake-Chunk-Delay": "1"})
+    stall = {"X-Fake-Hold": "stalled", "X-Fake-Hold-After": "2"}
+    client = gateway.openai(gateway.key(), **{POLICY: "1000;w=60;u=token"}, **stall)
     with pytest.raises(openai.APIConnectionError) as raised:
         list(client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=5, stream=True))
+    upstream.release("stalled")
     assert incomplete(raised.value)
 
 

@@ -4,7 +4,9 @@ normal form parses back to the same policy."""
 
 from __future__ import annotations
 
+import gc
 import re
+import tracemalloc
 from decimal import Decimal
 
 from hypothesis import example, given, settings
@@ -166,14 +168,24 @@ def test_items_past_the_twentieth_are_left_out_together(items: list[tuple[str, P
 
 
 def test_a_long_header_is_not_kept_in_a_cache() -> None:
-    from quotagate import policy
-
-    policy._each_cached.cache_clear()
-    policy._parse_cached.cache_clear()
+    """Parses are cached, but not those of headers over 1 KB (a client may send a new one each
+    time): 200 distinct 20 KB headers, parsed both ways, keep nothing (cached, they would keep 4 MB)."""
     long = " " * 2000 + "1;w=60"
     assert parse_each(long) == ((Policy(Decimal(1), 60),), ())
     assert parse_policies(long) == (Policy(Decimal(1), 60),)
     junk = "," * 60_000
     policies, errors = parse_each(junk)
     assert policies == () and len(errors) == 21 and "got 60001" in errors[-1].problem
-    assert policy._each_cached.cache_info().currsize == 0 and policy._parse_cached.cache_info().currsize == 0
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for n in range(200):
+            header = " " * 20_000 + f"{n + 1};w=60"
+            assert parse_each(header)[0] == parse_policies(header) == (Policy(Decimal(n + 1), 60),)
+        del header
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert kept < 100_000, kept  # 0; 4.2 MB if they are cached

@@ -148,9 +148,11 @@ def test_unreachable_upstream_is_502(make_gateway: Callable[..., Gateway]) -> No
 
 
 def test_timed_out_upstream_is_504(make_gateway: Callable[..., Gateway], upstream: FakeUpstream) -> None:
+    """The provider never answers (held until the test ends): the upstream timeout ends the call."""
     gateway = make_gateway(upstream_timeout=0.3)
     with gateway.http() as http:
-        response = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {gateway.key()}", "X-Fake-Delay": "2"})
+        response = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {gateway.key()}", "X-Fake-Hold": "never"})
+    upstream.release("never")
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "upstream_timeout"
 

@@ -6,8 +6,11 @@ worked out by hand from published USD-per-million-token prices (1 token at $P = 
 
 from __future__ import annotations
 
+import gc
+import itertools
 import logging
 import re
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -395,11 +398,27 @@ def test_overrides_from_a_config_file(tmp_path: Path) -> None:
     assert Pricer(prices).cost("openai", "my-finetune", Usage(1000, 100)) == 42_000  # 1000 * 0.3 + 100 * 1.2
 
 
-def test_price_cache_stays_bounded_whatever_model_names_clients_send() -> None:
+def test_pricing_keeps_no_memory_per_model_name_clients_send(caplog: pytest.LogCaptureFixture) -> None:
+    """Model names come from clients: once the caches are full, pricing 8,192 names never seen
+    keeps no more objects than before (an entry kept per name, in the price cache, the unknown-model
+    log or the price library's own lookups, is one object or more per name; counted with
+    `sys.getallocatedblocks`, which the caches' own tables, reallocated as they churn, do not move),
+    and known models are still priced."""
     from quotagate import pricing
 
     pricer = pricing.Pricer()
-    for index in range(pricing.CACHE_SIZE + 50):
-        assert pricer.cost("openai", f"no-such-model-{index}", Usage(10, 10)) is None
-    assert len(pricer._cards) <= pricing.CACHE_SIZE and len(pricer.unknown_models) <= pricing.CACHE_SIZE
+    names = (f"no-such-model-{index}" for index in itertools.count())
+
+    def price(count: int) -> None:
+        for _ in range(count):
+            assert pricer.cost("openai", next(names), Usage(10, 10)) is None
+
+    with caplog.at_level(logging.ERROR, logger="quotagate"):  # a warning per unknown model
+        price(pricing.CACHE_SIZE + 100)
+        gc.collect()
+        before = sys.getallocatedblocks()
+        price(2 * pricing.CACHE_SIZE)
+        gc.collect()
+        kept = sys.getallocatedblocks() - before
+    assert kept < 100, kept  # 2; 16,386 while the price library kept its lookups
     assert pricer.cost("openai", "gpt-4o-mini", Usage(1_000_000, 0)) == 15_000_000  # $0.15: 15 cents

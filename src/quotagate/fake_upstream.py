@@ -34,6 +34,7 @@ import asyncio
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -463,6 +464,13 @@ def _other(method: str, path: str, plan: Plan) -> dict[str, Any] | None:
 # --- the server ------------------------------------------------------------------------------
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class FakeUpstream:
     """The fake provider as an aiohttp application, with a record of what it received (for tests;
     `record=False` keeps none, for a long-running `quotagate serve --fake-provider`)."""
@@ -482,9 +490,27 @@ class FakeUpstream:
         return sum(1 for r in self.received if r.path.endswith(suffix))
 
     def reset(self) -> None:
+        """Forget what was received and every hold's gate (callable from any thread: done on the
+        server's loop, so that a `release` of an earlier test cannot land after it)."""
+        self._on_loop(self._reset)
+
+    def _reset(self) -> None:
         self.received.clear()
         self.gates.clear()
         self.abandoned.clear()
+
+    def _on_loop(self, action: Callable[[], None]) -> None:
+        """`action()` on the server's loop, returned from once it ran (at once if there is no loop
+        yet, or if called on it)."""
+        loop = self.loop
+        if loop is None or not loop.is_running() or _running_loop() is loop:
+            action()
+            return
+
+        async def run() -> None:
+            action()
+
+        asyncio.run_coroutine_threadsafe(run(), loop).result(timeout=30)
 
     def _gate(self, name: str) -> asyncio.Event:
         return self.gates.setdefault(name, asyncio.Event())
@@ -497,9 +523,10 @@ class FakeUpstream:
             raise
 
     def release(self, name: str) -> None:
-        """Let a stream held with `X-Fake-Hold: name` go on (callable from any thread)."""
+        """Let a stream held with `X-Fake-Hold: name` go on (callable from any thread; the gate is
+        open when this returns, so a later `reset` closes it again)."""
         assert self.loop is not None
-        self.loop.call_soon_threadsafe(lambda: self._gate(name).set())
+        self._on_loop(lambda: self._gate(name).set())
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.loop = asyncio.get_running_loop()

@@ -74,7 +74,7 @@ def _settle_arguments(item: Charge, keys: list[str], args: list[Any]) -> None:
         keys.append(budget_key(budget.id))
         args.append(
             f"{budget.window}:{limiter.granularity(budget.window)}:{budget.quota}:{amount}:"
-            f"{int(budget.holds)}:{mode}:{taken_at}"
+            f"{int(budget.holds)}:{mode}:{taken_at}:{limiter.policies_json(budget.policies).decode()}"
         )
 
 

@@ -8,9 +8,12 @@
 --       denied, then per budget: the policies (JSON) of the last call it admitted if it refused and
 --       they are not this request's, else ''. A denial leaves a counter's q and p as they were.
 --   a settlement: "S <reservation> <budget count>",
---       then per budget "<window>:<granularity>:<quota>:<amount>:<holds 0/1>:<mode>:<taken at>";
+--       then per budget "<window>:<granularity>:<quota>:<amount>:<holds 0/1>:<mode>:<taken at>:<policies JSON>";
 --       mode 'charge' replaces the reservation's hold by `amount` spent now, 'refund' undoes an
 --       admission (its take or its hold) that another Cluster slot refused; KEYS: each budget's hash.
+--       A charge whose hold was no longer there (the call outlived it) keeps its units a whole
+--       window (the hash's expiry moved out if need be), and on a hash that expired it writes
+--       the charging call's quota and policies, as an admission would.
 --       Returns {now, then per budget: used, held, reset, retry}.
 -- An operation that fails (its budget's hash broken, say) returns an error reply in its place, and
 -- the next operations run: one bad request fails alone. Redis has no rollback: what the failing
@@ -87,18 +90,23 @@ local function settle_one()
   local out = {tostring(now)}
   local budgets = {}
   for b = 1, count do
-    local window, g, quota, amount, holds, mode, taken =
-      string.match(ARGV[arg], '^(%d+):(%d+):(%d+):(%d+):(%d):(%a+):(.+)$')
-    budgets[b] = {h = KEYS[key], window = tonumber(window), g = tonumber(g), quota = tonumber(quota),
-                  amount = tonumber(amount), holds = holds == '1', mode = mode, taken = taken}
+    local window, g, quota, amount, holds, mode, taken, policies =
+      string.match(ARGV[arg], '^(%d+):(%d+):(%d+):(%d+):(%d):(%a+):([^:]+):(.*)$')
+    budgets[b] = {h = KEYS[key], window = tonumber(window), g = tonumber(g), quota = tonumber(quota), q = quota,
+                  amount = tonumber(amount), holds = holds == '1', mode = mode, taken = taken, policies = policies}
     key, arg = key + 1, arg + 1
   end
   for _, x in ipairs(budgets) do x.s = load(x.h, x.window, now, reservation) end  -- every budget read before any write
   for _, x in ipairs(budgets) do
     local s, h, g, amount = x.s, x.h, x.g, x.amount
+    local late = x.mode == 'charge' and amount > 0 and not s.r  -- its hold expired, or the whole hash
     release_hold(s, reservation)
     if x.mode == 'charge' then
       add(s, g, now, stamp, amount)
+      if late and s.fresh then
+        local f = s.w
+        f[#f + 1], f[#f + 2], f[#f + 3], f[#f + 4] = 'q', x.q, 'p', x.policies
+      end
     elseif not x.holds then
       local i = math.floor(tonumber(x.taken) / g)
       local a = num(redis.call('HGET', h, 'a' .. i))
@@ -111,6 +119,7 @@ local function settle_one()
       end
     end
     if s.dirty then save(s) end
+    if late and redis.call('PTTL', h) < x.window * 1000 then redis.call('PEXPIRE', h, x.window * 1000) end
     view(out, s, x.window, now, x.quota, 0, x.holds, false)
   end
   return out
