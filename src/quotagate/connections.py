@@ -25,7 +25,7 @@ import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import ClientResponse, ServerTimeoutError, web
 from aiohttp.http_exceptions import ContentEncodingError, LineTooLong
@@ -328,7 +328,42 @@ class ClientWatch:
         raise ClientGone("the client closed its connection") from None
 
 
-class WriteDeadline:
+class _Watchdog:
+    """One timer per block, looked at every `seconds`: a wait in progress (`since`, the loop's time
+    when it began; None when nothing waits) that has lasted `seconds` calls `expire`. A wait costs a
+    clock read, where re-arming a timer per wait costs a cancel and a `call_later`."""
+
+    __slots__ = ("handle", "loop", "seconds", "since")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.since: float | None = None
+        self.handle: asyncio.TimerHandle | None = None
+        self.loop = asyncio.get_running_loop()
+
+    def __enter__(self) -> Self:
+        self.handle = self.loop.call_later(self.seconds, self._check)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def expire(self) -> None:
+        raise NotImplementedError
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        since = self.since
+        if since is not None and now - since >= self.seconds:
+            self.handle = None
+            self.expire()
+            return
+        self.handle = self.loop.call_at((since if since is not None else now) + self.seconds, self._check)
+
+
+class WriteDeadline(_Watchdog):
     """Inside the block, a write to the client that waits `seconds` without finishing (a client that
     stopped reading what it asked for) drops the connection, which ends that write with an error.
     Only waiting writes are timed: an upstream that is slow to send is not the client's fault.
@@ -338,23 +373,11 @@ class WriteDeadline:
     per write, as the stream pump does.
     """
 
-    __slots__ = ("handle", "loop", "seconds", "since", "transport")
+    __slots__ = ("transport",)
 
     def __init__(self, request: web.BaseRequest, seconds: float) -> None:
+        super().__init__(seconds)
         self.transport = request.transport
-        self.seconds = seconds
-        self.since: float | None = None  # when the write in progress began
-        self.handle: asyncio.TimerHandle | None = None
-        self.loop = asyncio.get_running_loop()
-
-    def __enter__(self) -> WriteDeadline:
-        self.handle = self.loop.call_later(self.seconds, self._check)
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
 
     async def send(self, write: Awaitable[None]) -> bool:
         """Wait for one write (or the end of the response); False if the client is gone."""
@@ -367,18 +390,12 @@ class WriteDeadline:
             self.since = None
         return True
 
-    def _check(self) -> None:
-        now = self.loop.time()
-        since = self.since
-        if since is not None and now - since >= self.seconds:
-            self.handle = None
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        self.handle = self.loop.call_at((since if since is not None else now) + self.seconds, self._check)
+    def expire(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
 
-class UpstreamIdle:
+class UpstreamIdle(_Watchdog):
     """Inside the block, an upstream that sends nothing for `seconds` while the stream pump waits
     for it fails the pump's read with `ServerTimeoutError`, and its connection is closed, not
     reused: what aiohttp's `sock_read` timeout does, which this replaces once a response's headers
@@ -390,37 +407,19 @@ class UpstreamIdle:
     a slow client keeps it from reading.
     """
 
-    __slots__ = ("content", "handle", "loop", "seconds", "since")
+    __slots__ = ("content",)
 
     def __init__(self, response: ClientResponse, seconds: float) -> None:
+        super().__init__(seconds)
         self.content = response.content
-        self.seconds = seconds
-        self.since: float | None = None  # when the wait for the upstream began
-        self.handle: asyncio.TimerHandle | None = None
-        self.loop = asyncio.get_running_loop()
         connection = response.connection
         protocol = connection.protocol if connection is not None else None
         if protocol is not None:  # aiohttp's own timer, stopped (`start_timeout` re-arms it: with None, not)
             protocol.read_timeout = None
             protocol.start_timeout()
 
-    def __enter__(self) -> UpstreamIdle:
-        self.handle = self.loop.call_later(self.seconds, self._check)
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-
-    def _check(self) -> None:
-        now = self.loop.time()
-        since = self.since
-        if since is not None and now - since >= self.seconds:
-            self.handle = None
-            self.content.set_exception(ServerTimeoutError("Timeout on reading data from socket"))
-            return
-        self.handle = self.loop.call_at((since if since is not None else now) + self.seconds, self._check)
+    def expire(self) -> None:
+        self.content.set_exception(ServerTimeoutError("Timeout on reading data from socket"))
 
 
 # --- calls in flight -----------------------------------------------------------------------------
