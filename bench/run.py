@@ -32,9 +32,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import spy
 from report import RATES, Phase, Row, Scenario, Stream, X, mark, markdown, merge, percentile, raw
@@ -703,10 +704,20 @@ def selected(args: argparse.Namespace) -> list[Scenario]:
     return [s for s in SCENARIOS if s.key in wanted]
 
 
+class Harness(Protocol):
+    def close(self) -> None: ...
+
+
+H = TypeVar("H", bound=Harness)
+
+
 @contextlib.contextmanager
-def bench_session(args: argparse.Namespace) -> Iterator[Bench]:
-    with tempfile.TemporaryDirectory(prefix="quotagate-bench-") as tmp:
-        bench = Bench(args, Path(tmp))
+def bench_session(
+    args: argparse.Namespace, make: Callable[[argparse.Namespace, Path], H], prefix: str = "quotagate-bench-"
+) -> Iterator[H]:
+    """A harness (`Bench`, `streams.Streams`) in a temporary directory, closed whatever happens."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        bench = make(args, Path(tmp))
         try:
             yield bench
         finally:
@@ -724,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenarios = selected(args)
     rows: dict[str, Row] = {}
     started = time.monotonic()
-    with bench_session(args) as bench:
+    with bench_session(args, Bench) as bench:
         for scenario in scenarios:
             print(f"[{time.monotonic() - started:5.0f} s] {scenario.label} ...", file=sys.stderr, flush=True)
             rows[scenario.key] = row = bench.measure(scenario)

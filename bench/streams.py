@@ -37,10 +37,9 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from run import (
     REF_AUTH,
     ROOT,
     Service,
+    bench_session,
     children_cpu_seconds,
     cpu_seconds,
     flush_redis,
@@ -611,16 +611,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@contextlib.contextmanager
-def session(args: argparse.Namespace) -> Iterator[Streams]:
-    with tempfile.TemporaryDirectory(prefix="quotagate-streams-") as tmp:
-        bench = Streams(args, Path(tmp))
-        try:
-            yield bench
-        finally:
-            bench.close()
-
-
 def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -635,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = ["### Streams (bench/streams.py" + (" --quick" if args.quick else "") + ")", "", *environment(timing), ""]
     runs_all: dict[int, list[Run]] = {}
     ok = True
-    with session(args) as bench:
+    with bench_session(args, Streams, "quotagate-streams-") as bench:
         for streams in args.rows:
             runs: list[Run] = []
             for index in range(timing.rounds):
