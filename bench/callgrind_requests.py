@@ -33,7 +33,7 @@ from pathlib import Path
 import aiohttp
 
 from report import X
-from run import BODY, free_port, upstream_served
+from run import BODY, create_key, free_port, upstream_served
 from store_steps import THREE_POLICIES
 
 BENCH = Path(__file__).resolve().parent
@@ -82,12 +82,6 @@ async def send(port: int, key: str, users: range, concurrency: int) -> int:
     return ok
 
 
-def create_key(store: str, env: dict[str, str]) -> str:
-    argv = [PYTHON, "-m", "quotagate", "keys", "create", "--name", "bench", "--store", store]
-    out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
-    return out.stdout.strip().splitlines()[-1].strip()
-
-
 def one_run(args: argparse.Namespace, name: str, src: str | None, upstream_port: int, workdir: Path) -> float:
     env = dict(os.environ)
     if src:
@@ -97,7 +91,7 @@ def one_run(args: argparse.Namespace, name: str, src: str | None, upstream_port:
         subprocess.run(["redis-cli", "-u", store, "flushdb"], check=True, capture_output=True)
     else:
         store = f"sqlite:///{workdir / f'{name}-{time.monotonic_ns()}.db'}"
-    key = create_key(store, env)
+    key = create_key(store, env=env)
     port = free_port()
     out = workdir / f"callgrind.{name}.{port}"
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]

@@ -473,20 +473,6 @@ class Bench:
         flush_redis(self.redis_url)
         return self.redis_url
 
-    def create_key(self, store: str, name: str) -> str:
-        result = subprocess.run(
-            [PYTHON, "-m", "quotagate", "keys", "create", "--name", name, "--store", store],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        lines = result.stdout.strip().splitlines()
-        if result.returncode != 0 or not lines:
-            said = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
-            raise RuntimeError(f"quotagate keys create --store {store} failed: {said[-1][:300]}")
-        return lines[-1].strip()
-
     # -- servers --
 
     def reference(self, workers: int) -> tuple[Service, int]:
@@ -508,7 +494,7 @@ class Bench:
         port = free_port()
         upstream = f"http://127.0.0.1:{self.upstream_port}"
         store = self.store_url(scenario)
-        key = self.create_key(store, "bench")
+        key = create_key(store)
         argv = [PYTHON, "-m", "quotagate", "serve", "--host", "127.0.0.1", "--port", str(port), "--store", store]
         argv += ["--workers", str(scenario.workers), "--openai-base-url", upstream, "--no-access-log"]
         argv += ["--log-level", "warning"]
@@ -626,6 +612,23 @@ class Bench:
                 row.problems.append(f"probe: {problem}")
                 return False
         return True
+
+
+def create_key(store: str, name: str = "bench", env: dict[str, str] | None = None) -> str:
+    """A new gateway key in `store`, made by the CLI (`env`: another tree's PYTHONPATH, say)."""
+    result = subprocess.run(
+        [PYTHON, "-m", "quotagate", "keys", "create", "--name", name, "--store", store],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        said = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+        raise RuntimeError(f"quotagate keys create --store {store} failed: {said[-1][:300]}")
+    return lines[-1].strip()
 
 
 def flush_redis(url: str) -> None:

@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from run import BENCH, PYTHON, REF_AUTH, Service, flush_redis, free_port, wait_listening
+from run import BENCH, PYTHON, REF_AUTH, Service, create_key, flush_redis, free_port, wait_listening
 from stream_client import Connection, Load
-from streams import _VOCAB, POLICY, PROMPT_TOKENS, USERS, WORDS, create_key, prompts
+from streams import _VOCAB, POLICY, PROMPT_TOKENS, USERS, WORDS, prompts
 
 _TOTALS = re.compile(rb"^totals:\s*(\d+)", re.MULTILINE)
 

@@ -55,6 +55,7 @@ from run import (
     bench_session,
     children_cpu_seconds,
     cpu_seconds,
+    create_key,
     flush_redis,
     free_port,
     machine_busy_seconds,
@@ -413,20 +414,6 @@ class Streams:
             wrong.append(f"{len(found)} budgets in the store for {len(per_user)} users")
         if wrong:
             run.problems.append(f"the store's counters differ from the streams ({len(wrong)}): " + "; ".join(wrong[:3]))
-
-
-def create_key(store: str) -> str:
-    result = subprocess.run(
-        [PYTHON, "-m", "quotagate", "keys", "create", "--name", "bench", "--store", store],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        raise RuntimeError(f"quotagate keys create failed: {(result.stderr or result.stdout).strip()[-300:]}")
-    return lines[-1].strip()
 
 
 # --- figures -------------------------------------------------------------------------------------
