@@ -422,3 +422,22 @@ def test_pricing_keeps_no_memory_per_model_name_clients_send(caplog: pytest.LogC
         kept = sys.getallocatedblocks() - before
     assert kept < 100, kept  # 2; 16,386 while the price library kept its lookups
     assert pricer.cost("openai", "gpt-4o-mini", Usage(1_000_000, 0)) == 15_000_000  # $0.15: 15 cents
+
+
+def test_a_model_name_longer_than_any_provider_s_is_priced_as_unknown(caplog: pytest.LogCaptureFixture) -> None:
+    """A client's model name of a megabyte would be matched against every model's regular
+    expressions (~0.2 s of the event loop per call) and kept in the caches: a name over
+    MODEL_NAME_MAX is priced as unknown without a lookup, even one the table would match, with one
+    warning for all of them; names up to the bound are priced as before."""
+    from quotagate import pricing
+
+    pricer = pricing.Pricer()
+    base = "claude-3-5-sonnet-20241022"
+    assert pricer.card("anthropic", base + "x" * (pricing.MODEL_NAME_MAX - len(base))) is not None
+    with caplog.at_level(logging.WARNING, logger="quotagate"):
+        for _ in range(3):
+            assert pricer.card("anthropic", base + "x" * (pricing.MODEL_NAME_MAX + 1 - len(base))) is None
+            assert pricer.cost("anthropic", base + "x" * 1_000_000, Usage(1000, 100)) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"a model name of {pricing.MODEL_NAME_MAX + 1} characters: priced as unknown (cost 0)"
+    ]

@@ -32,6 +32,7 @@ _RATE_SCALE = 10**6
 _TO_RATE = Decimal(100 * _RATE_SCALE)
 _REFRESH_SECONDS = 3600.0
 CACHE_SIZE = 4096
+MODEL_NAME_MAX = 256  # longer model names (no provider has one) are priced as unknown, never looked up
 # A dated snapshot's suffix (`gpt-4o-mini-2024-07-18`, `claude-sonnet-4-5-20250929`): responses
 # name the snapshot, so an override given for the alias applies to it too.
 _SNAPSHOT_DATE = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
@@ -155,8 +156,16 @@ class Pricer:
         self.overrides = {m.lower(): _card_from_override(p) for m, p in (overrides or {}).items()}
         self._cards: dict[tuple[str, str | None, str], tuple[PriceCard | None, float]] = {}
         self.unknown_models: set[str] = set()
+        self.long_name_seen = False
 
     def card(self, provider: str, model: str, api_url: str | None = None) -> PriceCard | None:
+        if len(model) > MODEL_NAME_MAX:
+            # The name comes from the client: matching a megabyte against every model's regular
+            # expressions stalls the event loop (~0.2 s per MB), and caching it would keep it.
+            if not self.long_name_seen:
+                self.long_name_seen = True
+                log.warning("a model name of %d characters: priced as unknown (cost 0)", len(model))
+            return None
         model = model.lower()
         if self.overrides:
             override = self.overrides.get(model) or self.overrides.get(_SNAPSHOT_DATE.sub("", model))
