@@ -123,6 +123,83 @@ def test_a_server_that_goes_away_fails_the_calls_and_is_found_again(tmp_path: Pa
         run(main())
 
 
+def test_then_runs_in_the_reply_s_own_callback_before_the_future_s_done_callbacks(redis_url: str) -> None:
+    """`send(data, then)`: `then` sees its future finished, in the callback that finished it, ahead
+    of any done-callback of that future (those run a turn of the event loop later)."""
+
+    async def main() -> list[tuple[str, object]]:
+        async with connected(redis_url) as client:
+            await client.execute(echo("connected"))
+            protocol = client.ready()
+            assert protocol is not None
+            seen: list[tuple[str, object]] = []
+            futures = []
+            for text in ("one", "two"):
+                future = protocol.send(echo(text), lambda f: seen.append(("then", f.result())))
+                future.add_done_callback(lambda f: seen.append(("done-callback", f.result())))
+                futures.append(future)
+            await asyncio.gather(*futures)
+            return seen
+
+    assert run(main()) == [("then", b"one"), ("then", b"two"), ("done-callback", b"one"), ("done-callback", b"two")]
+
+
+def test_then_is_called_for_a_caller_that_gave_up_and_for_a_lost_connection(tmp_path: Path) -> None:
+    with RedisServer(tmp_path, appendonly=False) as server:
+
+        async def main() -> None:
+            async with connected(server.url) as client:
+                await client.execute(echo("connected"))
+                protocol = client.ready()
+                assert protocol is not None
+                outcomes: list[str] = []
+
+                def then(future: asyncio.Future[object]) -> None:
+                    if future.cancelled():
+                        outcomes.append("cancelled")
+                    elif future.exception() is not None:
+                        outcomes.append(type(future.exception()).__name__)
+                    else:
+                        outcomes.append(repr(future.result()))
+
+                pause(server.url, 300)
+                first = protocol.send(echo("first"), then)
+                second = protocol.send(echo("second"), then)
+                first.cancel()
+                assert await second == b"second"
+                assert outcomes == ["cancelled", "b'second'"]  # each once, in order, at its reply
+                pause(server.url, 5000)
+                held = protocol.send(echo("held"), then)
+                await asyncio.sleep(0.05)
+                server.kill()
+                with pytest.raises(RedisConnectionError):
+                    await held
+                assert outcomes == ["cancelled", "b'second'", "ConnectionError"]
+
+        run(main())
+
+
+def test_a_then_that_raises_is_reported_and_the_connection_goes_on(redis_url: str) -> None:
+    async def main() -> tuple[list[str], bytes, bool]:
+        reported: list[str] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+        async with connected(redis_url) as client:
+            await client.execute(echo("connected"))
+            protocol = client.ready()
+            assert protocol is not None
+
+            def broken(_future: asyncio.Future[object]) -> None:
+                raise RuntimeError("a bug in a caller")
+
+            assert await protocol.send(echo("first"), broken) == b"first"
+            after = await client.execute(echo("after"))
+            return reported, after, client.ready() is protocol
+
+    reported, after, same = run(main())
+    assert reported == ["exception in a Redis reply's callback"]
+    assert after == b"after" and same  # the same connection, not a new one
+
+
 def test_password_from_the_url(tmp_path: Path) -> None:
     with RedisServer(tmp_path, appendonly=False) as server:
         port = str(server.port)

@@ -58,16 +58,22 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+Results = asyncio.Future[Sequence[Result | Failed]]
+Start = Callable[[list[Item], Callable[[Results[Result]], None]], Results[Result] | None]
+
+
 class Batcher(Generic[Item, Result]):
     """`run` sends a batch and waits for its results, in a task of its own. `start`, if given, may
     instead send a batch at once and return a future of its results (None: it cannot now, `run`
-    is used): no task, no coroutine frames, the results handed out from the future's callback."""
+    is used): no task, no coroutine frames; `start` calls the function it is given with that
+    future as soon as it is done, which hands the results out in the same callback (a
+    done-callback of the future would run a turn of the event loop later)."""
 
     def __init__(
         self,
         run: Callable[[list[Item]], Awaitable[Sequence[Result | Failed]]],
         max_size: int = 64,
-        start: Callable[[list[Item]], asyncio.Future[Sequence[Result | Failed]] | None] | None = None,
+        start: Start[Item, Result] | None = None,
     ) -> None:
         self._run = run
         self._start = start
@@ -91,14 +97,13 @@ class Batcher(Generic[Item, Result]):
             batch, self._queue = self._queue[: self.max_size], self._queue[self.max_size :]
             if self._start is not None:
                 try:
-                    started = self._start([item for item, _ in batch])
+                    started = self._start([item for item, _ in batch], functools.partial(_hand_out, batch))
                 except Exception as exc:  # every waiter learns of it (this runs in a loop callback)
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
                 if started is not None:
-                    started.add_done_callback(functools.partial(_hand_out, batch))
                     continue
             task = asyncio.ensure_future(self._execute(batch))
             self._tasks.add(task)

@@ -41,6 +41,8 @@ from .redis_index import INDEX, INDEX_CHUNK, INDEX_EXPIRY, RedisUsageIndex
 from .redis_keys import RedisKeys
 from .transport import ClusterTransport, Transport
 
+Then = Callable[[asyncio.Future[Sequence[StepResult | Failed]]], None]  # a started batch's results, done
+
 __all__ = ["INDEX", "INDEX_CHUNK", "INDEX_EXPIRY", "ClusterSteps", "RedisStore", "ServerSteps", "budget_key"]
 
 
@@ -174,30 +176,41 @@ class ServerSteps:
     async def charge(self, item: Charge) -> list[CounterState]:
         return cast(list[CounterState], await self._batcher.submit(item))
 
-    def _start(self, items: list[Step]) -> asyncio.Future[Sequence[StepResult | Failed]]:
+    def _start(self, items: list[Step], then: Then | None = None) -> asyncio.Future[Sequence[StepResult | Failed]]:
+        """The batch's script call; its results' future, finished from the reply's callback, where
+        `then(results)` is called too (the batch's waiters learn their results in that callback)."""
         results: asyncio.Future[Sequence[StepResult | Failed]] = asyncio.get_running_loop().create_future()
         packed = _pack(items, True, self._now_arg())
         if not packed.sent:
             results.set_result(packed.results([]))
+            if then is not None:
+                then(results)
             return results
-        self._transport.send_step(packed.keys, packed.args, functools.partial(self._decoded, packed, results))
+        self._transport.send_step(packed.keys, packed.args, functools.partial(self._decoded, packed, results, then))
         return results
 
     async def _run(self, items: list[Step]) -> Sequence[StepResult | Failed]:
         return await self._start(items)
 
-    def _decoded(self, packed: _Packed, results: asyncio.Future[Sequence[StepResult | Failed]], reply: Any) -> None:
-        if results.done():
-            return
-        if reply.cancelled():
-            results.cancel()
-        elif reply.exception() is not None:
-            results.set_exception(reply.exception())
-        else:
-            try:
-                results.set_result(_decode(packed, reply.result(), self._note_time))
-            except Exception as error:  # a reply the script cannot have sent
-                results.set_exception(RedisError(f"unexpected reply from the step script: {error!r}"))
+    def _decoded(
+        self,
+        packed: _Packed,
+        results: asyncio.Future[Sequence[StepResult | Failed]],
+        then: Then | None,
+        reply: Any,
+    ) -> None:
+        if not results.done():
+            if reply.cancelled():
+                results.cancel()
+            elif reply.exception() is not None:
+                results.set_exception(reply.exception())
+            else:
+                try:
+                    results.set_result(_decode(packed, reply.result(), self._note_time))
+                except Exception as error:  # a reply the script cannot have sent
+                    results.set_exception(RedisError(f"unexpected reply from the step script: {error!r}"))
+        if then is not None:
+            then(results)
 
 
 class ClusterSteps:

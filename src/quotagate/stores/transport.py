@@ -66,7 +66,11 @@ class Transport:
         """`eval_step` for a caller in a callback: `done(reply)` is called with the finished future
         of the script's reply (of the call repeated, if the server forgot the script), with no
         future of its own in between (each one is another turn of the event loop)."""
-        self._evalsha(keys, args).add_done_callback(functools.partial(self._answered, keys, args, done))
+        self._evalsha_then(keys, args, functools.partial(self._answered, keys, args, done))
+
+    def _evalsha_then(self, keys: list[bytes], args: list[bytes], then: resp.Then) -> None:
+        """`_evalsha`, `then(reply)` once the reply's future is done."""
+        self._evalsha(keys, args).add_done_callback(then)
 
     def _answered(
         self, keys: list[bytes], args: list[bytes], done: Callable[[asyncio.Future[Any]], None], reply: Any
@@ -115,6 +119,14 @@ class PipelinedTransport(Transport):
         if protocol is not None:  # written at once, the reply handed over in the connection's callback
             return protocol.send(self._packed(keys, args))
         return asyncio.ensure_future(self.connection.execute(self._packed(keys, args)))
+
+    def _evalsha_then(self, keys: list[bytes], args: list[bytes], then: resp.Then) -> None:
+        """On the open connection `then` is called from the reply's own callback, not a turn later."""
+        protocol = self.connection.ready()
+        if protocol is not None:
+            protocol.send(self._packed(keys, args), then)
+        else:
+            super()._evalsha_then(keys, args, then)
 
     async def write_all(self, commands: Iterable[list[bytes]]) -> None:
         """Written back to back on the one connection (so in order), each packed with the event loop
