@@ -4,7 +4,10 @@ Under load many requests of a worker reach admission (or their charge) in the sa
 event loop; sending them to the store as one Lua script call (Redis) or one transaction (SQLite)
 pays the client's per-call cost, the round trip and the store's per-call overhead once instead of
 once per request. Each item is still decided on its own, in order, inside that one atomic step. A
-lone request waits for nothing: the batch leaves at the end of the current loop turn. An item whose
+lone request waits for nothing: the batch leaves at the end of the current loop turn; with `start`
+(a step that can be sent from anywhere, Redis's) the first item of a turn leaves at once, alone,
+and those after it in the same turn together at its end (a busy worker's turn can last a
+millisecond or two: the first would wait it out, and a lone request is always a first). An item whose
 own data makes its step fail comes back as `Failed`: its waiter alone gets the error, the others
 their results; an error of the whole step (the store unreachable) reaches every waiter.
 """
@@ -89,10 +92,15 @@ class Batcher(Generic[Item, Result]):
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._send)
+            if self._start is not None:
+                self._flush()  # the first of this turn, at once
         return await future
 
     def _send(self) -> None:
         self._scheduled = False
+        self._flush()
+
+    def _flush(self) -> None:
         while self._queue:
             batch, self._queue = self._queue[: self.max_size], self._queue[self.max_size :]
             if self._start is not None:
