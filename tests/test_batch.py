@@ -56,3 +56,55 @@ def test_a_step_run_in_a_task_sends_a_turn_s_items_together() -> None:
 
     assert run(main()) == ["A", "B", "C"]
     assert ran == [["a", "b", "c"]]
+
+
+def test_while_a_batch_is_in_flight_items_gather_until_the_turn_s_end() -> None:
+    """The first item leaves at once only when nothing is in flight; else it waits for its turn's
+    end with the others (fewer, fuller script calls under load)."""
+    sent: list[list[str]] = []
+    answers: list[tuple[list[str], object, asyncio.Future[Sequence[str | Failed]]]] = []
+
+    def start(items: list[str], then: object) -> asyncio.Future[Sequence[str | Failed]]:
+        sent.append(list(items))
+        future: asyncio.Future[Sequence[str | Failed]] = asyncio.get_running_loop().create_future()
+        answers.append((items, then, future))  # answered when the test says
+        return future
+
+    def answer_all() -> None:
+        while answers:
+            items, then, future = answers.pop(0)
+            future.set_result([item.upper() for item in items])
+            then(future)  # type: ignore[operator]
+
+    async def never(items: list[str]) -> Sequence[str | Failed]:
+        raise AssertionError("start always can")
+
+    async def main() -> list[object]:
+        batcher: Batcher[str, str] = Batcher(never, start=start)
+        seen: list[object] = []
+        a = asyncio.ensure_future(batcher.submit("a"))
+        await asyncio.sleep(0)
+        seen.append([list(s) for s in sent])  # a: at once
+        b = asyncio.ensure_future(batcher.submit("b"))
+        c = asyncio.ensure_future(batcher.submit("c"))
+        await asyncio.sleep(0)
+        seen.append([list(s) for s in sent])  # b, c: a is in flight, they wait for the turn's end
+        await asyncio.sleep(0)
+        seen.append([list(s) for s in sent])
+        answer_all()
+        seen.append(await asyncio.gather(a, b, c))
+        d = asyncio.ensure_future(batcher.submit("d"))
+        await asyncio.sleep(0)
+        seen.append([list(s) for s in sent])  # nothing in flight again: at once
+        answer_all()
+        seen.append(await d)
+        return seen
+
+    assert run(main()) == [
+        [["a"]],
+        [["a"]],
+        [["a"], ["b", "c"]],
+        ["A", "B", "C"],
+        [["a"], ["b", "c"], ["d"]],
+        "D",
+    ]

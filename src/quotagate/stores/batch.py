@@ -4,10 +4,12 @@ Under load many requests of a worker reach admission (or their charge) in the sa
 event loop; sending them to the store as one Lua script call (Redis) or one transaction (SQLite)
 pays the client's per-call cost, the round trip and the store's per-call overhead once instead of
 once per request. Each item is still decided on its own, in order, inside that one atomic step. A
-lone request waits for nothing: the batch leaves at the end of the current loop turn; with `start`
-(a step that can be sent from anywhere, Redis's) the first item of a turn leaves at once, alone,
-and those after it in the same turn together at its end (a busy worker's turn can last a
-millisecond or two: the first would wait it out, and a lone request is always a first). An item whose
+lone request waits for nothing: the batch leaves at the end of the current loop turn. With `start`
+(a step that can be sent from anywhere, Redis's) and no batch of this batcher in flight, an item
+leaves at once, alone (a busy worker's turn can last a millisecond or two, which it would wait
+out); while one is in flight, items gather until the turn's end as before (measured: sending
+every turn's first item at once cost 4.5 % more instructions per short call at 8 connections,
+its batches being smaller). An item whose
 own data makes its step fail comes back as `Failed`: its waiter alone gets the error, the others
 their results; an error of the whole step (the store unreachable) reaches every waiter.
 """
@@ -83,6 +85,7 @@ class Batcher(Generic[Item, Result]):
         self.max_size = max_size
         self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
         self._scheduled = False
+        self._in_flight: set[int] = set()  # batches sent by `start`, not yet answered (their ids)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: Item) -> Result:
@@ -92,8 +95,8 @@ class Batcher(Generic[Item, Result]):
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._send)
-            if self._start is not None:
-                self._flush()  # the first of this turn, at once
+            if self._start is not None and not self._in_flight:
+                self._flush()  # nothing in flight: at once
         return await future
 
     def _send(self) -> None:
@@ -104,18 +107,25 @@ class Batcher(Generic[Item, Result]):
         while self._queue:
             batch, self._queue = self._queue[: self.max_size], self._queue[self.max_size :]
             if self._start is not None:
+                self._in_flight.add(id(batch))
                 try:
-                    started = self._start([item for item, _ in batch], functools.partial(_hand_out, batch))
+                    started = self._start([item for item, _ in batch], functools.partial(self._answered, batch))
                 except Exception as exc:  # every waiter learns of it (this runs in a loop callback)
+                    self._in_flight.discard(id(batch))
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
                 if started is not None:
                     continue
+                self._in_flight.discard(id(batch))
             task = asyncio.ensure_future(self._execute(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _answered(self, batch: list[tuple[Item, asyncio.Future[Result]]], started: Results[Result]) -> None:
+        self._in_flight.discard(id(batch))
+        _hand_out(batch, started)
 
     async def _execute(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         try:
