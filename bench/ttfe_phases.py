@@ -11,7 +11,10 @@ and the wait for the request to resume after the reply. It then runs `bench/stre
 copy as a variant beside the reference (`--no-tree`), and prints, for both workers' calls after
 the first `--cold` seconds: p50, p90, p99 and max of each phase, and how the slowest 1 % of calls
 (by the sum of the phases) split their time. The reference's time to first event is in the
-streams.py report printed above it.
+streams.py report printed above it. Beside them, each worker's event-loop lag: a task that sleeps
+1 ms at a time and records how late it wakes (every callback of that worker waits as long), and
+for each wake over 15 ms late, the main thread's CPU time meanwhile (about the lag: one callback
+ran that long; much less: the process waited for a core).
 
 Diagnostic only: the patches are applied by exact text, each must match once, so that a change to
 one of those places fails here, loudly, rather than timing something else; the copy is removed.
@@ -47,7 +50,20 @@ class _Trace:
     def __init__(self) -> None:
         self.calls: list[list[float]] = []
         self.steps: list[tuple[str, float, float, float]] = []
+        self.lags: list[float] = []
+        self.stalls: list[tuple[float, float]] = []  # (lag, the main thread's CPU seconds meanwhile)
         self.dumped = 0.0
+
+    async def lag(self) -> None:
+        import asyncio
+
+        while True:
+            began, cpu = _time.perf_counter(), _time.thread_time()
+            await asyncio.sleep(0.001)
+            late = _time.perf_counter() - began - 0.001
+            self.lags.append(late)
+            if late > 0.015:
+                self.stalls.append((late, _time.thread_time() - cpu))
 
     def call(self, marks: list[float], estimate: float, step: float) -> None:
         start, key, body, sent, headers, prepared = marks
@@ -56,7 +72,7 @@ class _Trace:
         if now - self.dumped > 2:
             self.dumped = now
             with open(_os.path.join(_os.environ["QG_TRACE_DIR"], f"{_os.getpid()}.json"), "w") as out:
-                _json.dump({"calls": self.calls, "steps": self.steps}, out)
+                _json.dump({"calls": self.calls, "steps": self.steps, "lags": self.lags, "stalls": self.stalls}, out)
 
 
 TRACE = _Trace()
@@ -116,6 +132,16 @@ PATCHES: dict[str, list[tuple[str, str]]] = {
             "        return ticket.decision\n",
         ),
     ],
+    "server.py": [
+        (
+            "        ready()\n        await stop.wait()\n",
+            "        ready()\n"
+            "        if tune_gc:  # a worker process\n"
+            "            from .stores.batch import TRACE\n"
+            "            lag = asyncio.ensure_future(TRACE.lag())\n"
+            "        await stop.wait()\n",
+        ),
+    ],
     "stores/batch.py": [
         (
             "        return await future\n\n    def _send(self) -> None:",
@@ -171,8 +197,18 @@ def quantiles(values: list[float]) -> str:
 def report(trace_dir: Path, cold: float) -> str:
     calls: list[list[float]] = []
     steps: list[list] = []
-    for path in trace_dir.glob("*.json"):
+    lags: list[str] = []
+    for path in sorted(trace_dir.glob("*.json")):
         data = json.loads(path.read_text())
+        ticks = sorted(data["lags"][len(data["lags"]) // 3 :])
+        stalls = data["stalls"]
+        ms = [percentile(ticks, q) * 1000 for q in (50, 99, 99.9)]
+        listed = ", ".join(f"{lag * 1000:.0f} ms (CPU {cpu * 1000:.0f})" for lag, cpu in stalls[:12])
+        lags.append(
+            f"worker {path.stem}: loop lag over {len(ticks):,} 1-ms sleeps, ms: p50 {ms[0]:.2f}, p99 {ms[1]:.2f}, "
+            f"p99.9 {ms[2]:.2f}, max {ticks[-1] * 1000:.1f}; {len(stalls)} over 15 ms in the whole run"
+            + (f": {listed}" if stalls else "")
+        )
         first = min(c[0] for c in data["calls"])
         calls += [c for c in data["calls"] if c[0] >= first + cold]
         steps += data["steps"][len(data["steps"]) // 3 :]  # steps carry no time: the last two thirds
@@ -191,7 +227,7 @@ def report(trace_dir: Path, cold: float) -> str:
     split = ", ".join(
         f"{name} {sum(c[i] for c in slowest) / len(slowest) * 1000:.2f}" for i, name in enumerate(PHASES, 1)
     )
-    lines += ["", f"the slowest 1 % of calls, mean ms: {split}"]
+    lines += ["", f"the slowest 1 % of calls, mean ms: {split}", "", *lags]
     return "\n".join(lines)
 
 
