@@ -7,6 +7,10 @@ with SO_REUSEPORT and each has its own event loop and upstream connection pool. 
 what Python on this stack can do; the benchmark states the gateway's figures as ratios to it.
 
     python bench/refproxy.py --port 9100 --upstream http://127.0.0.1:9000 --workers 2
+
+`--local` answers every request itself, with the bench upstream's chat completion (its body and
+headers), without a client or an upstream: what aiohttp's server side costs alone, for
+`bench/callgrind_requests.py --ref-local`. Not a proxy then: for measuring only.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import gc
 import multiprocessing
 import os
 import signal
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -70,6 +75,21 @@ async def forward(request: web.Request) -> web.StreamResponse:
         return out
 
 
+def local_handler() -> Callable[[web.Request], Awaitable[web.Response]]:
+    """`--local`: a handler that reads the request and answers the upstream's completion, as the
+    proxy returns it (imported here: the proxy itself does not load the upstream's module)."""
+    from upstream import _COMMON_HEADERS, COMPLETION
+
+    fields = [line.decode().split(": ", 1) for line in _COMMON_HEADERS.splitlines()]
+    headers = [("Content-Type", "application/json"), *((name, value) for name, value in fields)]
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=200, body=COMPLETION, headers=CIMultiDict(headers))
+
+    return answer
+
+
 async def _start_session(app: web.Application) -> None:
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
     app[SESSION] = aiohttp.ClientSession(
@@ -81,17 +101,18 @@ async def _close_session(app: web.Application) -> None:
     await app[SESSION].close()
 
 
-def build_app(upstream: str) -> web.Application:
+def build_app(upstream: str, local: bool = False) -> web.Application:
     app = web.Application(client_max_size=32 * 1024 * 1024)
     app[UPSTREAM] = upstream.rstrip("/")
-    app.on_startup.append(_start_session)
-    app.on_cleanup.append(_close_session)
-    app.router.add_route("*", "/{tail:.*}", forward)
+    if not local:
+        app.on_startup.append(_start_session)
+        app.on_cleanup.append(_close_session)
+    app.router.add_route("*", "/{tail:.*}", local_handler() if local else forward)
     return app
 
 
-async def _serve(host: str, port: int, upstream: str, reuse_port: bool) -> None:
-    runner = web.AppRunner(build_app(upstream), access_log=None, handle_signals=False)
+async def _serve(host: str, port: int, upstream: str, reuse_port: bool, local: bool = False) -> None:
+    runner = web.AppRunner(build_app(upstream, local), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=2048)
     await site.start()
@@ -109,24 +130,24 @@ async def _serve(host: str, port: int, upstream: str, reuse_port: bool) -> None:
     await runner.cleanup()
 
 
-def run_worker(host: str, port: int, upstream: str, reuse_port: bool) -> None:
+def run_worker(host: str, port: int, upstream: str, reuse_port: bool, local: bool = False) -> None:
     """One worker process with its own uvloop event loop."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_serve(host, port, upstream, reuse_port))
+        asyncio.run(_serve(host, port, upstream, reuse_port, local))
     else:
-        uvloop.run(_serve(host, port, upstream, reuse_port))
+        uvloop.run(_serve(host, port, upstream, reuse_port, local))
 
 
-def serve(host: str, port: int, upstream: str, workers: int) -> None:
+def serve(host: str, port: int, upstream: str, workers: int, local: bool = False) -> None:
     """Run `workers` processes on one port (SO_REUSEPORT when more than one)."""
     print(f"refproxy listening on http://{host}:{port} ({workers} workers, pid {os.getpid()})", flush=True)
     if workers == 1:
-        run_worker(host, port, upstream, False)
+        run_worker(host, port, upstream, False, local)
         return
     context = multiprocessing.get_context("fork")
-    procs = [context.Process(target=run_worker, args=(host, port, upstream, True)) for _ in range(workers)]
+    procs = [context.Process(target=run_worker, args=(host, port, upstream, True, local)) for _ in range(workers)]
     for proc in procs:
         proc.start()
 
@@ -147,8 +168,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--upstream", default="http://127.0.0.1:9000")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--local", action="store_true", help="answer every request itself (no client, no upstream)")
     args = parser.parse_args()
-    serve(args.host, args.port, args.upstream, args.workers)
+    serve(args.host, args.port, args.upstream, args.workers, args.local)
 
 
 if __name__ == "__main__":

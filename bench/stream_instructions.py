@@ -12,6 +12,11 @@ Every stream must be whole (status, header, every event, `[DONE]`, the chunked e
 
     .venv/bin/python bench/stream_instructions.py                    # the reference, then this tree
     .venv/bin/python bench/stream_instructions.py --variant base=/tmp/base/src   # and another src/
+    .venv/bin/python bench/stream_instructions.py --no-ref --policy ''    # no policy header at all
+
+`--policy` sets the gateway's policy header (`''`: none; the key has no policy of its own either,
+so the call holds no budget). `--keep DIR` keeps the callgrind files (`callgrind.NAME.*`, the counted
+part in the one whose header says `counted`) for `callgrind_annotate`.
 """
 
 from __future__ import annotations
@@ -45,7 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-tree", action="store_true", help="only the --variant gateways")
     parser.add_argument("--no-ref", action="store_true", help="leave the reference out")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each side (alternating)")
-    parser.add_argument("--policy", default=POLICY, help="the gateway's policies (default: those of streams.py)")
+    parser.add_argument(
+        "--policy", default=POLICY, help="the gateway's policy header ('' for none; default: those of streams.py)"
+    )
+    parser.add_argument("--keep", metavar="DIR", help="keep the callgrind files here (for callgrind_annotate)")
     return parser.parse_args(argv)
 
 
@@ -139,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     sides += [] if args.no_tree else [("gateway", None)]
     sides += [(name, src) for name, src in (v.split("=", 1) for v in args.variant)]
     with tempfile.TemporaryDirectory(prefix="qg-instr-") as tmp:
-        work = Path(tmp)
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         services = []
         upstream_port, redis_port = free_port(), free_port()
         up = [PYTHON, str(BENCH / "upstream.py"), "--port", str(upstream_port), "--chunk-delay", str(args.delay)]
