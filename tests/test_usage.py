@@ -161,6 +161,15 @@ def test_completions_and_tool_call_text() -> None:
     assert tracker.text == ['{"a": 1}']
 
 
+@pytest.mark.parametrize("delta", [b'"text"', b"[1]", b"null", b"3"])
+def test_an_anthropic_delta_that_is_not_an_object_has_no_text(delta: bytes) -> None:
+    """A content_block_delta whose delta is not an object (no provider sends one) adds no text;
+    it raised AttributeError out of `feed`, through the pump."""
+    tracker = StreamUsage(track_text=True)
+    event = b'data: {"type":"content_block_delta","model":"m","delta":' + delta + b"}\n\n"
+    assert tracker.feed(event) == event and tracker.text == [] and tracker.model == "m"
+
+
 def test_stripping_the_usage_the_gateway_asked_for() -> None:
     """What the client gets equals the stream it asked for (no include_usage), byte for byte."""
     asked = fake.chat_chunks(PLAN, include_usage=False)

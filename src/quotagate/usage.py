@@ -274,10 +274,11 @@ class StreamUsage:
         if kind is None:  # OpenAI chat and completions chunks have no type
             pass
         elif kind == "content_block_delta":  # Anthropic
-            delta = data.get("delta") or {}
-            for field in ("text", "partial_json", "thinking"):
-                if isinstance(delta.get(field), str):
-                    text.append(delta[field])
+            delta = data.get("delta")
+            if isinstance(delta, dict):  # (an upstream's string or list here raised AttributeError)
+                for field in ("text", "partial_json", "thinking"):
+                    if isinstance(delta.get(field), str):
+                        text.append(delta[field])
         elif isinstance(kind, str) and kind.endswith(".delta") and isinstance(data.get("delta"), str):
             text.append(data["delta"])  # OpenAI responses
         choices = data.get("choices")
