@@ -138,25 +138,110 @@ def _without_null_usage(event: bytes) -> bytes:
     return event[:at] + _NULL_USAGE.sub(b"", event[at:])
 
 
+# The quick read of a tracked stream's text (`_quick_text`): what the decode would read from an
+# event's data, found with `bytes.find`, for the three shapes of a streamed text delta.
+_CHAT_CONTENT = b'"content":"'  # OpenAI chat: {..., "choices":[{..., "delta":{..., "content":"TEXT", ...
+_ANTHROPIC_TEXT = b'"delta":{"type":"text_delta","text":"'  # {"type":"content_block_delta", ...
+_RESPONSES_DELTA = b'"delta":"'  # OpenAI responses: {"type":"response.output_text.delta", ..., "delta":"TEXT", ...
+
+
+def _quick_text(p: bytes) -> bytes | None:
+    """The text the decode of event data `p` would add to a tracked stream's text (`_read_text`),
+    as the UTF-8 bytes of its JSON string, b"" for none; None when that is not certain (then the
+    event is decoded). For data whose model is already known, and which is not read for its usage.
+
+    Without a backslash anywhere in `p` no string of it holds an escape: each string is exactly
+    the bytes between two quotes, no key is spelt with escapes, and a quote the model printed
+    (always escaped) cannot be there. So a key's name found with `find` is that key, the text of a
+    string without escapes is its bytes (JSON text is UTF-8), and the objects opened before the
+    text place it: in the first choice's delta, in the event's delta (a key is always an object's:
+    a list opened among them would not be JSON, and lists need no counting). Anything else a decode
+    would read (tool calls, a completions `text`, a second choice or delta, Anthropic's thinking
+    or JSON deltas, `"type"` in an OpenAI chunk, `"usage"` other than a single null, a data line
+    split in two, a model's quote, backslash or newline) is decoded as before. Tested against
+    the decode in tests/test_usage.py.
+    """
+    if p.find(b"\\") >= 0 or p.find(b"\n") >= 0 or not p.startswith(b"{") or not p.endswith(b"}"):
+        return None
+    if _may_carry_usage(p):
+        return None
+    if p.startswith(b'{"type":"'):  # Anthropic or responses
+        if p.find(b'"choices"') >= 0:  # read for every kind
+            return None
+        if p.startswith(b'content_block_delta",', 9):
+            at = p.find(_ANTHROPIC_TEXT)
+            if (
+                at < 0
+                or p.count(b'"type"') != 2  # the event's, and its delta's
+                or p.count(b'"delta"') != 1
+                or p.count(b'"text"') != 1
+                or p.find(b'"partial_json"') >= 0
+                or p.find(b'"thinking"') >= 0
+            ):
+                return None
+            start = at + len(_ANTHROPIC_TEXT)
+        else:
+            end = p.find(b'"', 9)  # of the type
+            if (
+                end - 6 < 9
+                or not p.startswith(b'.delta"', end - 6)
+                or p.count(b'"type"') != 1
+                or p.count(b'"delta"') != 1
+            ):
+                return None
+            at = p.find(_RESPONSES_DELTA)
+            if at < 0:
+                return None
+            start = at + len(_RESPONSES_DELTA)
+        if p.find(b"{", 1, at) >= 0:  # the delta a key of the event itself: no object opened before it
+            return None
+    else:  # OpenAI chat: no "type" at all
+        if p.find(b'"type"') >= 0 or p.find(b'"tool_calls"') >= 0 or p.find(b'"text"') >= 0:
+            return None
+        at = p.find(b'"content"')
+        if at < 0:
+            return b""  # no text of any kind: the role or finish chunk without content
+        if not p.startswith(_CHAT_CONTENT, at) or p.count(b'"content"') != 1:
+            return None
+        choices, delta = p.find(b'"choices":[{'), p.find(b'"delta":{')
+        if (
+            choices < 0
+            or not choices + 12 <= delta < at
+            or p.count(b'"choices"') != 1
+            or p.count(b'"delta"') != 1
+            # the content a key of the first choice's delta: no object opened before it but the
+            # event, the first choice and the delta, none closed
+            or p.count(b"{", 0, at) != 3
+            or p.find(b"}", 0, at) >= 0
+        ):
+            return None
+        start = at + len(_CHAT_CONTENT)
+    end = p.find(b'"', start)
+    return p[start:end] if end >= 0 else None
+
+
 class StreamUsage:
     """Follows an SSE stream as it passes: the usage it reports, the model, the text so far.
 
     Bytes are passed on whole events at a time (an SSE client can do nothing with part of one).
-    With `track_text` every event is decoded, to collect the streamed text (a stream cut short is
+    With `track_text` every event is read, to collect the streamed text (a stream cut short is
     charged for what was sent) and to recognise the stream's terminal event (`[DONE]`,
     `message_stop`, `response.completed`, ...): that event and anything after it are held back
-    until `finish`, so that the caller can commit the charge before the client sees the end.
-    Without it only events that may carry usage are decoded (not a `"usage":null` chunk). With
-    `strip_usage_chunk` the OpenAI usage-only chunk the gateway asked for is removed, and so are the
-    `"usage":null` fields.
+    until `finish`, so that the caller can commit the charge before the client sees the end. A
+    text delta is read without a decode when that gives the same text (`_quick_text`; `quick=False`
+    decodes every event, the reference it is tested against), its text kept as UTF-8 bytes
+    (`streamed_text`). Without `track_text` only events that may carry usage are decoded (not a
+    `"usage":null` chunk). With `strip_usage_chunk` the OpenAI usage-only chunk the gateway asked
+    for is removed, and so are the `"usage":null` fields.
     """
 
-    def __init__(self, track_text: bool = False, strip_usage_chunk: bool = False) -> None:
+    def __init__(self, track_text: bool = False, strip_usage_chunk: bool = False, *, quick: bool = True) -> None:
         self.track_text = track_text
         self.strip = strip_usage_chunk
         self.usage: Usage | None = None
         self.model: str | None = None
-        self.text: list[str] = []
+        self.text: list[str | bytes] = []  # the streamed text's pieces: str if decoded, UTF-8 bytes if not
+        self._quick = track_text and quick
         self.ended = False  # the terminal event was seen
         self._pending = b""
         self._held: list[bytes] = []
@@ -226,6 +311,12 @@ class StreamUsage:
         chunk the gateway asked for, dropped)."""
         terminal = payload == b"[DONE]"
         if payload and not terminal and (self.track_text or self.model is None or _may_carry_usage(payload)):
+            if self._quick and self.model is not None:
+                piece = _quick_text(payload)
+                if piece is not None:  # what the decode would read: that text, nothing else
+                    if piece:
+                        self.text.append(piece)
+                    return _without_null_usage(event) if self.strip else event
             try:
                 data = orjson.loads(payload)
             except orjson.JSONDecodeError:
@@ -301,8 +392,12 @@ class StreamUsage:
             elif isinstance(choice.get("text"), str):  # completions
                 text.append(choice["text"])
 
+    def streamed_text(self) -> str:
+        """The text streamed so far (what is left of it once `_pump` took back an unsent write)."""
+        return "".join(piece if isinstance(piece, str) else piece.decode("utf-8", "replace") for piece in self.text)
+
     def streamed_tokens(self) -> int:
-        return count_tokens("".join(self.text))
+        return count_tokens(self.streamed_text())
 
 
 def requested_output(body: dict[str, Any]) -> int | None:
