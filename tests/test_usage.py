@@ -30,7 +30,6 @@ from quotagate.usage import (
     StreamUsage,
     Usage,
     _may_carry_usage,
-    _quick_text,
     _without_null_usage,
     completions_requested,
     count_tokens,
@@ -252,11 +251,11 @@ def test_one_event_per_chunk_reads_as_the_whole_stream_at_once(events: list[byte
 
 
 # --- the quick read of a tracked stream's text -----------------------------------------------------
-# A tracked stream's text deltas are read with `bytes.find` rather than decoded (`_quick_text`) when
-# that reads the same text. The model's text is the client's to steer (quotes, backslashes, a
-# `"content":"` of its own, unicode): below, streams of every provider's shapes with such text,
-# several choices, tool calls, duplicate keys, usage blocks, terminal events and every framing are
-# read both ways (`quick=False`: every event decoded, as before) and must agree in everything.
+# A tracked stream's text deltas like one decoded before are read without a decode (`_learn`). The
+# model's text is the client's to steer (quotes, backslashes, a `"content":"` of its own, unicode):
+# below, streams of every provider's shapes with such text, several choices, tool calls, duplicate
+# keys, usage blocks, terminal events and every framing are read both ways (`quick=False`: every
+# event decoded, as before) and must agree in everything.
 
 _TRICKY = [
     '"', "\\", '\\"', '"content":"', '","content":"x', '"text":"', '"delta":{', '"delta":"', '"type":"',
@@ -318,7 +317,7 @@ _USUAL_CHAT_CHUNK = _in_order(
     {
         "id": st.just("chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT"),
         "object": st.just("chat.completion.chunk"),
-        "created": st.integers(0, 2**31),
+        "created": st.just(1741569952),
         "model": st.just("gpt-4o-mini"),
         "system_fingerprint": st.just("fp_06737a9306"),
         "choices": st.tuples(
@@ -551,82 +550,156 @@ _RESPONSES = (
 )
 
 
-@pytest.mark.parametrize("shape", [_CHAT, _ANTHROPIC, _RESPONSES], ids=["chat", "anthropic", "responses"])
-@pytest.mark.parametrize("text", ["", " word", "héllo 你好 😀", "a'b<c>{d}[e]", "\u2028 \x7f"])
-def test_the_usual_text_deltas_are_read_without_a_decode(shape: bytes, text: str) -> None:
-    """Each provider's text delta, as it sends it, is read quickly: its text's bytes as they stand."""
-    payload = shape % text.encode()
-    assert _quick_text(payload) == text.encode()
-    if shape is not _RESPONSES:  # another key first in the delta: OpenAI's role chunk; not Anthropic's shape
-        expected = text.encode() if shape is _CHAT else None
-        assert _quick_text(payload.replace(b'"delta":{', b'"delta":{"role":"assistant",')) == expected
+_PADDED = _CHAT[:-1] + b',"obfuscation":"%s"}'  # OpenAI's chunks now: random padding last
+_MODEL_EVENT = b'data: {"model":"gpt-4o-mini","choices":[]}\n\n'
+
+
+def _delta(shape: bytes, text: bytes, pad: bytes = b"pad") -> bytes:
+    event = shape.replace(b"%s", text, 1)
+    return b"data: " + (event.replace(b"%s", pad) if shape is _PADDED else event) + b"\n\n"
 
 
 @pytest.mark.parametrize(
-    "payload",
-    [
-        _CHAT % b'a\\"b',  # an escape in the text
-        _CHAT % b"a\\\\",
-        _CHAT.replace(b'"id":"chatcmpl-1"', b'"id":"a\\\\"'),  # an escape elsewhere
-        _CHAT.replace(b'"model"', b'"\\u006dodel"'),
-        _CHAT % b"x" + b"\n",
-        (_CHAT % b"a\nb"),  # a data line split inside the text
-        _CHAT.replace(b'"content":"%s"', b'"content" : "x"'),  # spaced
-        _CHAT.replace(b'"usage":null', b'"usage":{"prompt_tokens":1}'),
-        _CHAT.replace(b'"usage":null', b'"type":"x"'),
-        _CHAT.replace(b"}],", b'},{"index":1,"delta":{"content":"y"}}],') % b"x",  # a second choice
-        _CHAT.replace(b'"content":"%s"}', b'"content":"x","tool_calls":[]}'),
-        _CHAT.replace(b'"logprobs":null', b'"text":"t"') % b"x",
-        _CHAT.replace(b'"usage":null', b'"content":"y"') % b"x",
-        _CHAT.replace(b'"usage":null', b'"delta":{}') % b"x",  # a second delta, where the decode finds none
-        _CHAT.replace(b'"usage":null', b'"choices":[]') % b"x",
-        _CHAT.replace(b'"system_fingerprint":"fp"', b'"x":{"choices":[{"delta":{}}]}') % b"x",
-        b'{"x":{"choices":[{"delta":{"content":"nested"}}]}}',
-        b'{"choices":[{"index":0,"delta":{"x":{"content":"nested"}}}]}',
-        b'{"choices":[{"index":0},{"delta":{"content":"second"}}]}',
-        b'{"choices":[{"index":0,"delta":{},"content":"in the choice"}]}',
-        b'{"choices":[{"index":0,"x":{"content":"in x"},"delta":{}}]}',
-        b'{"delta":{"choices":[{"content":"in the delta"}]}}',
-        _ANTHROPIC.replace(b"}}", b',"thinking":"t"}}') % b"x",
-        _ANTHROPIC.replace(b"}}", b',"partial_json":"{}"}}') % b"x",
-        _ANTHROPIC.replace(b"}}", b',"text":"y"}}') % b"x",  # the decode keeps the last
-        _ANTHROPIC.replace(b"}}", b'},"delta":{}}') % b"x",
-        b'{"type":"content_block_delta","x":{"delta":{"type":"text_delta","text":"nested"}}}',
-        b'{"type":"response.output_text.delta","x":{"delta":"nested"}}',
-        _ANTHROPIC.replace(b'"index":0', b'"type":"message_stop"') % b"x",
-        _ANTHROPIC.replace(b'"index":0', b'"x":{}') % b"x",
-        _RESPONSES.replace(b"output_text.delta", b"output_text.done") % b"x",
-        _RESPONSES.replace(b'"logprobs":[]', b'"type":"message_stop"') % b"x",
-        _RESPONSES.replace(b'"item_id":"msg_1"', b'"item":{"delta":"x"}') % b"x",
-        _RESPONSES.replace(b'"logprobs":[]', b'"choices":[]') % b"x",
-        (_CHAT % b"x")[:-1],  # cut short
-    ],
+    "shape", [_CHAT, _PADDED, _ANTHROPIC, _RESPONSES], ids=["chat", "padded", "anthropic", "responses"]
 )
-def test_what_the_quick_read_leaves_to_the_decode(payload: bytes) -> None:
-    """Escapes, spaces, a second choice or delta or content, tool calls, usage, types, nesting: decoded."""
-    assert _quick_text(payload) is None
-
-
-def test_a_generated_corpus_is_mostly_read_quickly_and_read_alike() -> None:
-    """2,000 generated text deltas of the three providers, with the model's text drawn from tricky
-    pieces: every one read alike both ways, and the plain ones (most) read without a decode."""
-    rng = random.Random(15)
-    quick, decoded = StreamUsage(track_text=True), StreamUsage(track_text=True, quick=False)
-    for tracker in (quick, decoded):
-        tracker.feed(b'data: {"model":"gpt-4o-mini","choices":[]}\n\n')
-    read_quickly = 0
-    for _ in range(2000):
-        text = "".join(
-            rng.choice([*_TRICKY, "word", " ", "é", "x"] if rng.random() < 0.2 else ["word", " ", "é", "x"])
-            for _ in range(rng.randint(0, 5))
-        )
-        shape = rng.choice([_CHAT, _ANTHROPIC, _RESPONSES])
-        payload = shape.replace(b"%s", orjson.dumps(text)[1:-1])
-        read_quickly += _quick_text(payload) is not None
-        event = b"data: " + payload + b"\n\n"
-        assert quick.feed(event) == decoded.feed(event)
+@pytest.mark.parametrize("text", ["", " word", "héllo 你好 😀", "a'b<c>{d}[e]", "\u2028 \x7f", '}],"usage":{'])
+def test_text_deltas_like_the_first_are_read_without_a_decode(shape: bytes, text: str) -> None:
+    """After the first text delta (decoded, learnt), each like it is read without a decode: its
+    text's bytes as they stand (a piece kept as bytes), whatever the padding; the same as decoded."""
+    raw = orjson.dumps(text)[1:-1]
+    events = [_MODEL_EVENT, _delta(shape, b"first", b"p"), _delta(shape, raw, b"xy" * len(text)), _delta(shape, raw)]
+    quick, decoded = _read_both(events, strip=False)
     _assert_read_alike(quick, decoded)
-    assert read_quickly > 1500, read_quickly
+    kinds = [type(p) for p in quick.text]
+    assert kinds == ([str, bytes, bytes] if b"\\" not in raw else [str, str, str]), kinds
+
+
+_SECOND = [  # the text between the template's prefix and middle (after a delta of text "first")
+    b'a\\"b', b"a\\\\", b"a\\u0041", b'x","content":"y', b'x"},"x":{"a":"b', b'x","text":"y',
+]  # fmt: skip
+_AROUND = [  # whole events starting as the template, ending otherwise
+    _CHAT.replace(b'"usage":null', b'"usage":{"prompt_tokens":1,"completion_tokens":2}') % b"x",
+    _CHAT.replace(b'"usage":null', b'"type":"message_stop"') % b"x",
+    _CHAT.replace(b"}],", b'},{"index":1,"delta":{"content":"y"}}],') % b"x",
+    _CHAT.replace(b'"usage":null', b'"choices":[]') % b"x",
+    _CHAT.replace(b'"usage":null', b'"delta":{}') % b"x",
+    _CHAT.replace(b'"id":"chatcmpl-1"', b'"id":"a\\\\"') % b"x",
+    (_CHAT % b"x")[:-1],
+    _CHAT % b"x" + b" ",
+    _PADDED.replace(b'"obfuscation":"%s"', b'"obfuscation":"a","usage":{"prompt_tokens":1}') % b"x",
+    _PADDED.replace(b'"obfuscation":"%s"', b'"obfuscation":"a","content":"y"') % b"x",
+    _PADDED.replace(b'"obfuscation":"%s"', b'"obfuscation":"a\\"b"') % b"x",
+    _PADDED.replace(b'"obfuscation":"%s"}', b'"obfuscation":"a"},"x"') % b"x",
+    _ANTHROPIC.replace(b"}}", b',"thinking":"t"}}') % b"x",
+    _ANTHROPIC.replace(b"}}", b',"text":"y"}}') % b"x",
+    _ANTHROPIC.replace(b"}}", b'},"delta":{}}') % b"x",
+    _ANTHROPIC.replace(b"}}", b'},"type":"message_stop"}') % b"x",
+]
+
+
+@pytest.mark.parametrize(
+    ("shape", "event"),
+    [(shape, _delta(shape, text)) for shape in (_CHAT, _PADDED, _ANTHROPIC) for text in _SECOND]
+    + [
+        (_PADDED if b"obfuscation" in e else _ANTHROPIC if b"content_block" in e else _CHAT, b"data: " + e + b"\n\n")
+        for e in _AROUND
+    ]
+    + [(_CHAT, b"data: " + _CHAT[:-1] % b"x" + b',"obfuscation":"a"}\n\n')],  # padding where the template has none
+)
+def test_what_the_template_leaves_to_the_decode(shape: bytes, event: bytes) -> None:
+    """An escape, a quote, a second key, usage, a type, a second choice or delta, other padding,
+    bytes after the end: an event that is not the template's with other text is decoded, and read
+    as the decode reads it."""
+    events = [_MODEL_EVENT, _delta(shape, b"first"), _delta(shape, b"second"), event]
+    for framing in (events, [e.replace(b"\n", b"\r\n") for e in events]):
+        quick, decoded = _read_both(framing, strip=True)
+        _assert_read_alike(quick, decoded)
+        assert [type(p) for p in quick.text[:2]] == [str, bytes] and all(type(p) is str for p in quick.text[2:])
+
+
+@st.composite
+def _templated_stream(draw: st.DrawFn) -> list[bytes]:
+    """A stream of one shape's text deltas (most then read by the template), their text and
+    padding drawn with and without what must be escaped, other events and look-alikes among them."""
+    shape = draw(st.sampled_from([_CHAT, _PADDED, _ANTHROPIC, _RESPONSES]))
+    events = [_MODEL_EVENT]
+    for _ in range(draw(st.integers(1, 12))):
+        kind = draw(st.integers(0, 9))
+        if kind < 7:
+            text, pad = draw(st.one_of(_PLAIN, _PLAIN, _PLAIN, _TEXT)), draw(st.one_of(_PLAIN, _PLAIN, _TEXT))
+            events.append(_delta(shape, orjson.dumps(text)[1:-1], orjson.dumps(pad)[1:-1]))
+        elif kind == 7:
+            events.append(_frame(draw(_PAYLOAD), draw(st.sampled_from(["data", "crlf", "split", "event"]))))
+        else:
+            events.append(b"data: " + draw(st.sampled_from(_AROUND)) + b"\n\n")
+    return events
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=_templated_stream(), strip=st.booleans(), cut=st.one_of(st.none(), st.integers(0, 3000)))
+def test_streams_read_by_the_template_read_as_decoded(events: list[bytes], strip: bool, cut: int | None) -> None:
+    """Streams of one shape's deltas with look-alikes among them: read alike both ways."""
+    quick, decoded = _read_both(events, strip, None if cut is None else [cut])
+    _assert_read_alike(quick, decoded)
+
+
+_UNLEARNT = [  # streams whose first text delta is not one to learn from: read alike both ways
+    [  # two texts in one event
+        b'{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}',
+        b'{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"c"}}]}',
+    ],
+    [  # usage in the event: read again from each like it (another event's usage between them)
+        b'{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}',
+        b'{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2}}',
+        b'{"choices":[{"index":0,"delta":{"content":"b"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}',
+    ],
+    [  # the text also stands elsewhere (the model's name)
+        b'{"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"gpt-4o-mini"}}]}',
+        b'{"model":"other","choices":[{"index":0,"delta":{"content":"gpt-4o-mini"}}]}',
+    ],
+    [  # "obfuscation" not last: what follows it is not padding
+        b'{"type":"ping","delta":{"type":"text_delta","text":"a"},"obfuscation":"p","type":"content_block_delta"}',
+        b'{"type":"ping","delta":{"type":"text_delta","text":"b"},"obfuscation":"q"}',
+    ],
+    [  # padding, then not JSON
+        _PADDED % (b"a", b"p"),
+        (_PADDED % (b"b", b"q"))[:-1] + b"]",
+    ],
+]
+
+
+@pytest.mark.parametrize("events", _UNLEARNT)
+@pytest.mark.parametrize("strip", [False, True])
+def test_what_is_not_learnt_or_not_read_by_the_template(events: list[bytes], strip: bool) -> None:
+    framed = [_MODEL_EVENT] + [b"data: " + e + b"\n\n" for e in events]
+    quick, decoded = _read_both(framed, strip)
+    _assert_read_alike(quick, decoded)
+
+
+def test_a_split_data_line_is_not_read_by_the_template() -> None:
+    """Data lines are joined with a newline: inside the text that is not JSON (the decode reads
+    nothing), so such an event is decoded."""
+    raw = (_CHAT % b"a\nb").replace(b"\n", b"\ndata: ")
+    events = [_MODEL_EVENT, _delta(_CHAT, b"first"), b"data: " + raw + b"\n\n"]
+    quick, decoded = _read_both(events, strip=False)
+    _assert_read_alike(quick, decoded)
+    assert quick.streamed_text() == "first"
+
+
+def test_a_generated_corpus_is_mostly_read_without_a_decode_and_read_alike() -> None:
+    """700 generated text deltas of each shape, the model's text drawn from tricky pieces at times:
+    every one read alike both ways, and the plain ones (most) read without a decode."""
+    rng = random.Random(15)
+    for shape in (_CHAT, _PADDED, _ANTHROPIC):
+        events = [_MODEL_EVENT]
+        for _ in range(700):
+            pieces = [*_TRICKY, "word", " ", "é", "x"] if rng.random() < 0.2 else ["word", " ", "é", "x"]
+            text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 5)))
+            events.append(_delta(shape, orjson.dumps(text)[1:-1], b"p" * rng.randint(1, 9)))
+        quick, decoded = _read_both(events, strip=True)
+        _assert_read_alike(quick, decoded)
+        read = sum(type(p) is bytes for p in quick.text)
+        assert read > 500, read
 
 
 def test_a_cut_stream_read_quickly_is_charged_as_before() -> None:
@@ -636,7 +709,7 @@ def test_a_cut_stream_read_quickly_is_charged_as_before() -> None:
     quick, decoded = StreamUsage(track_text=True), StreamUsage(track_text=True, quick=False)
     for event in events:
         assert quick.feed(event) == decoded.feed(event)
-    assert [type(p) for p in quick.text] == [str, bytes, bytes, bytes]  # the role chunk named the model
+    assert [type(p) for p in quick.text] == [str, str, bytes, bytes]  # the role chunk, the first word learnt
     assert quick.streamed_tokens() == decoded.streamed_tokens() == count_tokens(" word0 word1 word2") == 6
     unsent = len(quick.text)
     quick.feed(b'data: {"model":"m","choices":[{"index":0,"delta":{"content":" more"}}]}\n\n')

@@ -138,86 +138,8 @@ def _without_null_usage(event: bytes) -> bytes:
     return event[:at] + _NULL_USAGE.sub(b"", event[at:])
 
 
-# The quick read of a tracked stream's text (`_quick_text`): what the decode would read from an
-# event's data, found with `bytes.find`, for the three shapes of a streamed text delta.
-_CHAT_CONTENT = b'"content":"'  # OpenAI chat: {..., "choices":[{..., "delta":{..., "content":"TEXT", ...
-_ANTHROPIC_TEXT = b'"delta":{"type":"text_delta","text":"'  # {"type":"content_block_delta", ...
-_RESPONSES_DELTA = b'"delta":"'  # OpenAI responses: {"type":"response.output_text.delta", ..., "delta":"TEXT", ...
-
-
-def _quick_text(p: bytes) -> bytes | None:
-    """The text the decode of event data `p` would add to a tracked stream's text (`_read_text`),
-    as the UTF-8 bytes of its JSON string, b"" for none; None when that is not certain (then the
-    event is decoded). For data whose model is already known, and which is not read for its usage.
-
-    Without a backslash anywhere in `p` no string of it holds an escape: each string is exactly
-    the bytes between two quotes, no key is spelt with escapes, and a quote the model printed
-    (always escaped) cannot be there. So a key's name found with `find` is that key, the text of a
-    string without escapes is its bytes (JSON text is UTF-8), and the objects opened before the
-    text place it: in the first choice's delta, in the event's delta (a key is always an object's:
-    a list opened among them would not be JSON, and lists need no counting). Anything else a decode
-    would read (tool calls, a completions `text`, a second choice or delta, Anthropic's thinking
-    or JSON deltas, `"type"` in an OpenAI chunk, `"usage"` other than a single null, a data line
-    split in two, a model's quote, backslash or newline) is decoded as before. Tested against
-    the decode in tests/test_usage.py.
-    """
-    if p.find(b"\\") >= 0 or p.find(b"\n") >= 0 or not p.startswith(b"{") or not p.endswith(b"}"):
-        return None
-    if _may_carry_usage(p):
-        return None
-    if p.startswith(b'{"type":"'):  # Anthropic or responses
-        if p.find(b'"choices"') >= 0:  # read for every kind
-            return None
-        if p.startswith(b'content_block_delta",', 9):
-            at = p.find(_ANTHROPIC_TEXT)
-            if (
-                at < 0
-                or p.count(b'"type"') != 2  # the event's, and its delta's
-                or p.count(b'"delta"') != 1
-                or p.count(b'"text"') != 1
-                or p.find(b'"partial_json"') >= 0
-                or p.find(b'"thinking"') >= 0
-            ):
-                return None
-            start = at + len(_ANTHROPIC_TEXT)
-        else:
-            end = p.find(b'"', 9)  # of the type
-            if (
-                end - 6 < 9
-                or not p.startswith(b'.delta"', end - 6)
-                or p.count(b'"type"') != 1
-                or p.count(b'"delta"') != 1
-            ):
-                return None
-            at = p.find(_RESPONSES_DELTA)
-            if at < 0:
-                return None
-            start = at + len(_RESPONSES_DELTA)
-        if p.find(b"{", 1, at) >= 0:  # the delta a key of the event itself: no object opened before it
-            return None
-    else:  # OpenAI chat: no "type" at all
-        if p.find(b'"type"') >= 0 or p.find(b'"tool_calls"') >= 0 or p.find(b'"text"') >= 0:
-            return None
-        at = p.find(b'"content"')
-        if at < 0:
-            return b""  # no text of any kind: the role or finish chunk without content
-        if not p.startswith(_CHAT_CONTENT, at) or p.count(b'"content"') != 1:
-            return None
-        choices, delta = p.find(b'"choices":[{'), p.find(b'"delta":{')
-        if (
-            choices < 0
-            or not choices + 12 <= delta < at
-            or p.count(b'"choices"') != 1
-            or p.count(b'"delta"') != 1
-            # the content a key of the first choice's delta: no object opened before it but the
-            # event, the first choice and the delta, none closed
-            or p.count(b"{", 0, at) != 3
-            or p.find(b"}", 0, at) >= 0
-        ):
-            return None
-        start = at + len(_CHAT_CONTENT)
-    end = p.find(b'"', start)
-    return p[start:end] if end >= 0 else None
+_OBFUSCATION = b',"obfuscation":"'  # OpenAI's padding, a string of random length last in each chunk
+_LEARN = 4  # templates a stream learns at most (one whose events never match stops costing at once)
 
 
 class StreamUsage:
@@ -228,8 +150,8 @@ class StreamUsage:
     charged for what was sent) and to recognise the stream's terminal event (`[DONE]`,
     `message_stop`, `response.completed`, ...): that event and anything after it are held back
     until `finish`, so that the caller can commit the charge before the client sees the end. A
-    text delta is read without a decode when that gives the same text (`_quick_text`; `quick=False`
-    decodes every event, the reference it is tested against), its text kept as UTF-8 bytes
+    text delta like one decoded before is read without a decode (`_learn`; `quick=False` decodes
+    every event, the reference it is tested against), its text kept as UTF-8 bytes
     (`streamed_text`). Without `track_text` only events that may carry usage are decoded (not a
     `"usage":null` chunk). With `strip_usage_chunk` the OpenAI usage-only chunk the gateway asked
     for is removed, and so are the `"usage":null` fields.
@@ -241,7 +163,8 @@ class StreamUsage:
         self.usage: Usage | None = None
         self.model: str | None = None
         self.text: list[str | bytes] = []  # the streamed text's pieces: str if decoded, UTF-8 bytes if not
-        self._quick = track_text and quick
+        self._template: tuple[bytes, bytes, bool] | None = None  # (`_learn`)
+        self._learning = _LEARN if track_text and quick else 0
         self.ended = False  # the terminal event was seen
         self._pending = b""
         self._held: list[bytes] = []
@@ -301,27 +224,37 @@ class StreamUsage:
         ):  # the usual event: one data line (what `_payload` gives)
             passed = self._event(event, event[5:-2].lstrip(b" "))
         else:
-            passed = self._event(event, _payload(event))
+            payload = _payload(event)  # (a newline in it: data lines joined, not for the template)
+            passed = self._event(event, payload, payload.find(b"\n") < 0)
         if passed:
             out.append(passed)
 
-    def _event(self, event: bytes, payload: bytes) -> bytes:
+    def _event(self, event: bytes, payload: bytes, one_line: bool = True) -> bytes:
         """Read one event (its data lines joined: `payload`); what of it passes now: the event
         (without `"usage":null` when stripping), or nothing (the terminal event, held; the usage
         chunk the gateway asked for, dropped)."""
         terminal = payload == b"[DONE]"
         if payload and not terminal and (self.track_text or self.model is None or _may_carry_usage(payload)):
-            if self._quick and self.model is not None:
-                piece = _quick_text(payload)
-                if piece is not None:  # what the decode would read: that text, nothing else
-                    if piece:
-                        self.text.append(piece)
-                    return _without_null_usage(event) if self.strip else event
+            template = self._template
+            if template is not None and one_line:  # an event like the one it was learnt from (`_learn`)
+                prefix, middle, padded = template
+                if payload.startswith(prefix) and payload.find(b"\\") < 0:
+                    start = len(prefix)
+                    end = payload.find(b'"', start)
+                    rest = end + len(middle)
+                    if payload.startswith(middle, end) and (
+                        payload.find(b'"', rest) == len(payload) - 2 and payload.endswith(b"}")
+                        if padded
+                        else rest == len(payload)
+                    ):
+                        self.text.append(payload[start:end])
+                        return _without_null_usage(event) if self.strip else event
             try:
                 data = orjson.loads(payload)
             except orjson.JSONDecodeError:
                 data = None
             if isinstance(data, dict):
+                pieces = len(self.text)
                 self._read(data)
                 terminal = data.get("type") in _TERMINAL_TYPES
                 if self.strip and data.get("choices") == [] and data.get("usage"):  # the usage-only chunk
@@ -329,6 +262,10 @@ class StreamUsage:
                         self.ended = True
                         self._held.append(event)
                     return b""  # the client did not ask for it
+                if self._learning and len(self.text) == pieces + 1:
+                    text = self.text[-1]
+                    if isinstance(text, str):
+                        self._learn(payload, text)
         if self.strip:
             event = _without_null_usage(event)
         if terminal and self.track_text:
@@ -336,6 +273,35 @@ class StreamUsage:
             self._held.append(event)
             return b""
         return event
+
+    def _learn(self, payload: bytes, text: str) -> None:
+        """Keep a decoded event as the template of those like it: the same bytes around the one
+        string the decode read text from.
+
+        The template is used only for events without a backslash, in which each string is exactly
+        the bytes between two quotes: the string the text came from is the one place where
+        `"TEXT"` stands, if it stands in one place only (the template of an event with a backslash
+        never matches one without). An event that is the template's bytes up to that string's
+        opening quote and from its closing quote on, with bytes between them holding no quote, is
+        the same JSON but for that string's value: the decode would read it in every other way as
+        it read this one (no usage: an event that may carry some is not learnt; no model change;
+        not the end of the stream), and its text is those bytes (JSON text is UTF-8). OpenAI's
+        `obfuscation`, a random string last in each chunk, may differ too. Data that is not JSON
+        (no provider sends it; a client cannot make one send it, the model's text being escaped)
+        may be read where the decode reads nothing: a control character or bytes that are not
+        UTF-8 between the quotes. Tested against the decode in tests/test_usage.py.
+        """
+        self._learning -= 1
+        if not text or _may_carry_usage(payload):
+            return
+        literal = b'"' + text.encode() + b'"'
+        at = payload.find(literal)
+        if at < 0 or payload.find(literal, at + 1) >= 0:
+            return
+        middle = payload[at + len(literal) - 1 :]
+        padding = middle.rfind(_OBFUSCATION) + len(_OBFUSCATION)
+        padded = padding >= len(_OBFUSCATION) and middle.find(b'"', padding) == len(middle) - 2  # (then "}" last)
+        self._template = (payload[: at + 1], middle[:padding] if padded else middle, padded)
 
     def _read(self, data: dict) -> None:
         kind = data.get("type")
