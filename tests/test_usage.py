@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import logging
+import random
 import re
 import sys
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quotagate import fake_upstream as fake
 from quotagate.config import PriceOverride, load_file
@@ -81,7 +86,7 @@ def test_openai_stream_passes_through_byte_for_byte(chunk_size: int | None) -> N
     assert run(tracker, events, chunk_size) == b"".join(events)
     assert tracker.usage == Usage(1000, 3, 400)
     assert tracker.model == "gpt-4o-mini"
-    assert "".join(tracker.text) == " word0 word1 word2"
+    assert tracker.streamed_text() == " word0 word1 word2"
     assert tracker.streamed_tokens() == 6
 
 
@@ -133,7 +138,7 @@ def test_anthropic_stream_usage() -> None:
     run(tracker, fake.message_events(CLAUDE_PLAN), 13)
     assert tracker.usage == Usage(3000, 3, 2000, 500)  # message_start's input, message_delta's output
     assert tracker.model == "claude-haiku-4-5"
-    assert "".join(tracker.text) == " word0 word1 word2"
+    assert tracker.streamed_text() == " word0 word1 word2"
 
 
 def test_anthropic_stream_cut_before_message_delta() -> None:
@@ -148,17 +153,26 @@ def test_responses_stream_usage() -> None:
     tracker = StreamUsage(track_text=True)
     run(tracker, fake.response_events(PLAN), 64)
     assert tracker.usage == Usage(1000, 3, 400)
-    assert "".join(tracker.text) == " word0 word1 word2"
+    assert tracker.streamed_text() == " word0 word1 word2"
 
 
 def test_completions_and_tool_call_text() -> None:
     tracker = StreamUsage(track_text=True)
     run(tracker, fake.completion_chunks(PLAN, include_usage=True))
-    assert "".join(tracker.text) == " word0 word1 word2" and tracker.usage == Usage(1000, 3)
+    assert tracker.streamed_text() == " word0 word1 word2" and tracker.usage == Usage(1000, 3)
     tool = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 1}'}}]}}]}
     tracker = StreamUsage(track_text=True)
     tracker.feed(b"data: " + orjson.dumps(tool) + b"\n\n")
-    assert tracker.text == ['{"a": 1}']
+    assert tracker.streamed_text() == '{"a": 1}'
+
+
+@pytest.mark.parametrize("delta", [b'"text"', b"[1]", b"null", b"3"])
+def test_an_anthropic_delta_that_is_not_an_object_has_no_text(delta: bytes) -> None:
+    """A content_block_delta whose delta is not an object (no provider sends one) adds no text;
+    it raised AttributeError out of `feed`, through the pump."""
+    tracker = StreamUsage(track_text=True)
+    event = b'data: {"type":"content_block_delta","model":"m","delta":' + delta + b"}\n\n"
+    assert tracker.feed(event) == event and tracker.text == [] and tracker.model == "m"
 
 
 def test_stripping_the_usage_the_gateway_asked_for() -> None:
@@ -234,6 +248,473 @@ def test_one_event_per_chunk_reads_as_the_whole_stream_at_once(events: list[byte
     at_once = whole.feed(b"".join(events)) + whole.finish()
     assert by_event == at_once
     assert (one.usage, one.model, one.text, one.ended) == (whole.usage, whole.model, whole.text, whole.ended)
+
+
+# --- the quick read of a tracked stream's text -----------------------------------------------------
+# A tracked stream's text deltas like one decoded before are read without a decode (`_learn`). The
+# model's text is the client's to steer (quotes, backslashes, a `"content":"` of its own, unicode):
+# below, streams of every provider's shapes with such text, several choices, tool calls, duplicate
+# keys, usage blocks, terminal events and every framing are read both ways (`quick=False`: every
+# event decoded, as before) and must agree in everything.
+
+_TRICKY = [
+    '"', "\\", '\\"', '"content":"', '","content":"x', '"text":"', '"delta":{', '"delta":"', '"type":"',
+    '"choices":[{', '"tool_calls"', '"usage":{"prompt_tokens":5}', '"usage":null', "{", "}", "[", "]", ",",
+    "\n", "\r", "\t", "\x00", "\x1f", "\x7f", "\u2028", "é", "你好", "😀", "\ufeff", "\\u0022", "data: ", "[DONE]",
+    "\n\n", "\r\n\r\n", " ", "content_block_delta", ".delta",
+]  # fmt: skip
+_TEXT = st.one_of(
+    st.text(max_size=12),
+    st.lists(st.one_of(st.sampled_from(_TRICKY), st.text(max_size=3)), max_size=6).map("".join),
+)
+# text without what the quick read leaves to the decode (escapes): the quick read's own case
+_PLAIN = st.text(st.characters(codec="utf-8", min_codepoint=0x20, exclude_characters='"\\'), max_size=12)
+_CONTENT = st.one_of(_PLAIN, _PLAIN, _TEXT)
+_MODELS = st.one_of(st.sampled_from(["gpt-4o-mini", "claude-haiku-4-5"]), _TEXT)
+_OPENAI_USAGE = st.fixed_dictionaries({"prompt_tokens": st.integers(0, 9), "completion_tokens": st.integers(0, 9)})
+_ANTHROPIC_USAGE = st.fixed_dictionaries(
+    {"output_tokens": st.integers(0, 9)}, optional={"input_tokens": st.integers(0, 9)}
+)
+_USAGE = st.one_of(st.none(), _OPENAI_USAGE, _ANTHROPIC_USAGE)
+
+
+def _in_order(
+    fields: dict[str, st.SearchStrategy], optional: dict[str, st.SearchStrategy] | None = None
+) -> st.SearchStrategy[dict]:
+    """`st.fixed_dictionaries`, whose keys come in any order (a key's place decides where its bytes
+    are), at times in the order given: that of the provider's own events."""
+    dicts = st.fixed_dictionaries(fields, optional=optional or {})
+    order = [*fields, *(optional or {})]
+    ordered = dicts.map(lambda d: {k: d[k] for k in order if k in d})
+    return st.one_of(ordered, ordered, ordered, dicts)
+
+
+_TOOL_CALL = st.fixed_dictionaries(
+    {"index": st.integers(0, 1)},
+    optional={"type": st.just("function"), "function": st.fixed_dictionaries({}, optional={"arguments": _TEXT})},
+)
+_DELTA = _in_order(
+    {},
+    optional={
+        "role": st.just("assistant"),
+        "content": st.one_of(st.none(), _CONTENT, _CONTENT, _CONTENT),
+        "refusal": st.none(),
+        "reasoning_content": _TEXT,
+        "tool_calls": st.lists(_TOOL_CALL, max_size=2),
+    },
+)
+_CHOICE = _in_order(
+    {"index": st.integers(0, 2)},
+    optional={
+        "delta": st.one_of(_DELTA, _DELTA, _DELTA, st.none(), _TEXT),
+        "text": _TEXT,  # completions
+        "content": _TEXT,
+        "logprobs": st.one_of(st.none(), st.just({"content": [{"token": "a", "logprob": -0.5}], "refusal": None})),
+        "finish_reason": st.one_of(st.none(), st.just("stop")),
+    },
+)
+_USUAL_CHAT_CHUNK = _in_order(
+    {
+        "id": st.just("chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT"),
+        "object": st.just("chat.completion.chunk"),
+        "created": st.just(1741569952),
+        "model": st.just("gpt-4o-mini"),
+        "system_fingerprint": st.just("fp_06737a9306"),
+        "choices": st.tuples(
+            _in_order(
+                {
+                    "index": st.just(0),
+                    "delta": st.one_of(
+                        st.fixed_dictionaries({"content": _CONTENT}),
+                        _in_order({"role": st.just("assistant"), "content": _CONTENT}),
+                        _DELTA,
+                    ),
+                    "logprobs": st.none(),
+                    "finish_reason": st.one_of(st.none(), st.just("stop")),
+                }
+            )
+        ).map(list),
+    },
+    optional={"usage": st.none()},
+)
+_CHAT_CHUNK = _in_order(
+    {
+        "id": st.one_of(st.just("chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT"), _TEXT),
+        "choices": st.one_of(st.lists(_CHOICE, min_size=1, max_size=1), st.lists(_CHOICE, max_size=3)),
+    },
+    optional={
+        "object": st.just("chat.completion.chunk"),
+        "created": st.integers(0, 2**31),
+        "model": _MODELS,
+        "system_fingerprint": st.one_of(st.none(), _TEXT),
+        "usage": _USAGE,
+        "type": st.one_of(st.sampled_from(["error", "message_stop", "content_block_delta"]), _TEXT),
+        "content": _TEXT,
+        "delta": st.one_of(_DELTA, _TEXT),
+    },
+)
+_USUAL_ANTHROPIC_DELTA = _in_order(
+    {
+        "type": st.just("content_block_delta"),
+        "index": st.integers(0, 2),
+        "delta": _in_order({"type": st.just("text_delta"), "text": _CONTENT}),
+    }
+)
+_ANTHROPIC_DELTA = st.fixed_dictionaries(
+    {
+        "type": st.just("content_block_delta"),
+        "index": st.integers(0, 2),
+        "delta": _in_order(
+            {"type": st.sampled_from(["text_delta", "thinking_delta", "input_json_delta", "signature_delta"])},
+            optional={"text": _TEXT, "thinking": _TEXT, "partial_json": _TEXT, "signature": _TEXT},
+        ),
+    },
+    optional={"usage": _USAGE, "choices": st.lists(_CHOICE, max_size=1), "text": _TEXT, "model": _MODELS},
+)
+_USUAL_RESPONSES_DELTA = _in_order(
+    {
+        "type": st.sampled_from(["response.output_text.delta", "response.reasoning_summary_text.delta"]),
+        "sequence_number": st.integers(0, 99),
+        "item_id": st.just("msg_1"),
+        "output_index": st.just(0),
+        "content_index": st.just(0),
+        "delta": _CONTENT,
+        "logprobs": st.just([]),
+    }
+)
+_RESPONSES_DELTA = st.fixed_dictionaries(
+    {
+        "type": st.one_of(
+            st.sampled_from(
+                ["response.output_text.delta", "response.refusal.delta", "response.output_text.done", "x.delta"]
+            ),
+            _TEXT.map(lambda t: t + ".delta"),
+            _TEXT,
+        ),
+        "sequence_number": st.integers(0, 99),
+        "item_id": st.one_of(st.just("msg_1"), _TEXT),
+        "delta": st.one_of(_TEXT, _TEXT, _TEXT, st.none(), st.integers(0, 9), _DELTA),
+    },
+    optional={
+        "output_index": st.just(0),
+        "content_index": st.just(0),
+        "logprobs": st.just([]),
+        "usage": _USAGE,
+        "response": st.fixed_dictionaries({"model": _MODELS}, optional={"usage": _USAGE}),
+        "choices": st.lists(_CHOICE, max_size=1),
+    },
+)
+_OTHER = st.sampled_from(
+    [
+        {
+            "type": "message_start",
+            "message": {"model": "claude-haiku-4-5", "usage": {"input_tokens": 3, "output_tokens": 1}},
+        },
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 7}},
+        {"type": "message_stop"},
+        {
+            "type": "response.completed",
+            "response": {"model": "gpt-4o-mini", "usage": {"input_tokens": 2, "output_tokens": 3}},
+        },
+        {"type": "error", "error": {"message": "overloaded"}},
+        {"type": "ping"},
+        {"id": "c", "model": "gpt-4o-mini", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 5}},
+    ]
+)
+# raw pairs put before an event's last "}": duplicate keys (the decode keeps the last), a usage
+_EXTRA = [
+    b',"delta":{}', b',"choices":[]', b',"content":"x"', b',"type":"message_stop"', b',"text":"t"',
+    b',"usage":{"output_tokens":3}', b',"choices":[{"index":1,"delta":{"content":"second"}}]',
+    b',"delta":{"type":"text_delta","text":"again"}', b',"delta":"again"', b',"usage":null', b',"usage" : null',
+    b',"model":"other"',
+]  # fmt: skip
+
+
+@st.composite
+def _payload_of(draw: st.DrawFn, data: st.SearchStrategy[Any]) -> bytes:
+    """An event's data as a provider might write it: orjson's bytes, or json's (escaped non-ASCII,
+    spaces after separators), at times with a pair of raw bytes added (a duplicate key)."""
+    value = draw(data)
+    style = draw(st.sampled_from(["orjson"] * 5 + ["ascii", "spaced", "utf8"]))
+    if style == "orjson":
+        payload = orjson.dumps(value)
+    else:
+        separators = (", ", ": ") if style == "spaced" else (",", ":")
+        payload = json.dumps(value, ensure_ascii=style == "ascii", separators=separators).encode()
+    if draw(st.integers(0, 5)) == 0:
+        payload = payload[:-1] + draw(st.sampled_from(_EXTRA)) + b"}"
+    return payload
+
+
+_PAYLOAD = st.one_of(
+    _payload_of(_USUAL_CHAT_CHUNK),
+    _payload_of(_USUAL_CHAT_CHUNK),
+    _payload_of(_CHAT_CHUNK),
+    _payload_of(_CHAT_CHUNK),
+    _payload_of(_USUAL_ANTHROPIC_DELTA),
+    _payload_of(_ANTHROPIC_DELTA),
+    _payload_of(_USUAL_RESPONSES_DELTA),
+    _payload_of(_RESPONSES_DELTA),
+    _payload_of(_OTHER),
+    st.sampled_from([b"[DONE]", b"", b"not json", b'{"choices":[{"delta":{"content":"cut', b'{"a":1} {"b":2}']),
+)
+
+
+def _frame(payload: bytes, framing: str) -> bytes:
+    """One SSE event of this data, framed as one of the ways servers write them."""
+    if framing == "event":
+        event = b"event: delta\ndata: " + payload + b"\n\n"
+    elif framing == "nospace":
+        event = b"data:" + payload + b"\n\n"
+    elif framing == "split":  # the data over two lines: joined with a newline
+        event = b"data: " + payload[: len(payload) // 2] + b"\ndata: " + payload[len(payload) // 2 :] + b"\n\n"
+    else:
+        event = b"data: " + payload + b"\n\n"
+    return event.replace(b"\n", b"\r\n") if framing == "crlf" else event
+
+
+_STREAM = st.lists(
+    st.tuples(_PAYLOAD, st.sampled_from(["data", "data", "data", "event", "nospace", "crlf", "split"])),
+    max_size=8,
+)
+
+
+def _read_both(events: list[bytes], strip: bool, cuts: list[int] | None = None) -> list[StreamUsage]:
+    """The stream read quickly and decoded (`quick=False`), fed in the same chunks (one event per
+    chunk, or the whole stream cut at `cuts`): the passed bytes and the held ones must match."""
+    raw = b"".join(events)
+    if cuts is None:
+        chunks = events
+    else:
+        edges = [0, *sorted(set(cuts)), len(raw)]
+        chunks = [raw[a:b] for a, b in itertools.pairwise(edges) if b > a]
+    trackers = [StreamUsage(track_text=True, strip_usage_chunk=strip, quick=quick) for quick in (True, False)]
+    passed = [[t.feed(c) for c in chunks] for t in trackers]
+    held = [t.finish() for t in trackers]
+    assert passed[0] == passed[1] and held[0] == held[1]
+    return trackers
+
+
+def _assert_read_alike(quick: StreamUsage, decoded: StreamUsage) -> None:
+    as_str = [[p.decode() if isinstance(p, bytes) else p for p in t.text if p] for t in (quick, decoded)]
+    assert as_str[0] == as_str[1]
+    assert quick.streamed_text() == decoded.streamed_text()
+    assert (quick.usage, quick.model, quick.ended) == (decoded.usage, decoded.model, decoded.ended)
+    assert all(isinstance(p, str) for p in decoded.text)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    first=st.one_of(st.just(b'{"model":"gpt-4o-mini","choices":[]}'), st.none(), _payload_of(_CHAT_CHUNK)),
+    stream=_STREAM,
+    strip=st.booleans(),
+    cuts=st.one_of(st.none(), st.lists(st.integers(0, 4000), max_size=6)),
+)
+def test_the_quick_read_reads_what_the_decode_reads(
+    first: bytes | None, stream: list[tuple[bytes, str]], strip: bool, cuts: list[int] | None
+) -> None:
+    """Streams of generated events (the first often naming the model, after which the quick read
+    applies), fed whole event by event or cut anywhere: the same bytes passed and held, the same
+    text, usage, model and end."""
+    events = ([] if first is None else [_frame(first, "data")]) + [_frame(p, framing) for p, framing in stream]
+    quick, decoded = _read_both(events, strip, cuts)
+    _assert_read_alike(quick, decoded)
+
+
+_USUAL = st.one_of(
+    st.tuples(_USUAL_CHAT_CHUNK.map(orjson.dumps), st.just("data")),
+    st.tuples(_USUAL_ANTHROPIC_DELTA.map(orjson.dumps), st.just("event")),
+    st.tuples(_USUAL_RESPONSES_DELTA.map(orjson.dumps), st.just("event")),
+    st.tuples(_PAYLOAD, st.sampled_from(["data", "crlf", "split"])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(stream=st.lists(_USUAL, min_size=1, max_size=12), strip=st.booleans(), cut=st.booleans())
+def test_the_quick_read_of_streams_of_the_usual_deltas(stream: list[tuple[bytes, str]], strip: bool, cut: bool) -> None:
+    """The same, for streams of each provider's usual text deltas (most of them read quickly), the
+    model's text drawn with and without what must be escaped, some other events among them."""
+    events = [_frame(b'{"model":"gpt-4o-mini","choices":[]}', "data")] + [_frame(p, f) for p, f in stream]
+    quick, decoded = _read_both(events, strip, [len(b"".join(events)) // 2] if cut else None)
+    _assert_read_alike(quick, decoded)
+
+
+_CHAT = (
+    b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","system_fingerprint":"fp",'
+    b'"choices":[{"index":0,"delta":{"content":"%s"},"logprobs":null,"finish_reason":null}],"usage":null}'
+)
+_ANTHROPIC = b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"%s"}}'
+_RESPONSES = (
+    b'{"type":"response.output_text.delta","sequence_number":4,"item_id":"msg_1","output_index":0,"content_index":0,'
+    b'"delta":"%s","logprobs":[]}'
+)
+
+
+_PADDED = _CHAT[:-1] + b',"obfuscation":"%s"}'  # OpenAI's chunks now: random padding last
+_MODEL_EVENT = b'data: {"model":"gpt-4o-mini","choices":[]}\n\n'
+
+
+def _delta(shape: bytes, text: bytes, pad: bytes = b"pad") -> bytes:
+    event = shape.replace(b"%s", text, 1)
+    return b"data: " + (event.replace(b"%s", pad) if shape is _PADDED else event) + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    "shape", [_CHAT, _PADDED, _ANTHROPIC, _RESPONSES], ids=["chat", "padded", "anthropic", "responses"]
+)
+@pytest.mark.parametrize("text", ["", " word", "héllo 你好 😀", "a'b<c>{d}[e]", "\u2028 \x7f", '}],"usage":{'])
+def test_text_deltas_like_the_first_are_read_without_a_decode(shape: bytes, text: str) -> None:
+    """After the first text delta (decoded, learnt), each like it is read without a decode: its
+    text's bytes as they stand (a piece kept as bytes), whatever the padding; the same as decoded."""
+    raw = orjson.dumps(text)[1:-1]
+    events = [_MODEL_EVENT, _delta(shape, b"first", b"p"), _delta(shape, raw, b"xy" * len(text)), _delta(shape, raw)]
+    quick, decoded = _read_both(events, strip=False)
+    _assert_read_alike(quick, decoded)
+    kinds = [type(p) for p in quick.text]
+    assert kinds == ([str, bytes, bytes] if b"\\" not in raw else [str, str, str]), kinds
+
+
+_SECOND = [  # the text between the template's prefix and middle (after a delta of text "first")
+    b'a\\"b', b"a\\\\", b"a\\u0041", b'x","content":"y', b'x"},"x":{"a":"b', b'x","text":"y',
+]  # fmt: skip
+_AROUND = [  # whole events starting as the template, ending otherwise
+    _CHAT.replace(b'"usage":null', b'"usage":{"prompt_tokens":1,"completion_tokens":2}') % b"x",
+    _CHAT.replace(b'"usage":null', b'"type":"message_stop"') % b"x",
+    _CHAT.replace(b"}],", b'},{"index":1,"delta":{"content":"y"}}],') % b"x",
+    _CHAT.replace(b'"usage":null', b'"choices":[]') % b"x",
+    _CHAT.replace(b'"usage":null', b'"delta":{}') % b"x",
+    _CHAT.replace(b'"id":"chatcmpl-1"', b'"id":"a\\\\"') % b"x",
+    (_CHAT % b"x")[:-1],
+    _CHAT % b"x" + b" ",
+    _PADDED.replace(b'"obfuscation":"%s"', b'"obfuscation":"a","usage":{"prompt_tokens":1}') % b"x",
+    _PADDED.replace(b'"obfuscation":"%s"', b'"obfuscation":"a","content":"y"') % b"x",
+    _PADDED.replace(b'"obfuscation":"%s"', b'"obfuscation":"a\\"b"') % b"x",
+    _PADDED.replace(b'"obfuscation":"%s"}', b'"obfuscation":"a"},"x"') % b"x",
+    _ANTHROPIC.replace(b"}}", b',"thinking":"t"}}') % b"x",
+    _ANTHROPIC.replace(b"}}", b',"text":"y"}}') % b"x",
+    _ANTHROPIC.replace(b"}}", b'},"delta":{}}') % b"x",
+    _ANTHROPIC.replace(b"}}", b'},"type":"message_stop"}') % b"x",
+]
+
+
+@pytest.mark.parametrize(
+    ("shape", "event"),
+    [(shape, _delta(shape, text)) for shape in (_CHAT, _PADDED, _ANTHROPIC) for text in _SECOND]
+    + [
+        (_PADDED if b"obfuscation" in e else _ANTHROPIC if b"content_block" in e else _CHAT, b"data: " + e + b"\n\n")
+        for e in _AROUND
+    ]
+    + [(_CHAT, b"data: " + _CHAT[:-1] % b"x" + b',"obfuscation":"a"}\n\n')],  # padding where the template has none
+)
+def test_what_the_template_leaves_to_the_decode(shape: bytes, event: bytes) -> None:
+    """An escape, a quote, a second key, usage, a type, a second choice or delta, other padding,
+    bytes after the end: an event that is not the template's with other text is decoded, and read
+    as the decode reads it."""
+    events = [_MODEL_EVENT, _delta(shape, b"first"), _delta(shape, b"second"), event]
+    for framing in (events, [e.replace(b"\n", b"\r\n") for e in events]):
+        quick, decoded = _read_both(framing, strip=True)
+        _assert_read_alike(quick, decoded)
+        assert [type(p) for p in quick.text[:2]] == [str, bytes] and all(type(p) is str for p in quick.text[2:])
+
+
+@st.composite
+def _templated_stream(draw: st.DrawFn) -> list[bytes]:
+    """A stream of one shape's text deltas (most then read by the template), their text and
+    padding drawn with and without what must be escaped, other events and look-alikes among them."""
+    shape = draw(st.sampled_from([_CHAT, _PADDED, _ANTHROPIC, _RESPONSES]))
+    events = [_MODEL_EVENT]
+    for _ in range(draw(st.integers(1, 12))):
+        kind = draw(st.integers(0, 9))
+        if kind < 7:
+            text, pad = draw(st.one_of(_PLAIN, _PLAIN, _PLAIN, _TEXT)), draw(st.one_of(_PLAIN, _PLAIN, _TEXT))
+            events.append(_delta(shape, orjson.dumps(text)[1:-1], orjson.dumps(pad)[1:-1]))
+        elif kind == 7:
+            events.append(_frame(draw(_PAYLOAD), draw(st.sampled_from(["data", "crlf", "split", "event"]))))
+        else:
+            events.append(b"data: " + draw(st.sampled_from(_AROUND)) + b"\n\n")
+    return events
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=_templated_stream(), strip=st.booleans(), cut=st.one_of(st.none(), st.integers(0, 3000)))
+def test_streams_read_by_the_template_read_as_decoded(events: list[bytes], strip: bool, cut: int | None) -> None:
+    """Streams of one shape's deltas with look-alikes among them: read alike both ways."""
+    quick, decoded = _read_both(events, strip, None if cut is None else [cut])
+    _assert_read_alike(quick, decoded)
+
+
+_UNLEARNT = [  # streams whose first text delta is not one to learn from: read alike both ways
+    [  # two texts in one event
+        b'{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}',
+        b'{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"c"}}]}',
+    ],
+    [  # usage in the event: read again from each like it (another event's usage between them)
+        b'{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}',
+        b'{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":2}}',
+        b'{"choices":[{"index":0,"delta":{"content":"b"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}',
+    ],
+    [  # the text also stands elsewhere (the model's name)
+        b'{"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"gpt-4o-mini"}}]}',
+        b'{"model":"other","choices":[{"index":0,"delta":{"content":"gpt-4o-mini"}}]}',
+    ],
+    [  # "obfuscation" not last: what follows it is not padding
+        b'{"type":"ping","delta":{"type":"text_delta","text":"a"},"obfuscation":"p","type":"content_block_delta"}',
+        b'{"type":"ping","delta":{"type":"text_delta","text":"b"},"obfuscation":"q"}',
+    ],
+    [  # padding, then not JSON
+        _PADDED % (b"a", b"p"),
+        (_PADDED % (b"b", b"q"))[:-1] + b"]",
+    ],
+]
+
+
+@pytest.mark.parametrize("events", _UNLEARNT)
+@pytest.mark.parametrize("strip", [False, True])
+def test_what_is_not_learnt_or_not_read_by_the_template(events: list[bytes], strip: bool) -> None:
+    framed = [_MODEL_EVENT] + [b"data: " + e + b"\n\n" for e in events]
+    quick, decoded = _read_both(framed, strip)
+    _assert_read_alike(quick, decoded)
+
+
+def test_a_split_data_line_is_not_read_by_the_template() -> None:
+    """Data lines are joined with a newline: inside the text that is not JSON (the decode reads
+    nothing), so such an event is decoded."""
+    raw = (_CHAT % b"a\nb").replace(b"\n", b"\ndata: ")
+    events = [_MODEL_EVENT, _delta(_CHAT, b"first"), b"data: " + raw + b"\n\n"]
+    quick, decoded = _read_both(events, strip=False)
+    _assert_read_alike(quick, decoded)
+    assert quick.streamed_text() == "first"
+
+
+def test_a_generated_corpus_is_mostly_read_without_a_decode_and_read_alike() -> None:
+    """700 generated text deltas of each shape, the model's text drawn from tricky pieces at times:
+    every one read alike both ways, and the plain ones (most) read without a decode."""
+    rng = random.Random(15)
+    for shape in (_CHAT, _PADDED, _ANTHROPIC):
+        events = [_MODEL_EVENT]
+        for _ in range(700):
+            pieces = [*_TRICKY, "word", " ", "é", "x"] if rng.random() < 0.2 else ["word", " ", "é", "x"]
+            text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 5)))
+            events.append(_delta(shape, orjson.dumps(text)[1:-1], b"p" * rng.randint(1, 9)))
+        quick, decoded = _read_both(events, strip=True)
+        _assert_read_alike(quick, decoded)
+        read = sum(type(p) is bytes for p in quick.text)
+        assert read > 500, read
+
+
+def test_a_cut_stream_read_quickly_is_charged_as_before() -> None:
+    """The text of a tracked stream is kept as bytes when read quickly; `streamed_tokens` counts it
+    as the decoded text, and the pump's taking back an unsent write (`del text[n:]`) still works."""
+    events = fake.chat_chunks(PLAN, include_usage=True)[:4]  # role, 3 words
+    quick, decoded = StreamUsage(track_text=True), StreamUsage(track_text=True, quick=False)
+    for event in events:
+        assert quick.feed(event) == decoded.feed(event)
+    assert [type(p) for p in quick.text] == [str, str, bytes, bytes]  # the role chunk, the first word learnt
+    assert quick.streamed_tokens() == decoded.streamed_tokens() == count_tokens(" word0 word1 word2") == 6
+    unsent = len(quick.text)
+    quick.feed(b'data: {"model":"m","choices":[{"index":0,"delta":{"content":" more"}}]}\n\n')
+    del quick.text[unsent:]
+    assert quick.streamed_text() == " word0 word1 word2"
 
 
 @pytest.mark.parametrize(

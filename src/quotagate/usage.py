@@ -138,25 +138,33 @@ def _without_null_usage(event: bytes) -> bytes:
     return event[:at] + _NULL_USAGE.sub(b"", event[at:])
 
 
+_OBFUSCATION = b',"obfuscation":"'  # OpenAI's padding, a string of random length last in each chunk
+_LEARN = 4  # templates a stream learns at most (one whose events never match stops costing at once)
+
+
 class StreamUsage:
     """Follows an SSE stream as it passes: the usage it reports, the model, the text so far.
 
     Bytes are passed on whole events at a time (an SSE client can do nothing with part of one).
-    With `track_text` every event is decoded, to collect the streamed text (a stream cut short is
+    With `track_text` every event is read, to collect the streamed text (a stream cut short is
     charged for what was sent) and to recognise the stream's terminal event (`[DONE]`,
     `message_stop`, `response.completed`, ...): that event and anything after it are held back
-    until `finish`, so that the caller can commit the charge before the client sees the end.
-    Without it only events that may carry usage are decoded (not a `"usage":null` chunk). With
-    `strip_usage_chunk` the OpenAI usage-only chunk the gateway asked for is removed, and so are the
-    `"usage":null` fields.
+    until `finish`, so that the caller can commit the charge before the client sees the end. A
+    text delta like one decoded before is read without a decode (`_learn`; `quick=False` decodes
+    every event, the reference it is tested against), its text kept as UTF-8 bytes
+    (`streamed_text`). Without `track_text` only events that may carry usage are decoded (not a
+    `"usage":null` chunk). With `strip_usage_chunk` the OpenAI usage-only chunk the gateway asked
+    for is removed, and so are the `"usage":null` fields.
     """
 
-    def __init__(self, track_text: bool = False, strip_usage_chunk: bool = False) -> None:
+    def __init__(self, track_text: bool = False, strip_usage_chunk: bool = False, *, quick: bool = True) -> None:
         self.track_text = track_text
         self.strip = strip_usage_chunk
         self.usage: Usage | None = None
         self.model: str | None = None
-        self.text: list[str] = []
+        self.text: list[str | bytes] = []  # the streamed text's pieces: str if decoded, UTF-8 bytes if not
+        self._template: tuple[bytes, bytes, bool] | None = None  # (`_learn`)
+        self._learning = _LEARN if track_text and quick else 0
         self.ended = False  # the terminal event was seen
         self._pending = b""
         self._held: list[bytes] = []
@@ -216,21 +224,37 @@ class StreamUsage:
         ):  # the usual event: one data line (what `_payload` gives)
             passed = self._event(event, event[5:-2].lstrip(b" "))
         else:
-            passed = self._event(event, _payload(event))
+            payload = _payload(event)  # (a newline in it: data lines joined, not for the template)
+            passed = self._event(event, payload, payload.find(b"\n") < 0)
         if passed:
             out.append(passed)
 
-    def _event(self, event: bytes, payload: bytes) -> bytes:
+    def _event(self, event: bytes, payload: bytes, one_line: bool = True) -> bytes:
         """Read one event (its data lines joined: `payload`); what of it passes now: the event
         (without `"usage":null` when stripping), or nothing (the terminal event, held; the usage
         chunk the gateway asked for, dropped)."""
         terminal = payload == b"[DONE]"
         if payload and not terminal and (self.track_text or self.model is None or _may_carry_usage(payload)):
+            template = self._template
+            if template is not None and one_line:  # an event like the one it was learnt from (`_learn`)
+                prefix, middle, padded = template
+                if payload.startswith(prefix) and payload.find(b"\\") < 0:
+                    start = len(prefix)
+                    end = payload.find(b'"', start)
+                    rest = end + len(middle)
+                    if payload.startswith(middle, end) and (
+                        payload.find(b'"', rest) == len(payload) - 2 and payload.endswith(b"}")
+                        if padded
+                        else rest == len(payload)
+                    ):
+                        self.text.append(payload[start:end])
+                        return _without_null_usage(event) if self.strip else event
             try:
                 data = orjson.loads(payload)
             except orjson.JSONDecodeError:
                 data = None
             if isinstance(data, dict):
+                pieces = len(self.text)
                 self._read(data)
                 terminal = data.get("type") in _TERMINAL_TYPES
                 if self.strip and data.get("choices") == [] and data.get("usage"):  # the usage-only chunk
@@ -238,6 +262,10 @@ class StreamUsage:
                         self.ended = True
                         self._held.append(event)
                     return b""  # the client did not ask for it
+                if self._learning and len(self.text) == pieces + 1:
+                    text = self.text[-1]
+                    if isinstance(text, str):
+                        self._learn(payload, text)
         if self.strip:
             event = _without_null_usage(event)
         if terminal and self.track_text:
@@ -245,6 +273,35 @@ class StreamUsage:
             self._held.append(event)
             return b""
         return event
+
+    def _learn(self, payload: bytes, text: str) -> None:
+        """Keep a decoded event as the template of those like it: the same bytes around the one
+        string the decode read text from.
+
+        The template is used only for events without a backslash, in which each string is exactly
+        the bytes between two quotes: the string the text came from is the one place where
+        `"TEXT"` stands, if it stands in one place only (the template of an event with a backslash
+        never matches one without). An event that is the template's bytes up to that string's
+        opening quote and from its closing quote on, with bytes between them holding no quote, is
+        the same JSON but for that string's value: the decode would read it in every other way as
+        it read this one (no usage: an event that may carry some is not learnt; no model change;
+        not the end of the stream), and its text is those bytes (JSON text is UTF-8). OpenAI's
+        `obfuscation`, a random string last in each chunk, may differ too. Data that is not JSON
+        (no provider sends it; a client cannot make one send it, the model's text being escaped)
+        may be read where the decode reads nothing: a control character or bytes that are not
+        UTF-8 between the quotes. Tested against the decode in tests/test_usage.py.
+        """
+        self._learning -= 1
+        if not text or _may_carry_usage(payload):
+            return
+        literal = b'"' + text.encode() + b'"'
+        at = payload.find(literal)
+        if at < 0 or payload.find(literal, at + 1) >= 0:
+            return
+        middle = payload[at + len(literal) - 1 :]
+        padding = middle.rfind(_OBFUSCATION) + len(_OBFUSCATION)
+        padded = padding >= len(_OBFUSCATION) and middle.find(b'"', padding) == len(middle) - 2  # (then "}" last)
+        self._template = (payload[: at + 1], middle[:padding] if padded else middle, padded)
 
     def _read(self, data: dict) -> None:
         kind = data.get("type")
@@ -274,10 +331,11 @@ class StreamUsage:
         if kind is None:  # OpenAI chat and completions chunks have no type
             pass
         elif kind == "content_block_delta":  # Anthropic
-            delta = data.get("delta") or {}
-            for field in ("text", "partial_json", "thinking"):
-                if isinstance(delta.get(field), str):
-                    text.append(delta[field])
+            delta = data.get("delta")
+            if isinstance(delta, dict):  # (an upstream's string or list here raised AttributeError)
+                for field in ("text", "partial_json", "thinking"):
+                    if isinstance(delta.get(field), str):
+                        text.append(delta[field])
         elif isinstance(kind, str) and kind.endswith(".delta") and isinstance(data.get("delta"), str):
             text.append(data["delta"])  # OpenAI responses
         choices = data.get("choices")
@@ -300,8 +358,12 @@ class StreamUsage:
             elif isinstance(choice.get("text"), str):  # completions
                 text.append(choice["text"])
 
+    def streamed_text(self) -> str:
+        """The text streamed so far (what is left of it once `_pump` took back an unsent write)."""
+        return "".join(piece if isinstance(piece, str) else piece.decode("utf-8", "replace") for piece in self.text)
+
     def streamed_tokens(self) -> int:
-        return count_tokens("".join(self.text))
+        return count_tokens(self.streamed_text())
 
 
 def requested_output(body: dict[str, Any]) -> int | None:
