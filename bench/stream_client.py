@@ -5,7 +5,7 @@ another until `--seconds` have passed since `--start` (a CLOCK_MONOTONIC time, t
 process), then it lets the streams in flight finish. It is a bare asyncio Protocol on uvloop, not
 an HTTP library: it frames what it needs (the head, the chunked body's end) and counts the SSE
 events as they arrive, so that thousands of streams cost it little CPU beside the servers. Each
-stream is recorded as `[start, first event, end, longest gap, events, ok, user, body]` (times in
+stream is recorded as `[start, first event, end, longest gap, events, ok, user, body, head]` (times in
 seconds, from the start of the stream but `start` itself), and a stream is `ok` only if it answered
 200 with the expected header, every event (`[DONE]` last) and the chunked body's end.
 
@@ -41,7 +41,7 @@ class Connection(asyncio.Protocol):
         self.in_body = False
         self.tail = b""
         self.events = 0
-        self.sent = self.first = self.last = self.end = 0.0
+        self.sent = self.headed = self.first = self.last = self.end = 0.0
         self.gap = 0.0
         self.ok = False
         self.last_done = False  # [DONE] was the last event so far
@@ -69,6 +69,7 @@ class Connection(asyncio.Protocol):
                 return
             head, data = self.head[: end + 2].lower(), self.head[end + 4 :]
             self.in_body = True
+            self.headed = now
             self.ok = head.startswith(b"http/1.1 200") and b"transfer-encoding: chunked" in head
             if self.header and self.header not in head:
                 self.ok = False
@@ -162,6 +163,7 @@ class Load:
             first = conn.first - start if conn.events else -1.0
             self.records.append(
                 [start, first, conn.end - start if whole else -1.0, conn.gap, conn.events, int(ok), user, body]
+                + [conn.headed - start if conn.headed else -1.0]
             )
         if conn is not None and conn.transport is not None:
             conn.transport.close()

@@ -2,13 +2,14 @@
 
     .venv/bin/python bench/ttfe_phases.py                       # 500 streams, 10 s + 20 s
     .venv/bin/python bench/ttfe_phases.py --rows 200 --warm 30
+    .venv/bin/python bench/ttfe_phases.py --rows 2000 --cold 20 --warm 5 --first   # the start apart
 
 It copies this tree's src/ to a temporary directory and adds clock reads (`time.perf_counter`)
 at the phases of a call: the key's lookup, the body read, admission's estimate, admission's store
 step, the upstream's response headers, the start of the response; and, inside every store step
 (admissions and charges), the wait before it is sent, Redis's round trip (sent to reply parsed)
 and the wait for the request to resume after the reply. It then runs `bench/streams.py` with that
-copy as a variant beside the reference (`--no-tree`), and prints, for both workers' calls after
+copy as a variant beside the reference (`--no-tree`), and prints, for both workers' calls after (with --first: in)
 the first `--cold` seconds: p50, p90, p99 and max of each phase, and how the slowest 1 % of calls
 (by the sum of the phases) split their time. The reference's time to first event is in the
 streams.py report printed above it. Beside them, each worker's event-loop lag: a task that sleeps
@@ -194,7 +195,7 @@ def quantiles(values: list[float]) -> str:
     return " | ".join(f"{c:.2f}" for c in cells)
 
 
-def report(trace_dir: Path, cold: float) -> str:
+def report(trace_dir: Path, cold: float, first_only: bool = False) -> str:
     calls: list[list[float]] = []
     steps: list[list] = []
     lags: list[str] = []
@@ -210,11 +211,12 @@ def report(trace_dir: Path, cold: float) -> str:
             + (f": {listed}" if stalls else "")
         )
         first = min(c[0] for c in data["calls"])
-        calls += [c for c in data["calls"] if c[0] >= first + cold]
+        calls += [c for c in data["calls"] if (c[0] < first + cold) == first_only]
         steps += data["steps"][len(data["steps"]) // 3 :]  # steps carry no time: the last two thirds
     if not calls:
         raise SystemExit("ttfe_phases: no call was traced")
-    lines = [f"{len(calls):,} streams after the first {cold:g} s, both workers", ""]
+    which = "in" if first_only else "after"
+    lines = [f"{len(calls):,} streams {which} the first {cold:g} s, both workers", ""]
     lines += ["| phase (ms) | p50 | p90 | p99 | max |", "|---|---:|---:|---:|---:|"]
     for index, name in enumerate(PHASES, start=1):
         lines.append(f"| {name} | {quantiles([c[index] for c in calls])} |")
@@ -236,6 +238,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=500, help="concurrent streams")
     parser.add_argument("--cold", type=float, default=10)
     parser.add_argument("--warm", type=float, default=20)
+    parser.add_argument("--first", action="store_true", help="report the streams of the first --cold seconds")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="qg-phases-") as tmp:
         work = Path(tmp)
@@ -247,7 +250,7 @@ def main() -> int:
         command += ["--out", str(work / "out")]
         subprocess.run(command, check=True, env={**os.environ, "QG_TRACE_DIR": str(traces)})
         print()
-        print(report(traces, args.cold))
+        print(report(traces, args.cold, args.first))
     return 0
 
 

@@ -42,6 +42,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .accept import BACKLOG, EagerSite
 from .connections import GatewayRunner
 
 DEFAULT_REPLY_TOKENS = 12
@@ -648,7 +649,7 @@ class BackgroundServer:
     async def _start(self) -> None:
         self._runner = GatewayRunner(self.app, access_log=None, handler_cancellation=self.handler_cancellation)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = EagerSite(self._runner, self.host, self.port, reuse_port=False, backlog=BACKLOG)
         await site.start()
         self.port = self._runner.addresses[0][1]  # the bound port when asked for port 0
 

@@ -29,6 +29,7 @@ from aiohttp import web
 from yarl import URL
 
 from . import metrics
+from .accept import BACKLOG, EagerSite
 from .config import Settings
 from .connections import HTTP_LIMITS, GatewayRunner, HttpLimits, route_library_logs
 from .pricing import load_prices
@@ -256,7 +257,7 @@ async def run_site(
         runner = GatewayRunner(build_app(settings, store), access_log=None, handle_signals=False)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=2048)
+        site = EagerSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=BACKLOG)
         try:
             await site.start()
         except OSError as exc:
