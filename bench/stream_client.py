@@ -161,10 +161,9 @@ class Load:
                 )
             start = conn.sent
             first = conn.first - start if conn.events else -1.0
-            self.records.append(
-                [start, first, conn.end - start if whole else -1.0, conn.gap, conn.events, int(ok), user, body]
-                + [conn.headed - start if conn.headed else -1.0]
-            )
+            end = conn.end - start if whole else -1.0
+            head = conn.headed - start if conn.headed else -1.0
+            self.records.append([start, first, end, conn.gap, conn.events, int(ok), user, body, head])
         if conn is not None and conn.transport is not None:
             conn.transport.close()
 
