@@ -183,6 +183,19 @@ def test_unknown_route_is_404(gateway: Gateway, upstream: FakeUpstream) -> None:
     assert upstream.count() == 0
 
 
+@pytest.mark.parametrize("path", ["/v1/chat%2Fcompletions", "/v1/chat/complet%zzions", "/nowhere/v1/models"])
+@pytest.mark.parametrize("header", [None, "Bearer qg_nope"])
+def test_authentication_comes_before_a_refused_path(
+    gateway: Gateway, upstream: FakeUpstream, path: str, header: str | None
+) -> None:
+    headers = {"Helicone-Auth": header} if header is not None else {}
+    with gateway.http() as http:
+        response = http.post(path, json={"model": "gpt-4o", "messages": CHAT}, headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_gateway_key"
+    assert upstream.count() == 0
+
+
 def test_base_url_with_prefix_and_v1_is_not_doubled(
     make_gateway: Callable[..., Gateway], upstream: FakeUpstream
 ) -> None:

@@ -146,8 +146,13 @@ class Proxy:
 
     async def _proxy(self, request: web.Request, call: Call) -> web.StreamResponse:
         ticket = call.ticket
-        ticket.route = route = self._route(request)
-        ticket.key = await self.admission.authenticate(request.headers.get("Helicone-Auth", ""))
+        auth = request.headers.get("Helicone-Auth", "")
+        try:
+            ticket.route = route = self._route(request)
+        except GatewayError:  # authentication comes first: a path refused without a valid key is a 401
+            await self.admission.authenticate(auth)
+            raise
+        ticket.key = await self.admission.authenticate(auth)
         self._check_key_scope(request, route)
         ticket.body = await self._read_body(request, call)
         headers = request.headers
