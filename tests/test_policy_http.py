@@ -85,7 +85,9 @@ def test_missing_segment_value_is_400(
         )
     assert response.status_code == 400
     error = response.json()["error"]
-    assert error["code"] == "missing_segment_value" and missing in error["message"]
+    assert error["code"] == "missing_segment_value" and error["type"] == "invalid_request_error"
+    assert missing in error["message"] and missing in error["problem"]
+    assert "w=[time_window]" in error["message"] and "w=[time_window]" in error["grammar"]  # SPEC §2
     assert upstream.count() == 0
 
 

@@ -500,6 +500,7 @@ def _refusal(request: web.Request, call: Call) -> dict[str, Any]:
         reason = exc.extra.get("problem", reason)
     elif isinstance(exc, MissingSegment):
         policy = exc.extra.get("policy", policy)
+        reason = exc.extra.get("problem", reason)
     elif isinstance(exc, RateLimited):
         retry = exc.extra.get("retry_after")
         policy, reason = refusal.logged(
