@@ -64,6 +64,16 @@ def test_an_id_that_is_not_utf8_is_a_400_naming_its_header(
     assert upstream.count() == 0
 
 
+@pytest.mark.parametrize("policy", [b"\xff;w=60", b"1;w=60;s=\xff\xfe", b"1;w=60;u=caf\xc3", b"1;w=60,\xed\xa0\x80"])
+def test_a_policy_that_is_not_utf8_is_a_400(gateway: Gateway, upstream: FakeUpstream, policy: bytes) -> None:
+    key = gateway.key()
+    status, payload = asyncio.run(raw_status(gateway, post_head(key, BODY, POLICY.encode() + b": " + policy), BODY))
+    assert status == 400
+    error = orjson.loads(payload)["error"]
+    assert error["code"] == "invalid_rate_limit_policy" and "w=[time_window]" in error["grammar"]
+    assert upstream.count() == 0
+
+
 def test_an_invalid_id_is_refused_even_without_a_policy_naming_it(gateway: Gateway, upstream: FakeUpstream) -> None:
     """The user id and every property value are read (and logged) on every request."""
     key = gateway.key()

@@ -3,6 +3,8 @@ problem and shows the grammar, and nothing reaches the upstream."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import openai
 import pytest
 
@@ -83,7 +85,9 @@ def test_missing_segment_value_is_400(
         )
     assert response.status_code == 400
     error = response.json()["error"]
-    assert error["code"] == "missing_segment_value" and missing in error["message"]
+    assert error["code"] == "missing_segment_value" and error["type"] == "invalid_request_error"
+    assert missing in error["message"] and missing in error["problem"]
+    assert "w=[time_window]" in error["message"] and "w=[time_window]" in error["grammar"]  # SPEC §2
     assert upstream.count() == 0
 
 
@@ -154,3 +158,20 @@ def test_header_policy_is_normalised_in_the_response(gateway: Gateway) -> None:
     assert response.headers["helicone-ratelimit-policy"] == "10.5;w=120;s=team"
     assert response.headers["helicone-ratelimit-limit"] == "10.5"
     assert response.headers["helicone-ratelimit-remaining"] == "9"
+
+
+def test_ietf_headers_name_policies_in_the_order_given(make_gateway: Callable[..., Gateway]) -> None:
+    """p1, p2, ... follow the header's order, then the key's, also where policies share a counter
+    (10;w=60 and 20;w=60 and the key's 100;w=60 are one counter, listed apart)."""
+    gateway = make_gateway()
+    key = gateway.key(policies=["100;w=60"])
+    with gateway.http() as http:
+        response = http.post(
+            "/v1/chat/completions",
+            json=BODY,
+            headers={"Helicone-Auth": f"Bearer {key}", "Helicone-RateLimit-Policy": "10;w=60, 5;w=3600, 20;w=60"},
+        )
+    assert response.status_code == 200
+    assert response.headers["ratelimit-policy"] == ('"p1";q=10;w=60, "p2";q=5;w=3600, "p3";q=20;w=60, "p4";q=100;w=60')
+    assert response.headers["ratelimit"] == '"p1";r=9;t=60, "p2";r=4;t=3600, "p3";r=19;t=60, "p4";r=99;t=60'
+    assert response.headers["helicone-ratelimit-policy"] == "5;w=3600"

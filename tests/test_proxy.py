@@ -3,16 +3,19 @@ upstream receives, what comes back, and the errors of the proxy itself."""
 
 from __future__ import annotations
 
+import http.client
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import anthropic
 import openai
 import orjson
 import pytest
+from aiohttp import web
+from multidict import CIMultiDict
 
 from quotagate.config import Upstream
-from quotagate.fake_upstream import FakeUpstream
+from quotagate.fake_upstream import BackgroundServer, FakeUpstream
 
 from .conftest import CHAT, CLAUDE, Gateway, free_port, httpx
 
@@ -183,6 +186,19 @@ def test_unknown_route_is_404(gateway: Gateway, upstream: FakeUpstream) -> None:
     assert upstream.count() == 0
 
 
+@pytest.mark.parametrize("path", ["/v1/chat%2Fcompletions", "/v1/chat/complet%zzions", "/nowhere/v1/models"])
+@pytest.mark.parametrize("header", [None, "Bearer qg_nope"])
+def test_authentication_comes_before_a_refused_path(
+    gateway: Gateway, upstream: FakeUpstream, path: str, header: str | None
+) -> None:
+    headers = {"Helicone-Auth": header} if header is not None else {}
+    with gateway.http() as http:
+        response = http.post(path, json={"model": "gpt-4o", "messages": CHAT}, headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_gateway_key"
+    assert upstream.count() == 0
+
+
 def test_base_url_with_prefix_and_v1_is_not_doubled(
     make_gateway: Callable[..., Gateway], upstream: FakeUpstream
 ) -> None:
@@ -227,6 +243,94 @@ def test_configured_provider_key_only_when_the_client_sends_none(
         "Bearer sk-mine",
     ]
     assert upstream.received[2].headers["x-api-key"] == "sk-ant-gateway"
+
+
+def raw_get(gateway: Gateway, path: str, headers: list[tuple[str, str]]) -> tuple[int, CIMultiDict[str]]:
+    """A GET with exactly these header lines (repeated names kept; no Accept or Accept-Encoding added)."""
+    connection = http.client.HTTPConnection("127.0.0.1", int(gateway.url.rsplit(":", 1)[1]), timeout=30)
+    try:
+        connection.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        response.read()
+        return response.status, CIMultiDict(response.getheaders())
+    finally:
+        connection.close()
+
+
+def test_request_headers_pass_through_without_additions(gateway: Gateway, upstream: FakeUpstream) -> None:
+    """What the client did not send the gateway does not add (Host and the framing aside)."""
+    status, _ = raw_get(gateway, "/v1/models", [("Host", "g"), ("Helicone-Auth", f"Bearer {gateway.key()}")])
+    assert status == 200
+    [received] = upstream.received
+    assert "Accept" not in received.headers and "User-Agent" not in received.headers
+    assert "Content-Type" not in received.headers
+
+
+def test_request_headers_named_in_any_connection_line_are_not_forwarded(
+    gateway: Gateway, upstream: FakeUpstream
+) -> None:
+    headers = [
+        ("Host", "g"),
+        ("Helicone-Auth", f"Bearer {gateway.key()}"),
+        ("Connection", "X-Hop-One"),
+        ("Connection", "X-Hop-Two"),
+        ("X-Hop-One", "1"),
+        ("X-Hop-Two", "2"),
+        ("X-End-To-End", "kept"),
+    ]
+    assert raw_get(gateway, "/v1/models", headers)[0] == 200
+    [received] = upstream.received
+    assert received.headers["X-End-To-End"] == "kept"
+    assert "X-Hop-One" not in received.headers and "X-Hop-Two" not in received.headers
+
+
+@pytest.fixture
+def hop_upstream() -> Iterator[str]:
+    """An upstream whose answer carries hop-by-hop headers: Connection (two lines) and what it names."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        headers = CIMultiDict(
+            [
+                ("Connection", "X-Hop-One"),
+                ("Connection", "X-Hop-Two"),
+                ("X-Hop-One", "1"),
+                ("X-Hop-Two", "2"),
+                ("Keep-Alive", "timeout=5"),
+                ("Proxy-Authenticate", "Basic"),
+                ("X-End-To-End", "kept"),
+            ]
+        )
+        if "stream" not in request.query:
+            return web.json_response({"object": "list", "data": []}, headers=headers)
+        response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
+        response.headers.extend(headers)  # both Connection lines
+        await response.prepare(request)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    server = BackgroundServer(app).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_hop_by_hop_response_headers_are_not_forwarded(
+    make_gateway: Callable[..., Gateway], hop_upstream: str, stream: bool
+) -> None:
+    gateway = make_gateway(openai_base_url=hop_upstream)
+    key = gateway.key()
+    headers = [("Host", "g"), ("Helicone-Auth", f"Bearer {key}"), ("Helicone-RateLimit-Policy", "5;w=60")]
+    status, answer = raw_get(gateway, "/v1/models" + ("?stream" if stream else ""), headers)
+    assert status == 200
+    assert answer["X-End-To-End"] == "kept" and answer["Helicone-RateLimit-Remaining"] == "4"
+    for name in ("X-Hop-One", "X-Hop-Two", "Keep-Alive", "Proxy-Authenticate"):
+        assert name not in answer, name
 
 
 def test_health_and_readiness(gateway: Gateway) -> None:

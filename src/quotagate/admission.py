@@ -292,7 +292,7 @@ class Admitter:
                 values[segment] = ticket.properties[segment]
                 continue
             if index >= header or self.settings.on_policy_error != "ignore":
-                raise MissingSegment(_missing(policy), policy=policy.normal_form(), segment=segment)
+                raise _missing_segment(policy)
             ticket.skipped.append(Skip(MissingSegment.code, policy.normal_form(), _missing(policy)))
             lacking.append(index)
         if lacking:
@@ -453,6 +453,18 @@ def _missing(policy: Policy) -> str:
     else:
         where = f"a non-empty {PROPERTY_HEADER_PREFIX}{policy.segment} header"
     return f"policy {policy.normal_form()!r} limits per {policy.segment}, but the request has no value: send {where}"
+
+
+def _missing_segment(policy: Policy) -> MissingSegment:
+    """The 400 of a policy whose segment value the request lacks: what is missing, and the grammar."""
+    problem = _missing(policy)
+    return MissingSegment(
+        f"{problem}. Expected {GRAMMAR}",
+        policy=policy.normal_form(),
+        segment=policy.segment,
+        problem=problem,
+        grammar=GRAMMAR,
+    )
 
 
 def _unmetered(route: Route, budget: Budget) -> str:

@@ -149,7 +149,20 @@ class AdminError(GatewayError):
 
 
 def error_body(exc: GatewayError) -> bytes:
-    return orjson.dumps({"error": {"message": exc.message, "type": exc.type, "code": exc.code, **exc.extra}})
+    body = {"error": {"message": exc.message, "type": exc.type, "code": exc.code, **exc.extra}}
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:  # client text that is not UTF-8 (aiohttp's lone surrogates), echoed
+        return orjson.dumps(_utf8(body))
+
+
+def _utf8(value: Any) -> Any:
+    """Strings as UTF-8 can carry them: a byte that is not UTF-8 shown as its escape (`\\udcff`)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {k: _utf8(v) for k, v in value.items()}
+    return value
 
 
 def error_response(exc: GatewayError, headers: Mapping[str, str] | None = None) -> web.Response:

@@ -54,6 +54,7 @@ class Budget(NamedTuple):
     quota: int  # scaled, the smallest quota of the policies naming this counter
     policies: tuple[Policy, ...] = ()
     holds: bool = False  # cents and tokens hold an estimate while in flight; requests take at once
+    positions: tuple[int, ...] = ()  # beside `policies`: where the request listed each of them
 
     @property
     def strictest(self) -> Policy:
@@ -129,9 +130,18 @@ def budgets_for(key_id: str, policies: Iterable[Policy], values: Mapping[str | N
     """Group policies into counters: a request takes from each counter once."""
     return [  # positional: a named tuple made from keywords costs a third more
         Budget(
-            budget_id(key_id, unit, window, segment, value), key_id, unit, window, segment, value, quota, grouped, holds
+            budget_id(key_id, unit, window, segment, value),
+            key_id,
+            unit,
+            window,
+            segment,
+            value,
+            quota,
+            grouped,
+            holds,
+            positions,
         )
-        for unit, window, segment, quota, grouped, holds in _groups(tuple(policies))
+        for unit, window, segment, quota, grouped, holds, positions in _groups(tuple(policies))
         for value in (values.get(segment),)
     ]
 
@@ -142,16 +152,27 @@ def base_amounts(budgets: Iterable[Budget]) -> list[int]:
     return [0 if b.holds else 1 for b in budgets]
 
 
+_Group = tuple[Unit, int, str | None, int, tuple[Policy, ...], bool, tuple[int, ...]]
+
+
 @functools.lru_cache(maxsize=4096)
-def _groups(policies: tuple[Policy, ...]) -> tuple[tuple[Unit, int, str | None, int, tuple[Policy, ...], bool], ...]:
+def _groups(policies: tuple[Policy, ...]) -> tuple[_Group, ...]:
     """The counters a list of policies names, worked out once per list: policies differing only
-    in quota share one, held to the smallest quota."""
-    kinds: dict[tuple[Unit, int, str | None], list[Policy]] = {}
-    for policy in policies:
-        kinds.setdefault(policy.budget_kind, []).append(policy)
+    in quota share one, held to the smallest quota; each with where its policies stand in the list."""
+    kinds: dict[tuple[Unit, int, str | None], list[int]] = {}
+    for index, policy in enumerate(policies):
+        kinds.setdefault(policy.budget_kind, []).append(index)
     return tuple(
-        (unit, window, segment, min(p.scaled_quota for p in grouped), tuple(grouped), unit is not Unit.REQUEST)
-        for (unit, window, segment), grouped in kinds.items()
+        (
+            unit,
+            window,
+            segment,
+            min(policies[i].scaled_quota for i in indices),
+            tuple(policies[i] for i in indices),
+            unit is not Unit.REQUEST,
+            tuple(indices),
+        )
+        for (unit, window, segment), indices in kinds.items()
     )
 
 
@@ -269,14 +290,22 @@ class PolicyReport:
 
 
 def reports(budgets: Sequence[Budget], states: Sequence[CounterState]) -> list[PolicyReport]:
-    """One report per policy, named p1, p2, ... in the order the budgets list them."""
-    out: list[PolicyReport] = []
+    """One report per policy, named p1, p2, ... in the order the request listed its policies (header,
+    then key-bound), also where policies that share a counter stand apart in that list."""
+    found: list[tuple[int, Policy, int, int]] = []
     for budget, state in zip(budgets, states, strict=True):
         spent = state.used + state.held
-        for policy in budget.policies:
+        positions = budget.positions or range(len(found), len(found) + len(budget.policies))
+        for position, policy in zip(positions, budget.policies, strict=True):
             remaining = policy.scaled_quota - spent
-            out.append(PolicyReport(_NAMES[len(out)], policy, remaining if remaining > 0 else 0, state.reset))
-    return out
+            found.append((position, policy, remaining if remaining > 0 else 0, state.reset))
+    if len(found) > 1:
+        found.sort(key=_position)
+    return [PolicyReport(_NAMES[i], policy, left, reset) for i, (_, policy, left, reset) in enumerate(found)]
+
+
+def _position(item: tuple[int, Policy, int, int]) -> int:
+    return item[0]
 
 
 _NAMES = [f"p{i}" for i in range(1, 101)]

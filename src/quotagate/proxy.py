@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import metrics, refusal
@@ -116,7 +116,7 @@ class Proxy:
             connector=connector,
             auto_decompress=False,
             timeout=self.timeout,
-            skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
+            skip_auto_headers=("User-Agent", "Content-Type", "Accept", "Accept-Encoding"),  # none added
         )
 
     async def stop(self, _app: web.Application | None = None) -> None:
@@ -146,8 +146,13 @@ class Proxy:
 
     async def _proxy(self, request: web.Request, call: Call) -> web.StreamResponse:
         ticket = call.ticket
-        ticket.route = route = self._route(request)
-        ticket.key = await self.admission.authenticate(request.headers.get("Helicone-Auth", ""))
+        auth = request.headers.get("Helicone-Auth", "")
+        try:
+            ticket.route = route = self._route(request)
+        except GatewayError:  # authentication comes first: a path refused without a valid key is a 401
+            await self.admission.authenticate(auth)
+            raise
+        ticket.key = await self.admission.authenticate(auth)
         self._check_key_scope(request, route)
         ticket.body = await self._read_body(request, call)
         headers = request.headers
@@ -296,10 +301,18 @@ async def _read_chunks(request: web.Request, slot: Slot, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """The header names a message's `Connection` lines (all of them) list: hop-by-hop, not forwarded."""
+    lines = headers.getall("Connection", ())
+    return frozenset(t.strip().lower() for line in lines for t in line.split(",")) if lines else _NONE
+
+
+_NONE: frozenset[str] = frozenset()
+
+
 def _upstream_headers(request: web.Request, upstream: Upstream) -> CIMultiDict[str]:
     headers: CIMultiDict[str] = CIMultiDict()
-    connection = request.headers.get("Connection")
-    listed = {t.strip().lower() for t in connection.split(",")} if connection else set()
+    listed = _connection_listed(request.headers)
     for name, value in request.headers.items():
         lower = name.lower()
         if lower in _DROP_REQUEST or lower.startswith("helicone-") or lower in listed:
@@ -320,8 +333,7 @@ def _gateway_key(request: web.Request, upstream: Upstream) -> str | None:
     of its own (a credential header named in `Connection` is not forwarded)."""
     if not upstream.api_key:
         return None
-    connection = request.headers.get("Connection", "")
-    listed = {t.strip().lower() for t in connection.split(",")}
+    listed = _connection_listed(request.headers)
     sent = any(name in request.headers and name not in listed for name in _CREDENTIALS)
     return None if sent else upstream.api_key
 
@@ -338,8 +350,10 @@ def _url(upstream: Upstream, path: str, query: str) -> URL:
 
 def _response_headers(call: Call, response: aiohttp.ClientResponse) -> CIMultiDict[str]:
     headers: CIMultiDict[str] = CIMultiDict()
+    listed = _connection_listed(response.headers)
     for name, value in response.headers.items():
-        if name.lower() not in _DROP_RESPONSE:
+        lower = name.lower()
+        if lower not in _DROP_RESPONSE and lower not in listed:
             headers.add(name, value)
     for name, value in call.ticket.headers().items():
         headers[name] = value
@@ -486,6 +500,7 @@ def _refusal(request: web.Request, call: Call) -> dict[str, Any]:
         reason = exc.extra.get("problem", reason)
     elif isinstance(exc, MissingSegment):
         policy = exc.extra.get("policy", policy)
+        reason = exc.extra.get("problem", reason)
     elif isinstance(exc, RateLimited):
         retry = exc.extra.get("retry_after")
         policy, reason = refusal.logged(
