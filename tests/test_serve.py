@@ -34,6 +34,24 @@ def test_keys_create_list_revoke(sqlite_url: str, tmp_path: Path) -> None:
     assert again.returncode != 0 and "already revoked" in again.stderr
 
 
+def test_keys_list_piped_shows_every_name_and_policy_whole(sqlite_url: str) -> None:
+    """Piped or redirected (no terminal, rich's default 80 columns), `keys list` cuts nothing: a
+    long name and its policies are whole, one line per key, so `keys list | grep NAME` finds it."""
+    name = "production-backend-service-eu-west-1"
+    policies = ["1000;w=86400;s=user", "500;w=2592000;u=cents;s=org"]
+    created = cli("keys", "create", "--name", name, *(f"--policy={p}" for p in policies), "--store", sqlite_url)
+    key_id = created.stdout.strip().splitlines()[-1].split("_")[1]
+    env = {"COLUMNS": ""}  # as a test runner or a pipe has it: no width given
+    listed = cli("keys", "list", "--store", sqlite_url, env=env).stdout
+    assert "…" not in listed
+    row = [line for line in listed.splitlines() if name in line]
+    assert len(row) == 1 and key_id in row[0] and ", ".join(policies) in row[0] and "active" in row[0]
+    cli("keys", "revoke", name, "--store", sqlite_url)
+    listed = cli("keys", "list", "--store", sqlite_url, env=env).stdout
+    row = [line for line in listed.splitlines() if name in line]
+    assert len(row) == 1 and "revoked" in row[0]
+
+
 def test_keys_create_rejects_a_bad_policy(sqlite_url: str) -> None:
     result = cli("keys", "create", "--name", "x", "--policy", "5;w=5", "--store", sqlite_url, check=False)
     assert result.returncode != 0 and "outside 60..31536000" in result.stderr

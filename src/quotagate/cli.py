@@ -211,9 +211,15 @@ def keys_list(store: str) -> None:
     from rich.text import Text
 
     from .terminal import inert_text
+    from .usage_view import WIDE
 
     records = _run(_with_store(store, lambda s: s.list_keys()))
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: one line per key, every value whole (grep, awk)
+        console = Console(width=WIDE)
     table = Table("id", "name", "policies", "created", "status")
+    for column in table.columns:  # in a terminal, a long value wraps in its cell rather than being cut
+        column.overflow = "fold"
     for record in records:  # every value as Text: escaped, never read as markup
         status = "active" if record.active else f"revoked {_when(record.revoked_at)}"
         table.add_row(
@@ -223,7 +229,7 @@ def keys_list(store: str) -> None:
             Text(_when(record.created_at)),
             Text(status),
         )
-    Console().print(table)
+    console.print(table)
 
 
 @keys.command("revoke")
