@@ -323,9 +323,28 @@ def test_keys_create_list_revoke(gw: Gateway, upstream: FakeUpstream) -> None:
 # --- the page and its assets ----------------------------------------------------------------------
 
 
+def test_the_dashboard_page_is_behind_the_admin_token(gw: Gateway) -> None:
+    """Without the token or a session the page is a 401 (its body the sign-in form, which a browser
+    shows); with the bearer token or a session cookie, a 200."""
+    with gw.http() as http:
+        for headers in ({}, {"Authorization": "Bearer wrong-token"}):
+            page = http.get("/dashboard", headers=headers)
+            assert page.status_code == 401 and page.headers["content-type"].startswith("text/html")
+            assert 'id="login' in page.text and "script-src 'self'" in page.headers["content-security-policy"]
+        assert http.get("/dashboard/", headers={"Authorization": "Bearer wrong-token"}).status_code == 401
+        assert http.get("/dashboard", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        signed_in = http.post("/admin/session", json={"token": TOKEN})
+        assert signed_in.status_code == 200 and COOKIE in http.cookies
+        assert http.get("/dashboard").status_code == 200
+        assert http.get("/dashboard/").status_code == 200
+        http.cookies.clear()
+        http.cookies.set(COOKIE, "99999999999999999999.abc")
+        assert http.get("/dashboard").status_code == 401
+
+
 def test_dashboard_page_and_assets(gw: Gateway) -> None:
     with gw.http() as http:
-        page = http.get("/dashboard")
+        page = http.get("/dashboard", headers={"Authorization": f"Bearer {TOKEN}"})
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "script-src 'self'" in page.headers["content-security-policy"]
         assert 'src="/dashboard/app.js"' in page.text and "/dashboard/app.css" in page.text

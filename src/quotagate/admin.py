@@ -325,10 +325,22 @@ class AdminApi:
     # -- the page ---------------------------------------------------------------------------
 
     async def dashboard(self, request: web.Request) -> web.StreamResponse:
-        """The page itself holds no data: it asks /admin/ (behind the token) once loaded."""
+        """The page itself holds no data: it asks /admin/ (behind the token) once loaded. It is
+        behind the token too: without the token or a live session it answers with the refusal's
+        status (401; 429 or 503 as the admin API would), its body the page, whose sign-in form a
+        browser shows."""
         if not self.settings.admin_token:
             return admin_error(404, "the admin surface is off: start the gateway with --admin-token", "admin_off")
-        return web.Response(body=_asset("dashboard.html"), content_type="text/html", headers=_PAGE_HEADERS)
+        refusal = await self.gate.check(request)
+        headers = dict(_PAGE_HEADERS)
+        if refusal is not None and "Retry-After" in refusal.headers:
+            headers["Retry-After"] = refusal.headers["Retry-After"]
+        return web.Response(
+            status=200 if refusal is None else refusal.status,
+            body=_asset("dashboard.html"),
+            content_type="text/html",
+            headers=headers,
+        )
 
     async def asset(self, request: web.Request) -> web.StreamResponse:
         if not self.settings.admin_token:
