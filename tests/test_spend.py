@@ -490,6 +490,27 @@ def test_unknown_model_is_charged_zero_logged_once_and_counted(
     assert upstream.count() == 3
 
 
+def test_an_unknown_model_s_log_line_says_it_cost_0_unpriced(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Charged 0, the request's log line says so (cost 0, and that no price was known), next to
+    its tokens; a priced model's line has its cost and no such mark."""
+    gw = make_gateway(access_log=True)
+    client = gw.openai(gw.key(), **{POLICY: "1;w=60;u=cents"}, **usage_headers(50, 10))
+    with caplog.at_level(logging.INFO, logger="quotagate.access"):
+        client.chat.completions.create(model="acme-llm-unlisted", messages=CHAT, max_tokens=10)
+        client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=10)
+    lines = [r.fields for r in caplog.records if r.name == "quotagate.access"]  # type: ignore[attr-defined]
+    assert [(f["model"], f["input_tokens"], f["output_tokens"]) for f in lines] == [
+        ("acme-llm-unlisted", 50, 10),
+        ("gpt-4o", 50, 10),
+    ]
+    assert lines[0]["cost_cents"] == 0 and lines[0]["unpriced"] is True
+    assert lines[1]["cost_cents"] == microcents((50, "2.50"), (10, "10.00")) / 1_000_000
+    assert lines[1].get("unpriced") is None
+    assert upstream.count() == 2
+
+
 def test_price_overrides_from_the_config(
     make_gateway: Callable[..., Gateway], store_url: str, clock: FakeClock
 ) -> None:

@@ -448,6 +448,7 @@ def _record(settings: Settings, request: web.Request, call: Call, response: web.
     if not settings.access_log:
         return
     usage = meter.usage
+    unpriced = usage is not None and meter.cost is None  # no price known for the model: charged 0
     access_log.info(
         "request",
         extra={
@@ -461,7 +462,8 @@ def _record(settings: Settings, request: web.Request, call: Call, response: web.
                 "model": meter.model or ticket.model,
                 "input_tokens": usage.input_tokens if usage else None,
                 "output_tokens": usage.output_tokens if usage else None,
-                "cost_cents": meter.cost / 1_000_000 if meter.cost is not None else None,
+                "cost_cents": meter.cost / 1_000_000 if meter.cost is not None else (0.0 if unpriced else None),
+                "unpriced": True if unpriced else None,
                 "decision": ticket.decision.value,
                 "status": response.status,
                 "upstream_status": meter.upstream_status,
