@@ -511,6 +511,30 @@ def test_an_unknown_model_s_log_line_says_it_cost_0_unpriced(
     assert upstream.count() == 2
 
 
+def test_a_stream_that_reports_no_usage_logs_none_rather_than_zero(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream under no cents or token budget is passed as asked (no usage chunk requested): its
+    tokens and cost are unknown, and its log line leaves them out instead of claiming 0."""
+    gw = make_gateway(access_log=True)
+    client = gw.openai(gw.key(), **{POLICY: "10;w=60"}, **usage_headers(50, 10))
+    with caplog.at_level(logging.INFO, logger="quotagate.access"):
+        list(client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=10, stream=True))
+        list(
+            client.chat.completions.create(
+                model="gpt-4o", messages=CHAT, max_tokens=10, stream=True, stream_options={"include_usage": True}
+            )
+        )
+    unknown, reported = [r.fields for r in caplog.records if r.name == "quotagate.access"]  # type: ignore[attr-defined]
+    assert unknown["status"] == 200 and unknown["outcome"] == "complete"
+    assert {"input_tokens", "output_tokens", "cost_cents", "unpriced"}.isdisjoint(
+        k for k, v in unknown.items() if v is not None
+    )
+    assert (reported["input_tokens"], reported["output_tokens"]) == (50, 10)
+    assert reported["cost_cents"] == microcents((50, "2.50"), (10, "10.00")) / 1_000_000
+    assert upstream.count() == 2
+
+
 def test_price_overrides_from_the_config(
     make_gateway: Callable[..., Gateway], store_url: str, clock: FakeClock
 ) -> None:

@@ -80,7 +80,12 @@ class Metering:
         tail = tracker.finish() if meter.outcome is Outcome.COMPLETE else b""
         meter.model = tracker.model or meter.model
         whole = meter.outcome is Outcome.COMPLETE and tracker.usage is not None
-        meter.usage = tracker.usage if whole else self.partial_usage(ticket, meter)
+        if whole:
+            meter.usage = tracker.usage
+        elif ticket.holding or tracker.usage is not None:
+            meter.usage = self.partial_usage(ticket, meter)
+        else:  # nothing reported, nothing held: its usage is unknown (not 0), and it charges nothing
+            meter.usage = None
         return tail
 
     def cut_usage(self, ticket: Ticket, meter: Meter) -> Usage | None:
