@@ -323,6 +323,16 @@ def test_keys_create_list_revoke(gw: Gateway, upstream: FakeUpstream) -> None:
 # --- the page and its assets ----------------------------------------------------------------------
 
 
+def test_the_admin_api_s_root_lists_its_routes(gw: Gateway) -> None:
+    for path in ("/admin", "/admin/"):
+        index = admin(gw, "GET", path)
+        assert index["routes"]["budgets"] == "GET /admin/budgets"
+        assert index["routes"]["denials"] == "GET /admin/denials"
+        assert index["dashboard"] == "/dashboard"
+        assert status_of(gw, "GET", path, token=None) == 401
+        assert status_of(gw, "GET", path, token="wrong-token") == 401
+
+
 def test_the_dashboard_page_is_behind_the_admin_token(gw: Gateway) -> None:
     """Without the token or a session the page is a 401 (its body the sign-in form, which a browser
     shows); with the bearer token or a session cookie, a 200."""

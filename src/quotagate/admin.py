@@ -116,6 +116,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 GATEKEEPER = web.AppKey("gatekeeper", Gatekeeper)
+ADMIN_INDEX = {
+    "budgets": "GET /admin/budgets",
+    "denials": "GET /admin/denials",
+    "stats": "GET /admin/stats",
+    "keys": "GET /admin/keys",
+    "create_key": "POST /admin/keys",
+    "revoke_key": "DELETE /admin/keys/{id or name}",
+    "session": "GET|POST|DELETE /admin/session",
+}
 __all__ = ["COOKIE", "GATEKEEPER", "SESSION_SECONDS", "add_admin_routes"]
 
 
@@ -125,6 +134,8 @@ def add_admin_routes(app: web.Application, settings: Settings, store: Store) -> 
     app.router.add_get("/dashboard", api.dashboard)
     app.router.add_get("/dashboard/", api.dashboard)
     app.router.add_get("/dashboard/{asset}", api.asset)
+    app.router.add_get("/admin", api.guarded(api.index))
+    app.router.add_get("/admin/", api.guarded(api.index))
     app.router.add_get("/admin/session", api.guarded(api.session))
     app.router.add_post("/admin/session", api.login)
     app.router.add_delete("/admin/session", api.logout)
@@ -177,6 +188,10 @@ class AdminApi:
                 return admin_error(503, f"store unreachable: {exc}", "store_unavailable")
 
         return guarded_handler
+
+    async def index(self, request: web.Request) -> web.Response:
+        """The API's root: what it offers, so that it can be found from /admin/ alone."""
+        return web.json_response({"routes": ADMIN_INDEX, "dashboard": "/dashboard"}, headers=NO_STORE)
 
     async def not_found(self, request: web.Request) -> web.Response:
         raise AdminError(404, f"no admin route {request.method} {request.path}", "unknown_route")
