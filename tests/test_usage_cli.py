@@ -17,7 +17,15 @@ def table_rows(output: str) -> list[list[str]]:
     """The table's data lines, split on runs of spaces (header and title left out)."""
     lines = output.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("key "))
-    return [line.split() for line in lines[start + 1 :] if line.strip() and not line.startswith(("no ", "("))]
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))  # recent denials below
+    return [line.split() for line in lines[start + 1 : end] if not line.startswith(("no ", "("))]
+
+
+def denial_rows(output: str) -> list[list[str]]:
+    """The lines of the recent denials block, under its title and header."""
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("recent denials")), None)
+    return [] if start is None else [line.split() for line in lines[start + 2 :] if line.strip()]
 
 
 def seed(gateway: Gateway) -> None:
@@ -46,6 +54,23 @@ def test_usage_table(gateway: Gateway) -> None:
     assert "10 requests / minute 9 / 10" in acme and "90%" in acme and acme.endswith("near the limit")
     assert "5 requests / hour 2 / 5" in bob and "40%" in bob and bob.endswith("ok")
     assert "100 requests / minute 7 / 100" in everyone and "7%" in everyone
+
+
+def test_usage_lists_the_recent_denials_newest_first(gateway: Gateway) -> None:
+    """As the dashboard does: under the budgets, the latest 429s (when, key, who, policy)."""
+    empty = cli("usage", "--store", gateway.store_url, env=WIDE).stdout
+    assert "recent denials" not in empty
+    seed(gateway)  # alice's sixth call was refused
+    partner = gateway.openai(gateway.key("late"), **{POLICY: "1;w=60"})
+    assert [chat(partner), chat(partner)] == [200, 429]
+    output = cli("usage", "--store", gateway.store_url, env=WIDE).stdout
+    assert [row[-4:] for row in denial_rows(output)] == [
+        ["late", "all", "traffic", "1;w=60"],
+        ["support-bot", "user", "alice", "5;w=3600;s=user"],
+    ]
+    assert all(row[1] == "ago" for row in denial_rows(output))  # "3s ago"
+    only = cli("usage", "--store", gateway.store_url, "--key", "late", env=WIDE).stdout
+    assert [row[-4:] for row in denial_rows(only)] == [["late", "all", "traffic", "1;w=60"]]
 
 
 def test_usage_for_one_key_and_a_limit(gateway: Gateway) -> None:

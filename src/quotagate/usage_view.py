@@ -19,11 +19,13 @@ from rich.text import Text
 
 from .keys import GatewayKeyError, find_key
 from .policy import USER, Unit
-from .stores import BudgetUsage, StoreError, open_store
+from .stores import BudgetUsage, Denial, StoreError, open_store
 from .terminal import inert_text
 
 NEAR = 0.8
 RECENT_DENIAL = 300.0
+DENIALS_SHOWN = 10  # the latest denials under the table, as on the dashboard
+DENIALS_KEPT = 1000  # what the stores keep: searched for one key's
 WINDOWS = {31536000: "year", 2592000: "30 days", 604800: "week", 86400: "day", 3600: "hour", 60: "minute"}
 
 
@@ -55,11 +57,14 @@ def group(items: list[BudgetUsage]) -> list[Entity]:
     return sorted(entities.values(), key=lambda e: (-e.ratio, e.key, e.value or ""))
 
 
-async def fetch(store_url: str, key: str | None, limit: int) -> list[BudgetUsage]:
+async def fetch(store_url: str, key: str | None, limit: int) -> tuple[list[BudgetUsage], list[Denial]]:
+    """The budgets closest to their limits, and the latest denials (of that key, with one)."""
     store = open_store(store_url)
     try:
         key_id = (await find_key(store, key)).id if key else None
-        return await store.usage(key_id=key_id, limit=limit)
+        items = await store.usage(key_id=key_id, limit=limit)
+        denials = await store.denials(limit=DENIALS_KEPT if key_id else DENIALS_SHOWN)
+        return items, [d for d in denials if key_id is None or d.key_id == key_id][:DENIALS_SHOWN]
     finally:
         await store.close()
 
@@ -183,9 +188,30 @@ def fit(rows: list[Row], width: int) -> tuple[int, int, int]:
     return (bar_width, short, long) if key <= who_ else (bar_width, long, short)
 
 
-def render(items: list[BudgetUsage], now: float | None = None, more: bool = False, width: int | None = None) -> Group:
-    """The title and the table. In a terminal `width` columns wide every line fits (see `fit`);
-    without a width (a pipe, a file) every value is whole, for grep, cut and awk."""
+def denials_table(denials: list[Denial], now: float, terminal: bool) -> Table:
+    """When, key, who and policy of each denial, newest first. In a terminal the key and who are
+    shortened (with `…`) before the policy; in a pipe every value is whole."""
+    table = Table(box=None, pad_edge=False, header_style="bold dim", show_edge=False)
+    cut = "ellipsis" if terminal else "fold"
+    table.add_column("when", no_wrap=True)
+    table.add_column("key", no_wrap=True, overflow=cut)
+    table.add_column("who", no_wrap=True, overflow=cut)
+    table.add_column("policy", no_wrap=True, min_width=max(len(d.policy) for d in denials))
+    for denial in denials:
+        entity = Entity(denial.key_name or denial.key_id, denial.segment, denial.value)
+        table.add_row(ago(now - denial.at), inert_text(entity.key, "bold"), who(entity), inert_text(denial.policy))
+    return table
+
+
+def render(
+    items: list[BudgetUsage],
+    now: float | None = None,
+    more: bool = False,
+    width: int | None = None,
+    denials: list[Denial] | None = None,
+) -> Group:
+    """The title, the table and the recent denials. In a terminal `width` columns wide every line
+    fits (see `fit`); without a width (a pipe, a file) every value is whole, for grep, cut and awk."""
     now = time.time() if now is None else now
     entities = group(items)
     near = sum(1 for e in entities if e.ratio >= NEAR)
@@ -214,6 +240,8 @@ def render(items: list[BudgetUsage], now: float | None = None, more: bool = Fals
         parts.append(Text("no budget in use: budgets appear with the first request that names a policy", "dim"))
     if more:
         parts.append(Text("(more budgets, further from their limits: raise --limit to see them)", "dim"))
+    if denials:
+        parts += [Text(""), Text("recent denials", "bold"), denials_table(denials, now, width is not None)]
     return Group(*parts)
 
 
@@ -221,8 +249,9 @@ def render(items: list[BudgetUsage], now: float | None = None, more: bool = Fals
 
 
 def snapshot(store_url: str, key: str | None, limit: int, console: Console) -> Group:
-    items = asyncio.run(fetch(store_url, key, limit + 1))
-    return render(items[:limit], more=len(items) > limit, width=console.width if console.is_terminal else None)
+    items, denials = asyncio.run(fetch(store_url, key, limit + 1))
+    width = console.width if console.is_terminal else None
+    return render(items[:limit], more=len(items) > limit, width=width, denials=denials)
 
 
 def show_usage(store_url: str, key: str | None, watch: bool, limit: int, interval: float = 2.0) -> None:
