@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from rich.console import Console, Group
+from rich.console import Console, Group, OverflowMethod
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -192,7 +192,7 @@ def denials_table(denials: list[Denial], now: float, terminal: bool) -> Table:
     """When, key, who and policy of each denial, newest first. In a terminal the key and who are
     shortened (with `…`) before the policy; in a pipe every value is whole."""
     table = Table(box=None, pad_edge=False, header_style="bold dim", show_edge=False)
-    cut = "ellipsis" if terminal else "fold"
+    cut: OverflowMethod = "ellipsis" if terminal else "fold"
     table.add_column("when", no_wrap=True)
     table.add_column("key", no_wrap=True, overflow=cut)
     table.add_column("who", no_wrap=True, overflow=cut)
