@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ import pytest
 import redis
 
 from quotagate.fake_upstream import FakeUpstream
+from quotagate.server import PROXY
 
 from .cluster import RedisServer, make_tls_files
 from .conftest import POLICY, Gateway, cli, concurrent_calls, httpx
@@ -207,6 +209,43 @@ def test_the_first_request_after_the_store_answers_again_is_counted(
         assert remaining(http, fresh) == "4"
         assert remaining(http, known) == "2"
     assert upstream.count() == 6
+
+
+def test_fail_open_serves_a_key_on_every_worker_though_only_one_ever_saw_it(
+    serve: Callable[..., Gateway], upstream: FakeUpstream, private_redis: RedisServer
+) -> None:
+    """Each worker verifies keys on its own; each also reads the keys it has not seen (at start,
+    then every 2 s), so that when the store goes away a key works on every worker, whichever one
+    a connection lands on, not only on those it happened to reach before."""
+    key = cli("keys", "create", "--name", "early", "--store", private_redis.url).stdout.strip().splitlines()[-1]
+    gateway = serve("--workers", "2", store_url=private_redis.url)
+    private_redis.kill()
+    statuses = [  # a new connection each: the kernel spreads them over both workers
+        httpx.get(f"{gateway.url}/v1/models", headers={"Helicone-Auth": f"Bearer {key}", POLICY: "5;w=60"}).status_code
+        for _ in range(20)
+    ]
+    assert statuses == [200] * 20
+    assert upstream.count() == 20
+    wrong = key[:-4] + "AAAA"  # still never let through unverified
+    assert httpx.get(f"{gateway.url}/v1/models", headers={"Helicone-Auth": f"Bearer {wrong}"}).status_code == 401
+
+
+def test_a_key_made_after_start_is_learnt_without_a_request(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream, private_redis: RedisServer
+) -> None:
+    """A key created after the worker started is read by its next round of learning (every 2 s;
+    run here at once): it then works through an outage it was never presented before."""
+    gateway = make_gateway(store_url=private_redis.url)
+    key = cli("keys", "create", "--name", "late", "--store", private_redis.url).stdout.strip().splitlines()[-1]
+    assert gateway.server is not None
+    ring = gateway.server.app[PROXY].admission.keys
+    learnt = asyncio.run_coroutine_threadsafe(ring.learn(), gateway.server.loop).result(timeout=30)
+    assert learnt == 1
+    private_redis.kill()
+    with gateway.http() as http:
+        response = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}"})
+    assert response.status_code == 200
+    assert upstream.count() == 1
 
 
 def test_unknown_key_while_the_store_is_down_is_503(

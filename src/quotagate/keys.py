@@ -144,6 +144,23 @@ class KeyRing:
         if len(self._records) > self.size:
             self._records.popitem(last=False)
 
+    async def learn(self, at_most: int = 200) -> int:
+        """Read the records of (at most `at_most`) keys this worker does not know yet, so that it
+        can verify them while the store is unreachable, as it can those it has seen. Their
+        revocation is still checked by every admission. Raises StoreError."""
+        ids = [i for i in await self.store.key_ids() if self._records.get(i) is None]
+        learnt = 0
+        for key_id in ids[: min(at_most, self.size)]:
+            record = await self.store.get_key(key_id)
+            try:
+                key = None if record is None else GatewayKey(record.id, record.name, parse_policies(record.policies))
+            except ValueError:  # a record it cannot read: left to a request to find out, as before
+                continue
+            if record is not None and key is not None:
+                self._remember(key_id, (record, key))
+                learnt += 1
+        return learnt
+
     def forget(self, key_id: str) -> None:
         """Drop a cached record (after the store reported the key revoked)."""
         self._records.pop(key_id, None)

@@ -11,6 +11,7 @@ Errors become responses in one place (`errors.error_response`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -48,11 +49,12 @@ from .metering import Meter, Metering, Outcome
 from .policy import join_header_lines
 from .pricing import Pricer
 from .routing import Pattern, Route, RouteError, resolve
-from .stores import Store
+from .stores import Store, StoreError
 from .usage import StreamUsage
 
 log = logging.getLogger("quotagate")
 access_log = logging.getLogger("quotagate.access")
+KEY_LEARNING_SECONDS = 2.0  # how often a worker reads the keys it has not seen (a few ids, usually)
 
 HOP_BY_HOP = frozenset(
     {
@@ -108,6 +110,7 @@ class Proxy:
             total=None, sock_connect=settings.connect_timeout, sock_read=settings.upstream_timeout
         )
         self.session: aiohttp.ClientSession | None = None
+        self._learning: asyncio.Task[None] | None = None
         self.capacity = Capacity(settings.max_in_flight, settings.max_in_flight_bytes)
 
     async def start(self, _app: web.Application | None = None) -> None:
@@ -118,10 +121,33 @@ class Proxy:
             timeout=self.timeout,
             skip_auto_headers=("User-Agent", "Content-Type", "Accept", "Accept-Encoding"),  # none added
         )
+        await self._learn_keys()  # before this worker listens: it knows every key made before it
+        self._learning = asyncio.create_task(self._keep_learning_keys())
 
     async def stop(self, _app: web.Application | None = None) -> None:
+        if self._learning is not None:
+            self._learning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._learning
         if self.session is not None:
             await self.session.close()
+
+    async def _learn_keys(self) -> None:
+        """Every worker reads the keys it has not seen, so that a store outage does not turn a key
+        another worker verified into a 503 here (each worker verifies keys on its own)."""
+        try:
+            await self.admission.keys.learn()
+        except StoreError as exc:  # unreachable: requests find out and count it themselves
+            log.debug("could not read the gateway keys: %s", exc)
+
+    async def _keep_learning_keys(self) -> None:
+        while True:
+            await asyncio.sleep(KEY_LEARNING_SECONDS)
+            if not self.guard.down:
+                try:
+                    await self._learn_keys()
+                except Exception:  # a record it cannot read: learnt on first use instead, as before
+                    log.exception("reading the gateway keys failed")
 
     # -- the handler -------------------------------------------------------------------------
 

@@ -105,6 +105,10 @@ class Keys(Protocol):
 
     async def list_keys(self) -> list[KeyRecord]: ...
 
+    async def key_ids(self) -> list[str]:
+        """Every key's id, revoked ones included (one cheap read: no records)."""
+        ...
+
     async def revoke_key(self, key_id: str, at: float) -> bool:
         """Mark the key revoked (False if it already was); its name is free again."""
         ...

@@ -74,6 +74,9 @@ class RedisKeys(RedisBase):
     async def list_keys(self) -> list[KeyRecord]:
         return await self._call("list_keys", read_keys, self._redis())
 
+    async def key_ids(self) -> list[str]:
+        return [i.decode() for i in await self._call("key_ids", self._redis().smembers, KEYS_SET)]
+
     async def revoke_key(self, key_id: str, at: float) -> bool:
         script = (
             "if redis.call('HGET', KEYS[1], 'revoked_at') == '' then "

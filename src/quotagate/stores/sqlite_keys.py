@@ -36,6 +36,12 @@ class SQLiteKeys(SQLiteDB):
 
         return await self._run(_list)
 
+    async def key_ids(self) -> list[str]:
+        def _ids(db: sqlite3.Connection) -> list[str]:
+            return [row[0] for row in db.execute("SELECT id FROM keys").fetchall()]
+
+        return await self._run(_ids)
+
     async def revoke_key(self, key_id: str, at: float) -> bool:
         def _revoke(db: sqlite3.Connection) -> bool:
             cursor = db.execute("UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (at, key_id))
