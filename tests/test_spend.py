@@ -490,6 +490,17 @@ def test_unknown_model_is_charged_zero_logged_once_and_counted(
     assert upstream.count() == 3
 
 
+def access_lines(caplog: pytest.LogCaptureFixture, count: int) -> list[dict[str, Any]]:
+    """The fields of the first `count` access log lines: a line is written once its answer has
+    left, so it may come a moment after the client has read that answer."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [r.fields for r in caplog.records if r.name == "quotagate.access"]  # type: ignore[attr-defined]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines[:count]
+        time.sleep(0.01)
+
+
 def test_an_unknown_model_s_log_line_says_it_cost_0_unpriced(
     make_gateway: Callable[..., Gateway], upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -500,7 +511,7 @@ def test_an_unknown_model_s_log_line_says_it_cost_0_unpriced(
     with caplog.at_level(logging.INFO, logger="quotagate.access"):
         client.chat.completions.create(model="acme-llm-unlisted", messages=CHAT, max_tokens=10)
         client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=10)
-    lines = [r.fields for r in caplog.records if r.name == "quotagate.access"]  # type: ignore[attr-defined]
+    lines = access_lines(caplog, 2)
     assert [(f["model"], f["input_tokens"], f["output_tokens"]) for f in lines] == [
         ("acme-llm-unlisted", 50, 10),
         ("gpt-4o", 50, 10),
@@ -525,7 +536,7 @@ def test_a_stream_that_reports_no_usage_logs_none_rather_than_zero(
                 model="gpt-4o", messages=CHAT, max_tokens=10, stream=True, stream_options={"include_usage": True}
             )
         )
-    unknown, reported = [r.fields for r in caplog.records if r.name == "quotagate.access"]  # type: ignore[attr-defined]
+    unknown, reported = access_lines(caplog, 2)
     assert unknown["status"] == 200 and unknown["outcome"] == "complete"
     assert {"input_tokens", "output_tokens", "cost_cents", "unpriced"}.isdisjoint(
         k for k, v in unknown.items() if v is not None
