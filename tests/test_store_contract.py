@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from quotagate.keys import create_key
 from quotagate.limiter import Budget, base_amounts, budgets_for
 from quotagate.policy import parse_policies
 from quotagate.stores import Store
@@ -96,6 +97,17 @@ def test_revoked_key_is_refused_in_the_same_step(store_url: str, clock: FakeCloc
         result = await store.admit(key_id, *tokens(key_id, 1), "b", 60)
         assert not result.key_active and not result.allowed
         assert not (await store.admit(key_id, [], [], "c", 60)).key_active
+
+    run(store_url, clock, body)
+
+
+def test_key_ids_lists_every_key_revoked_ones_too(store_url: str, clock: FakeClock) -> None:
+    """What each worker reads to learn the keys it has not seen (for a store outage)."""
+
+    async def body(store: Store, key_id: str) -> None:
+        _, other = await create_key(store, "other", ["5;w=60"])
+        await store.revoke_key(other.id, clock())
+        assert sorted(await store.key_ids()) == sorted([key_id, other.id])
 
     run(store_url, clock, body)
 
