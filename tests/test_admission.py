@@ -15,6 +15,7 @@ from quotagate.admission import Admitter, Asked, Decision, Ticket, asked
 from quotagate.config import Settings
 from quotagate.errors import MissingSegment, RateLimited, StoreUnavailable, Unauthorized
 from quotagate.keys import GatewayKey, create_key
+from quotagate.policy import GRAMMAR
 from quotagate.pricing import Pricer
 from quotagate.routing import resolve
 from quotagate.stores import Store, open_store
@@ -174,7 +175,8 @@ def test_segment_values_come_from_the_header_the_body_or_a_property(tmp_path: Pa
 def test_a_missing_segment_value_is_a_400_or_left_out_under_ignore(tmp_path: Path, clock: FakeClock) -> None:
     async def strict(desk: Desk) -> None:
         _, error = await desk.refused(MissingSegment, "10;w=60;s=user")
-        assert error.extra == {"policy": "10;w=60;s=user", "segment": "user"}
+        assert {k: error.extra[k] for k in ("policy", "segment")} == {"policy": "10;w=60;s=user", "segment": "user"}
+        assert error.extra["grammar"] == GRAMMAR and "user" in error.extra["problem"]
 
     async def lenient(desk: Desk) -> None:
         ticket = await desk.admit("10;w=60;s=user, 3;w=60")
