@@ -787,7 +787,10 @@ def test_requested_output() -> None:
     assert requested_output({"max_tokens": 50}) == 50
     assert requested_output({"max_completion_tokens": 60}) == 60
     assert requested_output({"max_output_tokens": 70}) == 70
-    assert requested_output({"max_tokens": 0}) == 0
+    assert requested_output({"max_tokens": 0}) is None  # read as unset by some upstreams: the default holds
+    assert requested_output({"max_tokens": 0, "max_completion_tokens": 7}) == 7
+    assert requested_output({"max_tokens": 1, "max_completion_tokens": 500}) == 500  # whichever is read
+    assert requested_output({"max_tokens": 1, "max_output_tokens": 600, "max_completion_tokens": None}) == 600
     assert requested_output({"max_tokens": True}) is None
     assert requested_output({"max_tokens": "50"}) is None
     assert requested_output({}) is None

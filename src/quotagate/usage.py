@@ -367,12 +367,16 @@ class StreamUsage:
 
 
 def requested_output(body: dict[str, Any]) -> int | None:
-    """The output tokens a request allows each of its completions, if it says."""
-    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return None
+    """The output tokens a request allows each of its completions, if it says: the largest of the
+    limits it names (an upstream may read any one of them: vLLM prefers `max_completion_tokens`
+    to `max_tokens`), None when it names none above 0 (a 0 that an upstream reads as unset, as
+    `max_tokens or default` does, would otherwise hold nothing for a whole reply)."""
+    limits = [
+        value
+        for value in (body.get("max_tokens"), body.get("max_completion_tokens"), body.get("max_output_tokens"))
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0
+    ]
+    return max(limits) if limits else None
 
 
 def completions_requested(body: dict[str, Any]) -> int:

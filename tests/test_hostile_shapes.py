@@ -1,0 +1,68 @@
+"""Request shapes a hostile client could use to hold less than it will be billed, over real HTTP
+on every store: what a call holds in flight is read from the store while the fake provider holds
+the call, and compared with what the provider may bill for it.
+
+The holds bound concurrent overdraw ("overdrawn by at most one call"): a shape that holds less than
+it is billed lets a burst of such calls through a budget that one-after-another calls exhaust.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import orjson
+
+from quotagate.fake_upstream import FakeUpstream
+
+from .conftest import POLICY, Gateway, httpx
+from .test_spend import ledger
+
+TOKENS = "100000000;w=3600;u=token"
+
+
+def held(
+    gw: Gateway, upstream: FakeUpstream, key: str, path: str, body: dict[str, Any], **headers: str
+) -> tuple[int, int]:
+    """What one call of `body` to `path` holds against a token budget while the provider holds it,
+    and the status it then gets."""
+    name = f"hold-{time.monotonic_ns()}"
+    sent = {"Helicone-Auth": f"Bearer {key}", POLICY: TOKENS, "X-Fake-Hold": name, **headers}
+    status: dict[str, int] = {}
+
+    def call() -> None:
+        with httpx.Client(timeout=30) as http:
+            status["code"] = http.post(f"{gw.url}{path}", content=orjson.dumps(body), headers=sent).status_code
+
+    before = upstream.count()
+    thread = threading.Thread(target=call)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while upstream.count() == before and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    amount = ledger(gw, key)["token"][1] if upstream.count() > before else -1
+    upstream.release(name)
+    thread.join(timeout=20)
+    return amount, status.get("code", 0)
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_every_output_limit_a_body_names_is_held(gw: Gateway, upstream: FakeUpstream) -> None:
+    """An upstream may read any of the output limits a body names (vLLM reads max_completion_tokens
+    before max_tokens): the largest is held. A limit of 0, which an upstream may read as unset
+    (`max_tokens or default`: the fake provider then replies 12 tokens), holds the default."""
+    key = gw.key()
+    chat = "/v1/chat/completions"
+    amount, status = held(
+        gw, upstream, key, chat, {"model": "gpt-4o", "messages": HI, "max_tokens": 1, "max_completion_tokens": 500}
+    )
+    assert status == 200 and amount >= 500
+    body = {"model": "gpt-4o", "input": "hi", "max_tokens": 1, "max_output_tokens": 700}
+    amount, status = held(gw, upstream, key, "/v1/responses", body)
+    assert status == 200 and amount >= 700
+    amount, status = held(gw, upstream, key, chat, {"model": "gpt-4o", "messages": HI, "max_tokens": 0})
+    assert status == 200 and amount >= gw.settings.default_max_tokens
+    assert upstream.count(chat) == 2 and upstream.count("/responses") == 1
