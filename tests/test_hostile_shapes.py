@@ -66,3 +66,16 @@ def test_every_output_limit_a_body_names_is_held(gw: Gateway, upstream: FakeUpst
     amount, status = held(gw, upstream, key, chat, {"model": "gpt-4o", "messages": HI, "max_tokens": 0})
     assert status == 200 and amount >= gw.settings.default_max_tokens
     assert upstream.count(chat) == 2 and upstream.count("/responses") == 1
+
+
+def test_images_inside_an_anthropic_content_document_hold_their_figure(gw: Gateway, upstream: FakeUpstream) -> None:
+    """A custom-content document (`source.type: "content"`) may hold image blocks: each holds an
+    image's figure (5,000 tokens for a URL), as the same images in the message itself do."""
+    key = gw.key()
+    url = "https://example.invalid/{}.png"
+    images = [{"type": "image", "source": {"type": "url", "url": url.format(i)}} for i in range(20)]
+    document = {"type": "document", "source": {"type": "content", "content": images}, "title": "t"}
+    body = {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": [document]}]}
+    amount, status = held(gw, upstream, key, "/anthropic/v1/messages", body, **{"x-api-key": "sk-ant-client"})
+    assert status == 200 and amount >= 20 * 5000
+    assert upstream.count("/messages") == 1
