@@ -79,3 +79,38 @@ def test_images_inside_an_anthropic_content_document_hold_their_figure(gw: Gatew
     amount, status = held(gw, upstream, key, "/anthropic/v1/messages", body, **{"x-api-key": "sk-ant-client"})
     assert status == 200 and amount >= 20 * 5000
     assert upstream.count("/messages") == 1
+
+
+def test_a_background_response_is_refused_under_a_token_or_cents_budget(gw: Gateway, upstream: FakeUpstream) -> None:
+    """`background: true` makes the Responses API answer at once with a queued response and no
+    usage, and generate (and bill) the reply afterwards: the gateway could only charge it 0. Under
+    a cents or token budget it is refused like any call whose cost the gateway cannot read, in
+    every spelling an upstream reads as true; without such a budget it passes."""
+    key = gw.key()
+    body = {"model": "gpt-4o", "input": "Write a long essay", "max_output_tokens": 5}
+    with gw.http() as http:
+        for policy in (TOKENS, "1000;w=3600;u=cents"):
+            for value in (True, 1, "true", [1]):
+                response = http.post(
+                    "/v1/responses",
+                    json={**body, "background": value},
+                    headers={"Helicone-Auth": f"Bearer {key}", POLICY: policy},
+                )
+                assert response.status_code == 403, (policy, value, response.text)
+                assert response.json()["error"]["code"] == "unmetered_endpoint"
+                assert "background" in response.json()["error"]["message"]
+        assert upstream.count() == 0
+        for value in (False, None):
+            ok = http.post(
+                "/v1/responses",
+                json={**body, "background": value},
+                headers={"Helicone-Auth": f"Bearer {key}", POLICY: TOKENS},
+            )
+            assert ok.status_code == 200
+        plain = http.post(
+            "/v1/responses",
+            json={**body, "background": True},
+            headers={"Helicone-Auth": f"Bearer {key}", POLICY: "10;w=60"},
+        )
+        assert plain.status_code == 200
+    assert upstream.count("/responses") == 3

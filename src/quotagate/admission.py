@@ -477,6 +477,14 @@ def _check_body(ticket: Ticket) -> None:
     if misread is not None:
         name, expected = misread
         raise BadBody(f"'{name}' must be {expected} (it decides how the call is metered)", param=name)
+    background = body.get("background")
+    if ticket.endpoint is Endpoint.RESPONSES and background is not None and background is not False:
+        raise UnmeteredEndpoint(
+            "a background response (`background` set) is answered before it is generated, without its "
+            "usage, so a cents or token budget cannot bound it: call it without `background`, or without "
+            "a u=cents or u=token policy",
+            param="background",
+        )
     ticket.rewritten, ticket.strip = _upstream_body(ticket, body)
 
 
