@@ -90,7 +90,8 @@ def test_a_background_response_is_refused_under_a_token_or_cents_budget(gw: Gate
     body = {"model": "gpt-4o", "input": "Write a long essay", "max_output_tokens": 5}
     with gw.http() as http:
         for policy in (TOKENS, "1000;w=3600;u=cents"):
-            for value in (True, 1, "true", [1]):
+            truthy: tuple[object, ...] = (True, 1, "true", [1])
+            for value in truthy:
                 response = http.post(
                     "/v1/responses",
                     json={**body, "background": value},
@@ -100,10 +101,10 @@ def test_a_background_response_is_refused_under_a_token_or_cents_budget(gw: Gate
                 assert response.json()["error"]["code"] == "unmetered_endpoint"
                 assert "background" in response.json()["error"]["message"]
         assert upstream.count() == 0
-        for value in (False, None):
+        for plain_value in (False, None):
             ok = http.post(
                 "/v1/responses",
-                json={**body, "background": value},
+                json={**body, "background": plain_value},
                 headers={"Helicone-Auth": f"Bearer {key}", POLICY: TOKENS},
             )
             assert ok.status_code == 200
