@@ -142,6 +142,11 @@ _OBFUSCATION = b',"obfuscation":"'  # OpenAI's padding, a string of random lengt
 _LEARN = 4  # templates a stream learns at most (one whose events never match stops costing at once)
 
 
+# The generated texts of an OpenAI chat delta: the reply, a refusal, and the reasoning text that
+# OpenAI-compatible upstreams stream (vLLM, DeepSeek: `reasoning_content`; OpenRouter: `reasoning`).
+_DELTA_TEXTS = ("reasoning_content", "reasoning", "refusal", "content")
+
+
 class StreamUsage:
     """Follows an SSE stream as it passes: the usage it reports, the model, the text so far.
 
@@ -346,9 +351,13 @@ class StreamUsage:
                 continue
             delta = choice.get("delta")
             if isinstance(delta, dict):
-                content = delta.get("content")
-                if isinstance(content, str):
-                    text.append(content)
+                for field in _DELTA_TEXTS:  # generated text: the reply, a refusal, reasoning
+                    content = delta.get(field)
+                    if isinstance(content, str):
+                        text.append(content)
+                legacy = delta.get("function_call")  # the arguments of a `functions` call
+                if isinstance(legacy, dict) and isinstance(legacy.get("arguments"), str):
+                    text.append(legacy["arguments"])
                 calls = delta.get("tool_calls")
                 if isinstance(calls, list):
                     for call in calls:
