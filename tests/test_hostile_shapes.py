@@ -22,18 +22,20 @@ from .test_spend import ledger
 TOKENS = "100000000;w=3600;u=token"
 
 
-def held(
-    gw: Gateway, upstream: FakeUpstream, key: str, path: str, body: dict[str, Any], **headers: str
-) -> tuple[int, int]:
-    """What one call of `body` to `path` holds against a token budget while the provider holds it,
-    and the status it then gets."""
+def holds(
+    gw: Gateway, upstream: FakeUpstream, key: str, path: str, body: dict[str, Any] | bytes, **headers: str
+) -> tuple[dict[str, int], int]:
+    """What one call of `body` to `path` holds (unit -> amount) while the provider holds it, and the
+    status it then gets."""
     name = f"hold-{time.monotonic_ns()}"
     sent = {"Helicone-Auth": f"Bearer {key}", POLICY: TOKENS, "X-Fake-Hold": name, **headers}
     status: dict[str, int] = {}
 
     def call() -> None:
         with httpx.Client(timeout=30) as http:
-            status["code"] = http.post(f"{gw.url}{path}", content=orjson.dumps(body), headers=sent).status_code
+            status["code"] = http.post(
+                f"{gw.url}{path}", content=body if isinstance(body, bytes) else orjson.dumps(body), headers=sent
+            ).status_code
 
     before = upstream.count()
     thread = threading.Thread(target=call)
@@ -41,10 +43,19 @@ def held(
     deadline = time.monotonic() + 20
     while upstream.count() == before and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.01)
-    amount = ledger(gw, key)["token"][1] if upstream.count() > before else -1
+    amounts = {unit: amount for unit, (_, amount) in ledger(gw, key).items()} if upstream.count() > before else {}
     upstream.release(name)
     thread.join(timeout=20)
-    return amount, status.get("code", 0)
+    return amounts, status.get("code", 0)
+
+
+def held(
+    gw: Gateway, upstream: FakeUpstream, key: str, path: str, body: dict[str, Any], **headers: str
+) -> tuple[int, int]:
+    """What one call holds against a token budget in flight (-1 if it never reached the provider),
+    and its status."""
+    amounts, status = holds(gw, upstream, key, path, body, **headers)
+    return amounts.get("token", -1), status
 
 
 HI = [{"role": "user", "content": "hi"}]
@@ -115,3 +126,21 @@ def test_a_background_response_is_refused_under_a_token_or_cents_budget(gw: Gate
         )
         assert plain.status_code == 200
     assert upstream.count("/responses") == 3
+
+
+def test_an_anthropic_prompt_marked_for_caching_holds_the_cache_write_price(
+    gw: Gateway, upstream: FakeUpstream
+) -> None:
+    """Anthropic bills input written to its prompt cache at 1.25 times the input price
+    (claude-haiku-4-5: $1.25 a million tokens, 125 micro-cents a token; output 500): a body with
+    `cache_control` holds its input at that price under a cents budget, as its charge prices the
+    cache writes its usage reports."""
+    key = gw.key()
+    system = [{"type": "text", "text": "word " * 3000, "cache_control": {"type": "ephemeral"}}]
+    body = {"model": "claude-haiku-4-5", "max_tokens": 5, "system": system, "messages": HI}
+    both = {POLICY: f"{TOKENS}, 100000;w=3600;u=cents", "x-api-key": "sk-ant-client"}
+    amounts, status = holds(gw, upstream, key, "/anthropic/v1/messages", body, **both)
+    assert status == 200
+    input_tokens = amounts["token"] - 5
+    assert input_tokens >= 3000
+    assert amounts["cents"] >= input_tokens * 125 + 5 * 500

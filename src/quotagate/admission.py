@@ -324,7 +324,11 @@ class Admitter:
         ticket.model = model if isinstance(model, str) else None
         found = await estimate(body, ticket.body, endpoint, ticket.provider, self.settings.default_max_tokens)
         ticket.prompt_tokens, ticket.output_tokens = found.input_tokens, found.output_tokens
-        usage = Usage(found.input_tokens, found.output_tokens)
+        # Anthropic bills input written to its prompt cache above the input price: all of it may be
+        # (the body as re-serialized: a key spelled with escapes reads plain there)
+        sent = ticket.rewritten if ticket.rewritten is not None else ticket.body
+        written = found.input_tokens if ticket.provider == "anthropic" and b'"cache_control"' in sent else 0
+        usage = Usage(found.input_tokens, found.output_tokens, 0, written)
         for index, budget in enumerate(ticket.budgets):
             if not budget.holds:
                 continue
