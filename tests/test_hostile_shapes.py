@@ -144,3 +144,29 @@ def test_an_anthropic_prompt_marked_for_caching_holds_the_cache_write_price(
     input_tokens = amounts["token"] - 5
     assert input_tokens >= 3000
     assert amounts["cents"] >= input_tokens * 125 + 5 * 500
+
+
+def test_input_cached_for_an_hour_is_held_and_charged_at_twice_the_input_price(
+    gw: Gateway, upstream: FakeUpstream
+) -> None:
+    """Anthropic bills cache writes with `"ttl": "1h"` at 2 times the input price (claude-haiku-4-5:
+    200 micro-cents a token), the 5-minute ones at 1.25 times (125); its usage tells them apart in
+    `cache_creation`. A client asking for the hour pays the provider that much, and is held and
+    charged that much."""
+    key = gw.key()
+    system = [{"type": "text", "text": "word " * 3000, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+    body = {"model": "claude-haiku-4-5", "max_tokens": 5, "system": system, "messages": HI}
+    steer = {
+        "X-Fake-Prompt-Tokens": "3000",
+        "X-Fake-Cache-Write-Tokens": "3000",
+        "X-Fake-Cache-Write-1h-Tokens": "2000",
+        "X-Fake-Completion-Tokens": "5",
+        "x-api-key": "sk-ant-client",
+    }
+    amounts, status = holds(
+        gw, upstream, key, "/anthropic/v1/messages", body, **{POLICY: "100000;w=3600;u=cents"}, **steer
+    )
+    assert status == 200
+    assert amounts["cents"] >= 3000 * 200 + 5 * 500
+    assert upstream.received[-1].json()["system"] == system
+    assert ledger(gw, key)["cents"] == (2000 * 200 + 1000 * 125 + 5 * 500, 0)

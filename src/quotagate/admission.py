@@ -328,7 +328,8 @@ class Admitter:
         # (the body as re-serialized: a key spelled with escapes reads plain there)
         sent = ticket.rewritten if ticket.rewritten is not None else ticket.body
         written = found.input_tokens if ticket.provider == "anthropic" and b'"cache_control"' in sent else 0
-        usage = Usage(found.input_tokens, found.output_tokens, 0, written)
+        kept = written if written and b'"ttl":"1h"' in sent else 0  # kept an hour: 2 x input (orjson: no spaces)
+        usage = Usage(found.input_tokens, found.output_tokens, 0, written, kept)
         for index, budget in enumerate(ticket.budgets):
             if not budget.holds:
                 continue

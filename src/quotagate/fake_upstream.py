@@ -13,6 +13,7 @@ has `max_tokens` words (at most 12 by default). Request headers steer it (they p
 gateway like any header):
 
     X-Fake-Prompt-Tokens / X-Fake-Completion-Tokens / X-Fake-Cached-Tokens / X-Fake-Cache-Write-Tokens
+    X-Fake-Cache-Write-1h-Tokens  of the cache writes, those kept an hour (Anthropic's `cache_creation`)
     X-Fake-Status: 500       answer with this status and an error body
     X-Fake-Delay: 0.2        seconds to wait before answering
     X-Fake-Chunk-Delay: 0.05 seconds between stream events
@@ -69,6 +70,7 @@ class Plan:
     completion: int
     cached: int = 0
     cache_write: int = 0
+    cache_write_1h: int = 0  # of the cache writes, those kept an hour (reported in `cache_creation`)
     status: int = 200
     delay: float = 0.0
     chunk_delay: float = 0.0
@@ -160,6 +162,7 @@ def _plan(request: web.Request, body: dict[str, Any]) -> Plan:
         completion=int(h.get("X-Fake-Completion-Tokens", completion)),
         cached=int(h.get("X-Fake-Cached-Tokens", 0)),
         cache_write=int(h.get("X-Fake-Cache-Write-Tokens", 0)),
+        cache_write_1h=int(h.get("X-Fake-Cache-Write-1h-Tokens", 0)),
         status=int(h.get("X-Fake-Status", 200)),
         delay=float(h.get("X-Fake-Delay", 0)),
         chunk_delay=float(h.get("X-Fake-Chunk-Delay", 0)),
@@ -386,13 +389,19 @@ def response_events(plan: Plan) -> list[bytes]:
 
 
 def _anthropic_usage(plan: Plan, output: int) -> dict[str, Any]:
-    return {
+    usage: dict[str, Any] = {
         "input_tokens": max(0, plan.prompt - plan.cached - plan.cache_write),
         "cache_creation_input_tokens": plan.cache_write,
         "cache_read_input_tokens": plan.cached,
         "output_tokens": output,
         "service_tier": "standard",
     }
+    if plan.cache_write_1h:
+        usage["cache_creation"] = {
+            "ephemeral_5m_input_tokens": max(0, plan.cache_write - plan.cache_write_1h),
+            "ephemeral_1h_input_tokens": plan.cache_write_1h,
+        }
+    return usage
 
 
 def message(plan: Plan) -> dict[str, Any]:

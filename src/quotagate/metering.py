@@ -98,6 +98,7 @@ class Metering:
             max(usage.output_tokens, streamed),
             usage.cache_read_tokens,
             usage.cache_write_tokens,
+            usage.cache_write_long_tokens,
         )
 
     async def charge(self, ticket: Ticket, meter: Meter, usage: Usage | None) -> None:

@@ -61,6 +61,10 @@ class Rate:
         return self.base
 
 
+LONG_CACHE_WRITE = 2
+"""Anthropic bills cache writes kept an hour (`"ttl": "1h"`) at twice the input price."""
+
+
 @dataclass(slots=True, frozen=True)
 class PriceCard:
     input: Rate
@@ -72,11 +76,13 @@ class PriceCard:
         total_in = usage.input_tokens
         cached = usage.cache_read_tokens + usage.cache_write_tokens
         read = self.cache_read or self.input
-        write = self.cache_write or self.input
+        write = (self.cache_write or self.input).at(total_in)
+        long = min(usage.cache_write_long_tokens, usage.cache_write_tokens)
         scaled = (
             max(0, total_in - cached) * self.input.at(total_in)
             + usage.cache_read_tokens * read.at(total_in)
-            + usage.cache_write_tokens * write.at(total_in)
+            + (usage.cache_write_tokens - long) * write
+            + long * max(write, LONG_CACHE_WRITE * self.input.at(total_in))
             + usage.output_tokens * self.output.at(total_in)
         )
         return -(-scaled // _RATE_SCALE)  # rounded up to a whole micro-cent

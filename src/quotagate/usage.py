@@ -20,6 +20,7 @@ class Usage:
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    cache_write_long_tokens: int = 0  # of the cache writes, those kept an hour (Anthropic: 2 x input)
 
     @property
     def total_tokens(self) -> int:
@@ -44,7 +45,11 @@ def from_usage_block(block: Any) -> Usage | None:
         )
     if "cache_creation_input_tokens" in block or "cache_read_input_tokens" in block:  # Anthropic
         read, write = _int(block.get("cache_read_input_tokens")), _int(block.get("cache_creation_input_tokens"))
-        return Usage(_int(block.get("input_tokens")) + read + write, _int(block.get("output_tokens")), read, write)
+        creation = block.get("cache_creation")
+        long = min(write, _int(creation.get("ephemeral_1h_input_tokens"))) if isinstance(creation, dict) else 0
+        return Usage(
+            _int(block.get("input_tokens")) + read + write, _int(block.get("output_tokens")), read, write, long
+        )
     if "input_tokens" in block or "output_tokens" in block:  # OpenAI responses (or bare Anthropic)
         details = block.get("input_tokens_details") or {}
         cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
