@@ -16,7 +16,7 @@ import orjson
 
 from quotagate.fake_upstream import FakeUpstream
 
-from .conftest import POLICY, Gateway, httpx
+from .conftest import CHAT, POLICY, Gateway, httpx
 from .test_spend import ledger
 
 TOKENS = "100000000;w=3600;u=token"
@@ -170,3 +170,28 @@ def test_input_cached_for_an_hour_is_held_and_charged_at_twice_the_input_price(
     assert amounts["cents"] >= 3000 * 200 + 5 * 500
     assert upstream.received[-1].json()["system"] == system
     assert ledger(gw, key)["cents"] == (2000 * 200 + 1000 * 125 + 5 * 500, 0)
+
+
+def test_a_priority_call_is_held_and_charged_at_twice_the_price(gw: Gateway, upstream: FakeUpstream) -> None:
+    """OpenAI bills `service_tier: "priority"` at up to twice the standard price (gpt-4o: 1.7 x,
+    gpt-5: 2 x) and says so in the answer's `service_tier`: such a call holds and is charged twice
+    the library's price, streamed or not. gpt-4o: 250 micro-cents an input token, 1,000 an output
+    token."""
+    key = gw.key()
+    steer = {"X-Fake-Prompt-Tokens": "1000", "X-Fake-Completion-Tokens": "10"}
+    body = {"model": "gpt-4o", "messages": HI, "max_tokens": 10, "service_tier": "priority"}
+    both = {POLICY: f"{TOKENS}, 100000;w=3600;u=cents"}
+    amounts, status = holds(gw, upstream, key, "/v1/chat/completions", body, **both, **steer)
+    assert status == 200
+    assert amounts["cents"] >= 2 * ((amounts["token"] - 10) * 250 + 10 * 1000)
+    standard = 1000 * 250 + 10 * 1000
+    assert ledger(gw, key)["cents"] == (2 * standard, 0)
+    client = gw.openai(key, **both, **steer)
+    list(
+        client.chat.completions.create(
+            model="gpt-4o", messages=CHAT, max_tokens=10, service_tier="priority", stream=True
+        )
+    )
+    client.responses.create(model="gpt-4o", input="hi", max_output_tokens=10, service_tier="priority")
+    client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=10)  # standard
+    assert ledger(gw, key)["cents"] == (7 * standard, 0)

@@ -127,6 +127,7 @@ class Ticket:
     output_tokens: int = 0  # the output a metered call may return, as estimated
     model: str | None = None  # as the request names it
     price: CallPrice | None = None  # a per-call price from the config (an endpoint without usage)
+    priority: bool = False  # it asks for OpenAI's priority tier: held at its price
     rewritten: bytes | None = None  # the body as metered, to forward instead of the client's bytes
     strip: bool = False  # the gateway asked the upstream for a stream's usage: drop it on the way back
     parsed: Any = None
@@ -329,7 +330,8 @@ class Admitter:
         sent = ticket.rewritten if ticket.rewritten is not None else ticket.body
         written = found.input_tokens if ticket.provider == "anthropic" and b'"cache_control"' in sent else 0
         kept = written if written and b'"ttl":"1h"' in sent else 0  # kept an hour: 2 x input (orjson: no spaces)
-        usage = Usage(found.input_tokens, found.output_tokens, 0, written, kept)
+        ticket.priority = ticket.provider == "openai" and body is not None and body.get("service_tier") == "priority"
+        usage = Usage(found.input_tokens, found.output_tokens, 0, written, kept, ticket.priority)
         for index, budget in enumerate(ticket.budgets):
             if not budget.holds:
                 continue

@@ -71,6 +71,7 @@ class Plan:
     cached: int = 0
     cache_write: int = 0
     cache_write_1h: int = 0  # of the cache writes, those kept an hour (reported in `cache_creation`)
+    service_tier: str = "default"  # "priority" when the request asks for it (OpenAI bills it higher)
     status: int = 200
     delay: float = 0.0
     chunk_delay: float = 0.0
@@ -163,6 +164,7 @@ def _plan(request: web.Request, body: dict[str, Any]) -> Plan:
         cached=int(h.get("X-Fake-Cached-Tokens", 0)),
         cache_write=int(h.get("X-Fake-Cache-Write-Tokens", 0)),
         cache_write_1h=int(h.get("X-Fake-Cache-Write-1h-Tokens", 0)),
+        service_tier="priority" if body.get("service_tier") == "priority" else "default",
         status=int(h.get("X-Fake-Status", 200)),
         delay=float(h.get("X-Fake-Delay", 0)),
         chunk_delay=float(h.get("X-Fake-Chunk-Delay", 0)),
@@ -213,7 +215,7 @@ def chat_completion(plan: Plan) -> dict[str, Any]:
             }
         ],
         "usage": _openai_usage(plan),
-        "service_tier": "default",
+        "service_tier": plan.service_tier,
     }
 
 
@@ -235,7 +237,8 @@ def chat_chunks(plan: Plan, include_usage: bool) -> list[bytes]:
     events += [chunk({"content": word}) for word in plan.words]
     events.append(chunk({}, "stop"))
     if include_usage:
-        events.append(_sse({**base, "choices": [], "usage": _openai_usage(plan)}))
+        tier = {"service_tier": plan.service_tier} if plan.service_tier != "default" else {}
+        events.append(_sse({**base, "choices": [], "usage": _openai_usage(plan), **tier}))
     events.append(b"data: [DONE]\n\n")
     return events
 
@@ -344,6 +347,7 @@ def _response_object(plan: Plan, status: str, with_output: bool) -> dict[str, An
         "instructions": None,
         "metadata": {},
         "usage": usage if status == "completed" else None,
+        **({"service_tier": plan.service_tier} if plan.service_tier != "default" else {}),
     }
 
 

@@ -99,6 +99,7 @@ class Metering:
             usage.cache_read_tokens,
             usage.cache_write_tokens,
             usage.cache_write_long_tokens,
+            usage.priority or ticket.priority,
         )
 
     async def charge(self, ticket: Ticket, meter: Meter, usage: Usage | None) -> None:

@@ -63,6 +63,9 @@ class Rate:
 
 LONG_CACHE_WRITE = 2
 """Anthropic bills cache writes kept an hour (`"ttl": "1h"`) at twice the input price."""
+PRIORITY = 2
+"""OpenAI bills its priority tier at up to twice the standard price (gpt-4o 1.7 x, gpt-5 2 x); the
+pricing library has no priority prices."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -85,6 +88,8 @@ class PriceCard:
             + long * max(write, LONG_CACHE_WRITE * self.input.at(total_in))
             + usage.output_tokens * self.output.at(total_in)
         )
+        if usage.priority:
+            scaled *= PRIORITY
         return -(-scaled // _RATE_SCALE)  # rounded up to a whole micro-cent
 
 

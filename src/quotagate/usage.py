@@ -21,6 +21,7 @@ class Usage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     cache_write_long_tokens: int = 0  # of the cache writes, those kept an hour (Anthropic: 2 x input)
+    priority: bool = False  # served at OpenAI's priority tier (billed up to 2 x)
 
     @property
     def total_tokens(self) -> int:
@@ -68,7 +69,10 @@ def from_body(body: bytes) -> tuple[Usage | None, str | None]:
     if isinstance(data.get("response"), dict):  # a responses-API envelope
         data = data["response"]
     model = data.get("model")
-    return from_usage_block(data.get("usage")), model if isinstance(model, str) else None
+    usage = from_usage_block(data.get("usage"))
+    if usage is not None and data.get("service_tier") == "priority":
+        usage.priority = True
+    return usage, model if isinstance(model, str) else None
 
 
 @functools.cache
@@ -324,6 +328,8 @@ class StreamUsage:
         block = source.get("usage")
         if block is not None:
             self._read_usage(kind, block)
+            if self.usage is not None and source.get("service_tier") == "priority":
+                self.usage.priority = True
         if self.track_text:
             self._read_text(kind, data)
 
