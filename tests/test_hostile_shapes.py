@@ -16,7 +16,7 @@ import orjson
 
 from quotagate.fake_upstream import FakeUpstream
 
-from .conftest import CHAT, POLICY, Gateway, httpx
+from .conftest import CHAT, CLAUDE, POLICY, Gateway, httpx
 from .test_spend import ledger
 
 TOKENS = "100000000;w=3600;u=token"
@@ -195,3 +195,20 @@ def test_a_priority_call_is_held_and_charged_at_twice_the_price(gw: Gateway, ups
     client.responses.create(model="gpt-4o", input="hi", max_output_tokens=10, service_tier="priority")
     client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=10)  # standard
     assert ledger(gw, key)["cents"] == (7 * standard, 0)
+
+
+def test_anthropic_web_searches_are_charged_their_fee(gw: Gateway, upstream: FakeUpstream) -> None:
+    """Anthropic bills its web search tool $10 per 1,000 searches (1 cent each) on top of the
+    tokens, and reports them in `usage.server_tool_use.web_search_requests`: a client letting the
+    model search is charged them, streamed or not. claude-haiku-4-5: 100 micro-cents an input
+    token, 500 an output token."""
+    key = gw.key()
+    steer = {"X-Fake-Prompt-Tokens": "100", "X-Fake-Completion-Tokens": "5", "X-Fake-Web-Searches": "7"}
+    claude = gw.anthropic(key, **{POLICY: "100000;w=3600;u=cents"}, **steer)
+    tools: Any = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 10}]
+    claude.messages.create(model="claude-haiku-4-5", max_tokens=5, messages=CLAUDE, tools=tools)
+    tokens = 100 * 100 + 5 * 500
+    assert ledger(gw, key)["cents"] == (tokens + 7 * 1_000_000, 0)
+    with claude.messages.stream(model="claude-haiku-4-5", max_tokens=5, messages=CLAUDE, tools=tools) as stream:
+        stream.until_done()
+    assert ledger(gw, key)["cents"] == (2 * (tokens + 7 * 1_000_000), 0)

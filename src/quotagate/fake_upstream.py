@@ -14,6 +14,7 @@ gateway like any header):
 
     X-Fake-Prompt-Tokens / X-Fake-Completion-Tokens / X-Fake-Cached-Tokens / X-Fake-Cache-Write-Tokens
     X-Fake-Cache-Write-1h-Tokens  of the cache writes, those kept an hour (Anthropic's `cache_creation`)
+    X-Fake-Web-Searches: 3   Anthropic web searches the call reports (`usage.server_tool_use`)
     X-Fake-Status: 500       answer with this status and an error body
     X-Fake-Delay: 0.2        seconds to wait before answering
     X-Fake-Chunk-Delay: 0.05 seconds between stream events
@@ -72,6 +73,7 @@ class Plan:
     cache_write: int = 0
     cache_write_1h: int = 0  # of the cache writes, those kept an hour (reported in `cache_creation`)
     service_tier: str = "default"  # "priority" when the request asks for it (OpenAI bills it higher)
+    web_searches: int = 0  # Anthropic's server web searches, reported in `usage.server_tool_use`
     status: int = 200
     delay: float = 0.0
     chunk_delay: float = 0.0
@@ -165,6 +167,7 @@ def _plan(request: web.Request, body: dict[str, Any]) -> Plan:
         cache_write=int(h.get("X-Fake-Cache-Write-Tokens", 0)),
         cache_write_1h=int(h.get("X-Fake-Cache-Write-1h-Tokens", 0)),
         service_tier="priority" if body.get("service_tier") == "priority" else "default",
+        web_searches=int(h.get("X-Fake-Web-Searches", 0)),
         status=int(h.get("X-Fake-Status", 200)),
         delay=float(h.get("X-Fake-Delay", 0)),
         chunk_delay=float(h.get("X-Fake-Chunk-Delay", 0)),
@@ -400,6 +403,8 @@ def _anthropic_usage(plan: Plan, output: int) -> dict[str, Any]:
         "output_tokens": output,
         "service_tier": "standard",
     }
+    if plan.web_searches:
+        usage["server_tool_use"] = {"web_search_requests": plan.web_searches, "web_fetch_requests": 0}
     if plan.cache_write_1h:
         usage["cache_creation"] = {
             "ephemeral_5m_input_tokens": max(0, plan.cache_write - plan.cache_write_1h),
@@ -422,7 +427,9 @@ def message(plan: Plan) -> dict[str, Any]:
 
 
 def message_events(plan: Plan) -> list[bytes]:
-    start = {**message(plan), "content": [], "stop_reason": None, "usage": _anthropic_usage(plan, 1)}
+    start_usage = _anthropic_usage(plan, 1)
+    searches = start_usage.pop("server_tool_use", None)  # (searches are made, and reported, later)
+    start = {**message(plan), "content": [], "stop_reason": None, "usage": start_usage}
     events = [
         _sse({"type": "message_start", "message": start}, "message_start"),
         _sse(
@@ -444,7 +451,7 @@ def message_events(plan: Plan) -> list[bytes]:
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                "usage": {"output_tokens": plan.completion},
+                "usage": {"output_tokens": plan.completion, **({"server_tool_use": searches} if searches else {})},
             },
             "message_delta",
         ),

@@ -100,6 +100,7 @@ class Metering:
             usage.cache_write_tokens,
             usage.cache_write_long_tokens,
             usage.priority or ticket.priority,
+            usage.web_searches,
         )
 
     async def charge(self, ticket: Ticket, meter: Meter, usage: Usage | None) -> None:

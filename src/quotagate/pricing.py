@@ -63,6 +63,8 @@ class Rate:
 
 LONG_CACHE_WRITE = 2
 """Anthropic bills cache writes kept an hour (`"ttl": "1h"`) at twice the input price."""
+WEB_SEARCH = 1_000_000
+"""Anthropic's web search tool: $10 per 1,000 searches, 1 cent (a million micro-cents) each."""
 PRIORITY = 2
 """OpenAI bills its priority tier at up to twice the standard price (gpt-4o 1.7 x, gpt-5 2 x); the
 pricing library has no priority prices."""
@@ -200,4 +202,6 @@ class Pricer:
     def cost(self, provider: str, model: str | None, usage: Usage, api_url: str | None = None) -> int | None:
         """Micro-cents, or None when the model's price is unknown."""
         card = self.card(provider, model, api_url) if model else None
-        return card.microcents(usage) if card else None
+        if card is None:
+            return None
+        return card.microcents(usage) + usage.web_searches * WEB_SEARCH

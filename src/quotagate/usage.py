@@ -22,6 +22,7 @@ class Usage:
     cache_write_tokens: int = 0
     cache_write_long_tokens: int = 0  # of the cache writes, those kept an hour (Anthropic: 2 x input)
     priority: bool = False  # served at OpenAI's priority tier (billed up to 2 x)
+    web_searches: int = 0  # Anthropic's server web searches (billed per search)
 
     @property
     def total_tokens(self) -> int:
@@ -48,14 +49,21 @@ def from_usage_block(block: Any) -> Usage | None:
         read, write = _int(block.get("cache_read_input_tokens")), _int(block.get("cache_creation_input_tokens"))
         creation = block.get("cache_creation")
         long = min(write, _int(creation.get("ephemeral_1h_input_tokens"))) if isinstance(creation, dict) else 0
-        return Usage(
+        usage = Usage(
             _int(block.get("input_tokens")) + read + write, _int(block.get("output_tokens")), read, write, long
         )
+        usage.web_searches = _web_searches(block)
+        return usage
     if "input_tokens" in block or "output_tokens" in block:  # OpenAI responses (or bare Anthropic)
         details = block.get("input_tokens_details") or {}
         cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
         return Usage(_int(block.get("input_tokens")), _int(block.get("output_tokens")), cached)
     return None
+
+
+def _web_searches(block: dict[str, Any]) -> int:
+    server = block.get("server_tool_use")
+    return _int(server.get("web_search_requests")) if isinstance(server, dict) else 0
 
 
 def from_body(body: bytes) -> tuple[Usage | None, str | None]:
@@ -339,6 +347,7 @@ class StreamUsage:
             return
         if kind == "message_delta" and self.usage is not None:  # Anthropic: output so far, input known
             self.usage.output_tokens = max(self.usage.output_tokens, found.output_tokens)
+            self.usage.web_searches = max(self.usage.web_searches, _web_searches(block))  # (a bare block)
         else:
             self.usage = found
 
