@@ -212,3 +212,19 @@ def test_anthropic_web_searches_are_charged_their_fee(gw: Gateway, upstream: Fak
     with claude.messages.stream(model="claude-haiku-4-5", max_tokens=5, messages=CLAUDE, tools=tools) as stream:
         stream.until_done()
     assert ledger(gw, key)["cents"] == (2 * (tokens + 7 * 1_000_000), 0)
+
+
+def test_a_never_fitting_call_is_told_which_output_limit_was_counted(gw: Gateway, upstream: FakeUpstream) -> None:
+    """The 429 of a call that can never fit names the output limit its estimate counted: the
+    largest it names, or default_max_tokens for a 0."""
+    key = gw.key()
+    headers = {"Helicone-Auth": f"Bearer {key}", POLICY: "1000;w=3600;u=token"}
+    with gw.http() as http:
+        body = {"model": "gpt-4o", "messages": HI, "max_tokens": 1, "max_completion_tokens": 5000}
+        refused = http.post("/v1/chat/completions", json=body, headers=headers)
+        assert refused.status_code == 429 and "lower max_completion_tokens" in refused.json()["error"]["message"]
+        refused = http.post(
+            "/v1/chat/completions", json={**body, "max_completion_tokens": 0, "max_tokens": 0}, headers=headers
+        )
+        assert refused.status_code == 429 and "default_max_tokens" in refused.json()["error"]["message"]
+    assert upstream.count() == 0
