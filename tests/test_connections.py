@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import select
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import orjson
 import pytest
@@ -23,7 +26,7 @@ import pytest
 from quotagate.config import ConfigError, Settings
 from quotagate.fake_upstream import FakeUpstream
 
-from .conftest import CHAT, POLICY, Gateway
+from .conftest import CHAT, POLICY, Gateway, free_port, quotagate_command, stop_process, wait_ready
 
 BODY = orjson.dumps({"model": "gpt-4o-mini", "messages": CHAT, "max_tokens": 2})
 
@@ -400,3 +403,95 @@ def test_a_client_that_stops_reading_a_stream_is_dropped_and_charged_what_it_was
     assert 0 < charged[0] < whole_reply // 2  # the prompt and the words written, not the whole reply
     assert b"[DONE]" not in received and len(received) < 4000 * 4000
     assert upstream.count("/chat/completions") == 1
+
+
+# --- many connections -----------------------------------------------------------------------------
+
+
+def open_idle(port: int, count: int) -> list[socket.socket]:
+    """`count` connections that never send a byte (those the kernel does not complete are skipped)."""
+    socks = []
+    for _ in range(count):
+        with suppress(OSError):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+    return socks
+
+
+def closed_by_gateway(socks: list[socket.socket]) -> int:
+    """How many of these connections the gateway has closed (read at once, without waiting)."""
+    readable, _, _ = select.select(socks, [], [], 0)
+    closed = 0
+    for sock in readable:
+        try:
+            closed += sock.recv(1) == b""
+        except ConnectionResetError:
+            closed += 1
+    return closed
+
+
+def test_idle_connections_past_the_limit_make_room_for_others_and_spare_calls_in_flight(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream
+) -> None:
+    """At `max_connections`, a new connection closes the oldest that waits for a request: 60 idle
+    connections against a limit of 16 leave room for every SDK call, and a stream in flight on the
+    oldest connection of all is not touched."""
+    gateway = make_gateway(max_connections=16)
+    key = gateway.key()
+    held = gateway.openai(key, **{"X-Fake-Hold": "many", POLICY: "100;w=60"})
+    stream = held.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=3, stream=True)
+    chunks = iter(stream)
+    next(chunks)  # the stream is under way, on the gateway's oldest connection
+    idle = open_idle(port_of(gateway), 60)
+    try:
+        client = gateway.openai(key)
+        for _ in range(5):
+            client.with_options(max_retries=0).chat.completions.create(model="gpt-4o-mini", messages=CHAT)
+        deadline = time.monotonic() + 10
+        while (closed := closed_by_gateway(idle)) < 60 - 16 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert closed >= 60 - 16
+    finally:
+        for sock in idle:
+            sock.close()
+    upstream.release("many")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == " word0 word1 word2"
+    assert upstream.count("/chat/completions") == 6
+
+
+def test_a_client_holding_more_connections_than_the_open_file_limit_does_not_shut_others_out(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """`quotagate serve` under `ulimit -n 256`: a client opens 400 connections and sends nothing.
+    Without a bound the worker runs out of file descriptors and accepts no one until they time out;
+    by default it keeps its connections below its open-file limit, closing idle ones first."""
+    port = free_port()
+    store = f"sqlite:///{tmp_path / 'fd.db'}"
+    log_path = tmp_path / "fd.log"
+    command = quotagate_command(
+        "serve", "--port", str(port), "--store", store, "--workers", "1", "--openai-base-url", upstream.url
+    )
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit_files, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, process)
+        gateway = Gateway(url, Settings(port=port, store=store), store)
+        key = gateway.key()
+        idle = open_idle(port, 400)
+        try:
+            assert len(idle) > 256
+            client = gateway.openai(key).with_options(timeout=10)
+            for _ in range(3):
+                client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=2)
+        finally:
+            for sock in idle:
+                sock.close()
+        assert upstream.count("/chat/completions") == 3
+    finally:
+        stop_process(process)

@@ -582,3 +582,46 @@ def test_a_big_body_is_counted_off_the_event_loop() -> None:
     ticks, found = asyncio.run(main())
     assert ticks > 10
     assert found.input_tokens >= 2_000_000
+
+
+def hostile_pdf(hidden: int, how: str) -> str:
+    """A PDF with one plain page object (a decoy) and `hidden` pages written so that a page-object
+    count misses them, though a PDF reader finds them through the page tree."""
+    kids = " ".join(f"{4 + i} 0 R" for i in range(hidden))
+    decoy = "3 0 obj << /Type /Page /Parent 2 0 R >> endobj "
+    if how == "escaped":  # `/P#61ge` is `/Page`, `/C#6funt` is `/Count` to a PDF reader
+        root = "1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj "
+        tree = f"{root}2 0 obj << /Type /Pages /K#69ds [3 0 R {kids}] /C#6funt {hidden + 1} >> endobj "
+        pages = "".join(f"{4 + i} 0 obj << /T#79pe /P#61ge /Parent 2 0 R >> endobj " for i in range(hidden))
+        return base64.b64encode(f"%PDF-1.4\n{tree}{decoy}{pages}%%EOF".encode()).decode()
+    tree = "1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj 2 0 obj << /Type /Pages /Kids [3 0 R 90 0 R] >> endobj "
+    inner = f"90 0 obj << /Type /Pages /Kids [{kids}] /Count {hidden} >> endobj " + "".join(
+        f"{4 + i} 0 obj << /Type /Page /Parent 90 0 R >> endobj " for i in range(hidden)
+    )
+    if how == "hex-stream":  # an object stream in a filter other than Flate
+        data, filters = inner.encode().hex().encode(), "/ASCIIHexDecode"
+    else:  # "flate-then-hex": Flate holding hex text
+        data, filters = zlib.compress(inner.encode().hex().encode()), "[/FlateDecode /ASCIIHexDecode]"
+    body = f"%PDF-1.7\n{tree}{decoy}".encode() + f"99 0 obj << /Type /ObjStm /Filter {filters} >> stream\n".encode()
+    return base64.b64encode(body + data + b"\nendstream endobj\n%%EOF").decode()
+
+
+@pytest.mark.parametrize("how", ["escaped", "hex-stream", "flate-then-hex"])
+def test_pdf_pages_hidden_from_a_page_count_still_count(how: str) -> None:
+    """Names spelled with `#xx` escapes, and object streams the gateway cannot read, hide page
+    objects from the count: such a PDF counts the providers' page limit, not its one decoy page."""
+    data = hostile_pdf(40, how)
+    anthropic = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": data}}
+    assert image_figure(anthropic, "claude-sonnet-4-5", "anthropic") >= 40 * (3000 + 4784)
+    openai_file = {"type": "file", "file": {"filename": "a.pdf", "file_data": f"data:application/pdf;base64,{data}"}}
+    assert image_figure(openai_file) >= 40 * (3000 + 3779)
+
+
+def test_pdf_pages_count_through_the_page_tree() -> None:
+    """Page objects without `/Type` (readers find pages through `/Kids`) count by the tree's references."""
+    kids = " ".join(f"{3 + i} 0 R" for i in range(30))
+    tree = f"1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj 2 0 obj << /Type /Pages /Kids [{kids}] >> endobj "
+    pages = "".join(f"{3 + i} 0 obj << /Parent 2 0 R /MediaBox [0 0 612 792] >> endobj " for i in range(30))
+    data = base64.b64encode(f"%PDF-1.4\n{tree}3 0 obj << /Type /Page >> endobj {pages}%%EOF".encode()).decode()
+    part = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": data}}
+    assert image_figure(part, "claude-sonnet-4-5", "anthropic") >= 30 * (3000 + 4784)

@@ -641,11 +641,11 @@ def test_a_call_holds_its_prompt_and_every_completion_it_asks_for(gw: Gateway, u
 
 
 def test_without_holds_all_concurrent_calls_would_pass(gw: Gateway, upstream: FakeUpstream) -> None:
-    """The same burst with calls whose estimate is 5 tokens (an empty message, max_tokens=0) but
+    """The same burst with calls whose estimate is 6 tokens (an empty message, max_tokens=1) but
     which report 1,000 tokens each: almost nothing is held, so every admission sees a budget
     hardly touched."""
     key = gw.key()
-    admitted, statuses = burst(gw, key, upstream, 50, messages=[{"role": "user", "content": ""}], max_tokens=0)
+    admitted, statuses = burst(gw, key, upstream, 50, messages=[{"role": "user", "content": ""}], max_tokens=1)
     assert admitted == 50 and statuses == [200] * 50
     assert ledger(gw, key) == {"token": (50_000, 0)}
 

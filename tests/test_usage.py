@@ -166,6 +166,27 @@ def test_completions_and_tool_call_text() -> None:
     assert tracker.streamed_text() == '{"a": 1}'
 
 
+@pytest.mark.parametrize("quick", [True, False])
+def test_every_generated_text_of_a_chat_delta_is_streamed_text(quick: bool) -> None:
+    """A client that leaves mid-stream is charged what was streamed to it: legacy function-call
+    arguments, refusals and the reasoning text of OpenAI-compatible upstreams (`reasoning_content`,
+    `reasoning`) are generated output as much as `content` is."""
+    tracker = StreamUsage(track_text=True, quick=quick)
+    deltas = [
+        {"role": "assistant", "reasoning_content": "think one"},
+        {"reasoning_content": " think two"},
+        {"reasoning": " reason"},
+        {"function_call": {"name": "f", "arguments": ' {"a": 1}'}},
+        {"function_call": {"arguments": ' {"b": 2}'}},
+        {"refusal": " no"},
+        {"content": " done"},
+    ]
+    for delta in deltas:
+        chunk = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]}
+        tracker.feed(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    assert tracker.streamed_text() == 'think one think two reason {"a": 1} {"b": 2} no done'
+
+
 @pytest.mark.parametrize("delta", [b'"text"', b"[1]", b"null", b"3"])
 def test_an_anthropic_delta_that_is_not_an_object_has_no_text(delta: bytes) -> None:
     """A content_block_delta whose delta is not an object (no provider sends one) adds no text;
@@ -787,7 +808,10 @@ def test_requested_output() -> None:
     assert requested_output({"max_tokens": 50}) == 50
     assert requested_output({"max_completion_tokens": 60}) == 60
     assert requested_output({"max_output_tokens": 70}) == 70
-    assert requested_output({"max_tokens": 0}) == 0
+    assert requested_output({"max_tokens": 0}) is None  # read as unset by some upstreams: the default holds
+    assert requested_output({"max_tokens": 0, "max_completion_tokens": 7}) == 7
+    assert requested_output({"max_tokens": 1, "max_completion_tokens": 500}) == 500  # whichever is read
+    assert requested_output({"max_tokens": 1, "max_output_tokens": 600, "max_completion_tokens": None}) == 600
     assert requested_output({"max_tokens": True}) is None
     assert requested_output({"max_tokens": "50"}) is None
     assert requested_output({}) is None

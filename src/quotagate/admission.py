@@ -127,6 +127,7 @@ class Ticket:
     output_tokens: int = 0  # the output a metered call may return, as estimated
     model: str | None = None  # as the request names it
     price: CallPrice | None = None  # a per-call price from the config (an endpoint without usage)
+    priority: bool = False  # it asks for OpenAI's priority tier: held at its price
     rewritten: bytes | None = None  # the body as metered, to forward instead of the client's bytes
     strip: bool = False  # the gateway asked the upstream for a stream's usage: drop it on the way back
     parsed: Any = None
@@ -324,7 +325,13 @@ class Admitter:
         ticket.model = model if isinstance(model, str) else None
         found = await estimate(body, ticket.body, endpoint, ticket.provider, self.settings.default_max_tokens)
         ticket.prompt_tokens, ticket.output_tokens = found.input_tokens, found.output_tokens
-        usage = Usage(found.input_tokens, found.output_tokens)
+        # Anthropic bills input written to its prompt cache above the input price: all of it may be
+        # (the body as re-serialized: a key spelled with escapes reads plain there)
+        sent = ticket.rewritten if ticket.rewritten is not None else ticket.body
+        written = found.input_tokens if ticket.provider == "anthropic" and b'"cache_control"' in sent else 0
+        kept = written if written and b'"ttl":"1h"' in sent else 0  # kept an hour: 2 x input (orjson: no spaces)
+        ticket.priority = ticket.provider == "openai" and body is not None and body.get("service_tier") == "priority"
+        usage = Usage(found.input_tokens, found.output_tokens, 0, written, kept, ticket.priority)
         for index, budget in enumerate(ticket.budgets):
             if not budget.holds:
                 continue
@@ -489,6 +496,14 @@ def _check_body(ticket: Ticket) -> None:
     if misread is not None:
         name, expected = misread
         raise BadBody(f"'{name}' must be {expected} (it decides how the call is metered)", param=name)
+    background = body.get("background")
+    if ticket.endpoint is Endpoint.RESPONSES and background is not None and background is not False:
+        raise UnmeteredEndpoint(
+            "a background response (`background` set) is answered before it is generated, without its "
+            "usage, so a cents or token budget cannot bound it: call it without `background`, or without "
+            "a u=cents or u=token policy",
+            param="background",
+        )
     ticket.rewritten, ticket.strip = _upstream_body(ticket, body)
 
 

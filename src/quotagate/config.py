@@ -41,6 +41,7 @@ NUMBER_BOUNDS: dict[str, tuple[float, float]] = {
     "idle_timeout": (0.001, 86400),
     "write_timeout": (0.001, 86400),
     "max_in_flight": (1, 10_000_000),
+    "max_connections": (0, 10_000_000),
     "max_in_flight_bytes": (1, 2**50),
     "max_retry_wait": (0, 31_536_000),
 }
@@ -148,6 +149,11 @@ class Settings:
         60.0, "Seconds a client may leave one write of a response unread (the connection is dropped beyond)."
     )
     max_in_flight: int = setting(512, "Proxied calls one worker handles at once (503 with Retry-After beyond).")
+    max_connections: int = setting(
+        0,
+        "Client connections one worker keeps open; a new one beyond closes the oldest without a request "
+        "under way. 0: the open-file limit (ulimit -n) less room for upstream calls.",
+    )
     max_in_flight_bytes: int = setting(
         256 * 1024 * 1024,
         "Request-body bytes one worker holds for the calls it handles (503 with Retry-After beyond).",

@@ -65,10 +65,17 @@ class HttpLimits:
     head_timeout: float
     body_timeout: float
     idle_timeout: float
+    max_connections: int = 1 << 30
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HttpLimits:
-        return cls(settings.max_head_bytes, settings.head_timeout, settings.body_timeout, settings.idle_timeout)
+        return cls(
+            settings.max_head_bytes,
+            settings.head_timeout,
+            settings.body_timeout,
+            settings.idle_timeout,
+            settings.max_connections or connection_limit(settings.max_in_flight),
+        )
 
     def handler_args(self) -> dict[str, Any]:
         """What aiohttp's own RequestHandler enforces: one header line, the idle timer."""
@@ -76,6 +83,24 @@ class HttpLimits:
 
 
 HTTP_LIMITS = web.AppKey("http_limits", HttpLimits)
+FILE_RESERVE = 64
+"""Descriptors kept apart from client and upstream connections: listening sockets, the store, logs."""
+
+
+def connection_limit(max_in_flight: int) -> int:
+    """Client connections a worker may keep open: its open-file limit, less a descriptor for the
+    upstream connection of each call in flight (at most half the limit) and `FILE_RESERVE`. Beyond
+    its limit a worker cannot accept anyone: a client holding that many idle connections would
+    shut every other client out until they time out."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        soft = 1024
+    if soft < 0 or soft > 1 << 24:  # RLIM_INFINITY
+        soft = 1 << 24
+    return max(16, soft - FILE_RESERVE - min(max_in_flight, soft // 2))
 
 
 class BodyTimeout(TimeoutError):
@@ -159,6 +184,16 @@ class GuardedHandler(RequestHandler):
         if self._head_bytes:
             self.refuse(RequestTimeout(f"request head not received within {self._limits.head_timeout:g} s"))
 
+    def waiting(self) -> bool:
+        """Open, with no request under way: idle between requests, or still sending a head."""
+        body = self._body
+        return (
+            self.transport is not None
+            and not self._request_in_progress
+            and not self._messages
+            and (body is None or body.is_eof())
+        )
+
     def _process_keepalive(self) -> None:
         """aiohttp's idle timer: a connection whose next head has begun is left to the head deadline."""
         if self._head_bytes:
@@ -201,7 +236,10 @@ class GuardedHandler(RequestHandler):
         return response
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        cancels = self._manager is not None and self._manager.handler_cancellation  # aiohttp cancels itself
+        manager = self._manager
+        if isinstance(manager, GuardedServer):
+            manager.live.pop(self, None)
+        cancels = manager is not None and manager.handler_cancellation  # aiohttp cancels itself
         super().connection_lost(exc)
         self._head_ended()
         body, self._body = self._body, None
@@ -232,7 +270,12 @@ _Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class GuardedServer(Server):
-    """aiohttp's Server, making `GuardedHandler`s and checking each head and body before the app."""
+    """aiohttp's Server, making `GuardedHandler`s and checking each head and body before the app.
+
+    It keeps at most `max_connections` client connections open: a new one beyond closes the oldest
+    that has no request under way (idle, or still sending its head), else the new one itself, so
+    that connections a client holds open without using them never keep others out.
+    """
 
     def __init__(self, base: Server, limits: HttpLimits) -> None:
         super().__init__(
@@ -243,9 +286,38 @@ class GuardedServer(Server):
         )
         self.limits = limits
         self._app_handler: _Handler = base.request_handler
+        self.live: dict[GuardedHandler, None] = {}  # open connections, oldest first
 
     def __call__(self) -> RequestHandler:
         return GuardedHandler(self, limits=self.limits, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if not isinstance(handler, GuardedHandler):
+            return
+        live = self.live
+        live[handler] = None
+        if len(live) > self.limits.max_connections:
+            self._make_room(handler)
+
+    def _make_room(self, newcomer: GuardedHandler) -> None:
+        """Close the oldest connection without a request under way, else the newcomer."""
+        live, closing = self.live, []
+        victim: GuardedHandler | None = newcomer
+        for handler in live:  # from the oldest; most are passed over only while calls are in flight
+            if handler.transport is None:  # closing already: not counted any more
+                closing.append(handler)
+                if len(live) - len(closing) <= self.limits.max_connections:
+                    victim = None
+                    break
+            elif handler is not newcomer and handler.waiting():
+                victim = handler
+                break
+        for handler in closing:
+            del live[handler]
+        if victim is not None:
+            del live[victim]
+            victim.force_close()
 
     async def _guarded(self, request: BaseRequest) -> web.StreamResponse:
         handling = [True]

@@ -241,8 +241,12 @@ class Walker:
             if type(value) is str and len(value) <= SHORT_TEXT:
                 known = cache.get(value)
                 tokens += known if known is not None else self._count(value)
+            elif part and key in PART_LISTS and type(value) is list:
+                stack.append((_PROMPT, value))
+            elif part and key == "source" and type(value) is dict:
+                stack.append((_PART, value))  # an Anthropic content document's source holds parts (images)
             else:
-                stack.append((_PROMPT, value) if part and key in PART_LISTS and type(value) is list else value)
+                stack.append(value)
         self.tokens += tokens
 
     def _cost(self, item: Any) -> int:

@@ -13,6 +13,8 @@ has `max_tokens` words (at most 12 by default). Request headers steer it (they p
 gateway like any header):
 
     X-Fake-Prompt-Tokens / X-Fake-Completion-Tokens / X-Fake-Cached-Tokens / X-Fake-Cache-Write-Tokens
+    X-Fake-Cache-Write-1h-Tokens  of the cache writes, those kept an hour (Anthropic's `cache_creation`)
+    X-Fake-Web-Searches: 3   Anthropic web searches the call reports (`usage.server_tool_use`)
     X-Fake-Status: 500       answer with this status and an error body
     X-Fake-Delay: 0.2        seconds to wait before answering
     X-Fake-Chunk-Delay: 0.05 seconds between stream events
@@ -70,6 +72,9 @@ class Plan:
     completion: int
     cached: int = 0
     cache_write: int = 0
+    cache_write_1h: int = 0  # of the cache writes, those kept an hour (reported in `cache_creation`)
+    service_tier: str = "default"  # "priority" when the request asks for it (OpenAI bills it higher)
+    web_searches: int = 0  # Anthropic's server web searches, reported in `usage.server_tool_use`
     status: int = 200
     delay: float = 0.0
     chunk_delay: float = 0.0
@@ -161,6 +166,9 @@ def _plan(request: web.Request, body: dict[str, Any]) -> Plan:
         completion=int(h.get("X-Fake-Completion-Tokens", completion)),
         cached=int(h.get("X-Fake-Cached-Tokens", 0)),
         cache_write=int(h.get("X-Fake-Cache-Write-Tokens", 0)),
+        cache_write_1h=int(h.get("X-Fake-Cache-Write-1h-Tokens", 0)),
+        service_tier="priority" if body.get("service_tier") == "priority" else "default",
+        web_searches=int(h.get("X-Fake-Web-Searches", 0)),
         status=int(h.get("X-Fake-Status", 200)),
         delay=float(h.get("X-Fake-Delay", 0)),
         chunk_delay=float(h.get("X-Fake-Chunk-Delay", 0)),
@@ -211,7 +219,7 @@ def chat_completion(plan: Plan) -> dict[str, Any]:
             }
         ],
         "usage": _openai_usage(plan),
-        "service_tier": "default",
+        "service_tier": plan.service_tier,
     }
 
 
@@ -233,7 +241,8 @@ def chat_chunks(plan: Plan, include_usage: bool) -> list[bytes]:
     events += [chunk({"content": word}) for word in plan.words]
     events.append(chunk({}, "stop"))
     if include_usage:
-        events.append(_sse({**base, "choices": [], "usage": _openai_usage(plan)}))
+        tier = {"service_tier": plan.service_tier} if plan.service_tier != "default" else {}
+        events.append(_sse({**base, "choices": [], "usage": _openai_usage(plan), **tier}))
     events.append(b"data: [DONE]\n\n")
     return events
 
@@ -342,6 +351,7 @@ def _response_object(plan: Plan, status: str, with_output: bool) -> dict[str, An
         "instructions": None,
         "metadata": {},
         "usage": usage if status == "completed" else None,
+        **({"service_tier": plan.service_tier} if plan.service_tier != "default" else {}),
     }
 
 
@@ -387,13 +397,21 @@ def response_events(plan: Plan) -> list[bytes]:
 
 
 def _anthropic_usage(plan: Plan, output: int) -> dict[str, Any]:
-    return {
+    usage: dict[str, Any] = {
         "input_tokens": max(0, plan.prompt - plan.cached - plan.cache_write),
         "cache_creation_input_tokens": plan.cache_write,
         "cache_read_input_tokens": plan.cached,
         "output_tokens": output,
         "service_tier": "standard",
     }
+    if plan.web_searches:
+        usage["server_tool_use"] = {"web_search_requests": plan.web_searches, "web_fetch_requests": 0}
+    if plan.cache_write_1h:
+        usage["cache_creation"] = {
+            "ephemeral_5m_input_tokens": max(0, plan.cache_write - plan.cache_write_1h),
+            "ephemeral_1h_input_tokens": plan.cache_write_1h,
+        }
+    return usage
 
 
 def message(plan: Plan) -> dict[str, Any]:
@@ -410,7 +428,9 @@ def message(plan: Plan) -> dict[str, Any]:
 
 
 def message_events(plan: Plan) -> list[bytes]:
-    start = {**message(plan), "content": [], "stop_reason": None, "usage": _anthropic_usage(plan, 1)}
+    start_usage = _anthropic_usage(plan, 1)
+    searches = start_usage.pop("server_tool_use", None)  # (searches are made, and reported, later)
+    start = {**message(plan), "content": [], "stop_reason": None, "usage": start_usage}
     events = [
         _sse({"type": "message_start", "message": start}, "message_start"),
         _sse(
@@ -432,7 +452,7 @@ def message_events(plan: Plan) -> list[bytes]:
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                "usage": {"output_tokens": plan.completion},
+                "usage": {"output_tokens": plan.completion, **({"server_tool_use": searches} if searches else {})},
             },
             "message_delta",
         ),

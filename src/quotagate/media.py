@@ -260,20 +260,64 @@ def _positive(size: tuple[int, int]) -> tuple[int, int] | None:
 
 _PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
 _COUNT = re.compile(rb"/Count\s+(\d{1,6})")  # page trees' (and outlines') counts: at least the pages
+_KIDS = re.compile(rb"/Kids\s*\[([^\]]*)\]")  # a page tree's children (pages and inner nodes)
+_REF = re.compile(rb"\d+\s+\d+\s+R")
+SCAN_LIMIT = 10_000  # escaped names or /Kids arrays read at most; a PDF with more counts the page limit
+_ESCAPED_NAME = re.compile(rb"/[!-~]{0,30}?#[0-9A-Fa-f]{2}[!-~]{0,30}")
+_STRUCTURE = frozenset({b"Type", b"Page", b"Pages", b"Count", b"Kids", b"ObjStm", b"Filter", b"FlateDecode"})
+_FLATE = re.compile(rb"/Filter\s*(?:/FlateDecode|\[\s*/FlateDecode\s*\])(?![A-Za-z#])")
+
+
+class _Unreadable(Exception):
+    """The PDF hides its structure from this reading: names spelled with escapes, object streams
+    in a filter other than Flate (or that do not inflate)."""
 
 
 def pdf_pages(raw: bytes) -> int:
-    """Pages of a PDF: its page objects, including those in compressed object streams; the
-    providers' limit when none can be found."""
-    text = raw + _object_streams(raw) if b"/ObjStm" in raw else raw
+    """Pages of a PDF: the most of its page objects, its page trees' counts and their children,
+    including those in compressed object streams; the providers' limit when none can be found, or
+    when the PDF spells a structural name with `#xx` escapes or packs objects in a stream this
+    reading cannot inflate (where pages could hide from the count)."""
+    try:
+        if b"#" in raw and _escaped_structure(raw):
+            raise _Unreadable
+        text = raw + _object_streams(raw) if b"/ObjStm" in raw else raw
+        kids = _kids(text)
+    except _Unreadable:
+        return MAX_PAGES
     pages = len(_PAGE.findall(text))
     counts = [int(c) for c in _COUNT.findall(text)]
-    found = max([pages, *counts])
+    found = max([pages, kids, *counts])
     return min(max(found, 1), MAX_PAGES) if found else MAX_PAGES
 
 
+def _kids(text: bytes) -> int:
+    """References in the page trees' `/Kids` arrays, each array read from its `[` to the first `]`
+    (searched no further than the last `]`: every byte is read once); enough for the page limit."""
+    total = 0
+    for index, listed in enumerate(_KIDS.finditer(text, 0, text.rfind(b"]") + 1)):
+        if index >= SCAN_LIMIT:
+            raise _Unreadable
+        total += len(_REF.findall(listed[1]))
+        if total >= MAX_PAGES:
+            break
+    return total
+
+
+def _escaped_structure(raw: bytes) -> bool:
+    """A name of the page structure spelled with `#xx` escapes (`/P#61ge` is `/Page`)."""
+    for index, match in enumerate(_ESCAPED_NAME.finditer(raw)):
+        if index >= SCAN_LIMIT:
+            return True
+        name = re.sub(rb"#([0-9A-Fa-f]{2})", lambda m: bytes([int(m[1], 16)]), match[0][1:])
+        if any(name.startswith(word) for word in _STRUCTURE):
+            return True
+    return False
+
+
 def _object_streams(raw: bytes) -> bytes:
-    """The inflated contents of the object streams of a PDF, at most PDF_INFLATE_LIMIT bytes."""
+    """The inflated contents of the object streams of a PDF, at most PDF_INFLATE_LIMIT bytes;
+    `_Unreadable` for one in another filter (or several), with a predictor, or that does not inflate."""
     out: list[bytes] = []
     left = PDF_INFLATE_LIMIT
     at = raw.find(b"/ObjStm")
@@ -281,14 +325,20 @@ def _object_streams(raw: bytes) -> bytes:
         start = raw.find(b"stream", at, at + 4096)
         if start < 0:
             break
+        head = raw[max(0, raw.rfind(b"obj", 0, at)) : start]
         start += 6
         start += 2 if raw[start : start + 2] == b"\r\n" else 1
         end = raw.find(b"endstream", start)
         end = len(raw) if end < 0 else end
-        try:
-            data = zlib.decompressobj().decompress(memoryview(raw)[start:end], left)
-        except zlib.error:
-            data = b""
+        if b"/Filter" in head:
+            if not _FLATE.search(head) or b"/Predictor" in head:
+                raise _Unreadable
+            try:
+                data = zlib.decompressobj().decompress(memoryview(raw)[start:end], left)
+            except zlib.error:
+                raise _Unreadable from None
+        else:
+            data = b""  # not compressed: read where it stands
         out.append(data)
         left -= len(data)
         at = raw.find(b"/ObjStm", end)

@@ -103,6 +103,9 @@ class Metering:
             max(usage.output_tokens, streamed),
             usage.cache_read_tokens,
             usage.cache_write_tokens,
+            usage.cache_write_long_tokens,
+            usage.priority or ticket.priority,
+            usage.web_searches,
         )
 
     async def charge(self, ticket: Ticket, meter: Meter, usage: Usage | None) -> None:

@@ -61,6 +61,15 @@ class Rate:
         return self.base
 
 
+LONG_CACHE_WRITE = 2
+"""Anthropic bills cache writes kept an hour (`"ttl": "1h"`) at twice the input price."""
+WEB_SEARCH = 1_000_000
+"""Anthropic's web search tool: $10 per 1,000 searches, 1 cent (a million micro-cents) each."""
+PRIORITY = 2
+"""OpenAI bills its priority tier at up to twice the standard price (gpt-4o 1.7 x, gpt-5 2 x); the
+pricing library has no priority prices."""
+
+
 @dataclass(slots=True, frozen=True)
 class PriceCard:
     input: Rate
@@ -72,13 +81,17 @@ class PriceCard:
         total_in = usage.input_tokens
         cached = usage.cache_read_tokens + usage.cache_write_tokens
         read = self.cache_read or self.input
-        write = self.cache_write or self.input
+        write = (self.cache_write or self.input).at(total_in)
+        long = min(usage.cache_write_long_tokens, usage.cache_write_tokens)
         scaled = (
             max(0, total_in - cached) * self.input.at(total_in)
             + usage.cache_read_tokens * read.at(total_in)
-            + usage.cache_write_tokens * write.at(total_in)
+            + (usage.cache_write_tokens - long) * write
+            + long * max(write, LONG_CACHE_WRITE * self.input.at(total_in))
             + usage.output_tokens * self.output.at(total_in)
         )
+        if usage.priority:
+            scaled *= PRIORITY
         return -(-scaled // _RATE_SCALE)  # rounded up to a whole micro-cent
 
 
@@ -189,4 +202,6 @@ class Pricer:
     def cost(self, provider: str, model: str | None, usage: Usage, api_url: str | None = None) -> int | None:
         """Micro-cents, or None when the model's price is unknown."""
         card = self.card(provider, model, api_url) if model else None
-        return card.microcents(usage) if card else None
+        if card is None:
+            return None
+        return card.microcents(usage) + usage.web_searches * WEB_SEARCH

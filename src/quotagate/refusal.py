@@ -68,7 +68,8 @@ def _advice(budget: Budget, request: Request) -> str:
     room = budget.quota - request.prompt_tokens if budget.unit is Unit.TOKEN else 0
     leaves = f" (its input leaves room for {room} tokens of output)" if room > 0 else ""
     body = request.body or {}
-    named = next((f for f in OUTPUT_FIELDS if f in body), None)
+    limits = [(v, f) for f in OUTPUT_FIELDS if type(v := body.get(f)) is int and v > 0]
+    named = max(limits)[1] if limits else None  # the limit the estimate counted (a 0 counts as none)
     if request.output_tokens == 0 or (budget.unit is Unit.TOKEN and room <= 0):
         return "To fit, shorten the input, or raise the quota."
     if named is not None:

@@ -20,6 +20,9 @@ class Usage:
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    cache_write_long_tokens: int = 0  # of the cache writes, those kept an hour (Anthropic: 2 x input)
+    priority: bool = False  # served at OpenAI's priority tier (billed up to 2 x)
+    web_searches: int = 0  # Anthropic's server web searches (billed per search)
 
     @property
     def total_tokens(self) -> int:
@@ -44,12 +47,23 @@ def from_usage_block(block: Any) -> Usage | None:
         )
     if "cache_creation_input_tokens" in block or "cache_read_input_tokens" in block:  # Anthropic
         read, write = _int(block.get("cache_read_input_tokens")), _int(block.get("cache_creation_input_tokens"))
-        return Usage(_int(block.get("input_tokens")) + read + write, _int(block.get("output_tokens")), read, write)
+        creation = block.get("cache_creation")
+        long = min(write, _int(creation.get("ephemeral_1h_input_tokens"))) if isinstance(creation, dict) else 0
+        usage = Usage(
+            _int(block.get("input_tokens")) + read + write, _int(block.get("output_tokens")), read, write, long
+        )
+        usage.web_searches = _web_searches(block)
+        return usage
     if "input_tokens" in block or "output_tokens" in block:  # OpenAI responses (or bare Anthropic)
         details = block.get("input_tokens_details") or {}
         cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
         return Usage(_int(block.get("input_tokens")), _int(block.get("output_tokens")), cached)
     return None
+
+
+def _web_searches(block: dict[str, Any]) -> int:
+    server = block.get("server_tool_use")
+    return _int(server.get("web_search_requests")) if isinstance(server, dict) else 0
 
 
 def from_body(body: bytes) -> tuple[Usage | None, str | None]:
@@ -63,7 +77,10 @@ def from_body(body: bytes) -> tuple[Usage | None, str | None]:
     if isinstance(data.get("response"), dict):  # a responses-API envelope
         data = data["response"]
     model = data.get("model")
-    return from_usage_block(data.get("usage")), model if isinstance(model, str) else None
+    usage = from_usage_block(data.get("usage"))
+    if usage is not None and data.get("service_tier") == "priority":
+        usage.priority = True
+    return usage, model if isinstance(model, str) else None
 
 
 @functools.cache
@@ -140,6 +157,11 @@ def _without_null_usage(event: bytes) -> bytes:
 
 _OBFUSCATION = b',"obfuscation":"'  # OpenAI's padding, a string of random length last in each chunk
 _LEARN = 4  # templates a stream learns at most (one whose events never match stops costing at once)
+
+
+# The generated texts of an OpenAI chat delta: the reply, a refusal, and the reasoning text that
+# OpenAI-compatible upstreams stream (vLLM, DeepSeek: `reasoning_content`; OpenRouter: `reasoning`).
+_DELTA_TEXTS = ("reasoning_content", "reasoning", "refusal", "content")
 
 
 class StreamUsage:
@@ -314,6 +336,8 @@ class StreamUsage:
         block = source.get("usage")
         if block is not None:
             self._read_usage(kind, block)
+            if self.usage is not None and source.get("service_tier") == "priority":
+                self.usage.priority = True
         if self.track_text:
             self._read_text(kind, data)
 
@@ -323,6 +347,7 @@ class StreamUsage:
             return
         if kind == "message_delta" and self.usage is not None:  # Anthropic: output so far, input known
             self.usage.output_tokens = max(self.usage.output_tokens, found.output_tokens)
+            self.usage.web_searches = max(self.usage.web_searches, _web_searches(block))  # (a bare block)
         else:
             self.usage = found
 
@@ -346,9 +371,13 @@ class StreamUsage:
                 continue
             delta = choice.get("delta")
             if isinstance(delta, dict):
-                content = delta.get("content")
-                if isinstance(content, str):
-                    text.append(content)
+                for field in _DELTA_TEXTS:  # generated text: the reply, a refusal, reasoning
+                    content = delta.get(field)
+                    if isinstance(content, str):
+                        text.append(content)
+                legacy = delta.get("function_call")  # the arguments of a `functions` call
+                if isinstance(legacy, dict) and isinstance(legacy.get("arguments"), str):
+                    text.append(legacy["arguments"])
                 calls = delta.get("tool_calls")
                 if isinstance(calls, list):
                     for call in calls:
@@ -367,12 +396,16 @@ class StreamUsage:
 
 
 def requested_output(body: dict[str, Any]) -> int | None:
-    """The output tokens a request allows each of its completions, if it says."""
-    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return None
+    """The output tokens a request allows each of its completions, if it says: the largest of the
+    limits it names (an upstream may read any one of them: vLLM prefers `max_completion_tokens`
+    to `max_tokens`), None when it names none above 0 (a 0 that an upstream reads as unset, as
+    `max_tokens or default` does, would otherwise hold nothing for a whole reply)."""
+    limits = [
+        value
+        for value in (body.get("max_tokens"), body.get("max_completion_tokens"), body.get("max_output_tokens"))
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0
+    ]
+    return max(limits) if limits else None
 
 
 def completions_requested(body: dict[str, Any]) -> int:
