@@ -14,10 +14,12 @@ import pytest
 import redis
 
 from quotagate.fake_upstream import FakeUpstream
+from quotagate.keys import KeyRing, create_key
 from quotagate.server import PROXY
+from quotagate.stores import Store
 
 from .cluster import RedisServer, make_tls_files
-from .conftest import POLICY, Gateway, cli, concurrent_calls, httpx
+from .conftest import POLICY, FakeClock, Gateway, cli, concurrent_calls, httpx, with_store
 
 
 def test_three_instances_share_one_budget_exactly(
@@ -246,6 +248,23 @@ def test_a_key_made_after_start_is_learnt_without_a_request(
         response = http.get("/v1/models", headers={"Helicone-Auth": f"Bearer {key}"})
     assert response.status_code == 200
     assert upstream.count() == 1
+
+
+def test_learning_keys_fills_free_room_only_and_never_pushes_out_a_key_in_use(redis_url: str, clock: FakeClock) -> None:
+    """With more keys than the worker's ring holds, each round of learning read 200 records and put
+    them in place of the least recently used ones, every 2 s on every worker, for ever: a key in
+    use was pushed out (and then unverifiable during an outage). Learning takes free room only."""
+
+    async def body(store: Store, _key_id: str) -> None:
+        raws = [(await create_key(store, f"k{i}", []))[0] for i in range(4)]
+        ring = KeyRing(store, size=3)
+        assert await ring.verify(raws[0]) is not None  # the key in use: 1 of 3 places
+        assert await ring.learn() == 2  # 5 keys in the store: the 2 free places
+        assert await ring.learn() == 0  # full: nothing read, nothing replaced
+        await store.close()  # the store away: the key in use is still verified from the ring
+        assert await ring.verify(raws[0]) is not None
+
+    with_store(redis_url, clock, body)
 
 
 def test_unknown_key_while_the_store_is_down_is_503(

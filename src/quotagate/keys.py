@@ -147,10 +147,16 @@ class KeyRing:
     async def learn(self, at_most: int = 200) -> int:
         """Read the records of (at most `at_most`) keys this worker does not know yet, so that it
         can verify them while the store is unreachable, as it can those it has seen. Their
-        revocation is still checked by every admission. Raises StoreError."""
+        revocation is still checked by every admission. Raises StoreError.
+
+        Only free room is filled: a learnt record never pushes out one in use, and a full ring
+        reads nothing (more keys than it holds are learnt on first use, as before)."""
+        room = min(at_most, self.size - len(self._records))
+        if room <= 0:
+            return 0
         ids = [i for i in await self.store.key_ids() if self._records.get(i) is None]
         learnt = 0
-        for key_id in ids[: min(at_most, self.size)]:
+        for key_id in ids[:room]:
             record = await self.store.get_key(key_id)
             try:
                 key = None if record is None else GatewayKey(record.id, record.name, parse_policies(record.policies))
