@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -495,3 +497,48 @@ def test_a_client_holding_more_connections_than_the_open_file_limit_does_not_shu
         assert upstream.count("/chat/completions") == 3
     finally:
         stop_process(process)
+
+
+def test_a_burst_of_connections_never_runs_the_worker_out_of_descriptors(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """`quotagate serve` under `ulimit -n 256` (64 client connections): 400 connections arrive at
+    once (queued while the worker is stopped). The worker took every waiting connection in one wake
+    before any could make room, ran out of descriptors (upstream calls and the store with it), and
+    stopped accepting anyone for a second. It takes what its connection bound leaves room for."""
+    port = free_port()
+    store = f"sqlite:///{tmp_path / 'burst.db'}"
+    log_path = tmp_path / "burst.log"
+    command = quotagate_command(
+        "serve", "--port", str(port), "--store", store, "--workers", "1", "--openai-base-url", upstream.url
+    )
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit_files, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, process)
+        gateway = Gateway(url, Settings(port=port, store=store), store)
+        key = gateway.key()
+        os.killpg(process.pid, signal.SIGSTOP)  # the connections wait in the kernel's queue
+        try:
+            idle = open_idle(port, 400)
+        finally:
+            os.killpg(process.pid, signal.SIGCONT)
+        try:
+            assert len(idle) > 256
+            client = gateway.openai(key).with_options(timeout=10, max_retries=0)
+            for _ in range(3):
+                client.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=2)
+        finally:
+            for sock in idle:
+                sock.close()
+        assert upstream.count("/chat/completions") == 3
+    finally:
+        stop_process(process)
+    assert "accept failed" not in log_path.read_text()

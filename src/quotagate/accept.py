@@ -28,6 +28,9 @@ log = logging.getLogger("quotagate.server")
 RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 RESOURCE_PAUSE = 1.0  # seconds
 BACKLOG = 2048  # connections the kernel holds for a listening socket before they are accepted
+BEYOND_ROOM = 16
+"""Connections accepted at once beyond the server's room (each closes an idle one to make room):
+well within the descriptors `connections.FILE_RESERVE` keeps apart."""
 
 
 def bound_sockets(host: str | None, port: int, *, reuse_port: bool, backlog: int) -> list[socket.socket]:
@@ -57,13 +60,23 @@ def bound_sockets(host: str | None, port: int, *, reuse_port: bool, backlog: int
 
 class Acceptor:
     """Accepts on listening sockets for a protocol factory: each time a socket is readable, every
-    connection waiting on it, up to `per_wake`. Quacks as the asyncio.Server aiohttp's sites hold."""
+    connection waiting on it, up to `per_wake`, and no further than `room()` (the connections the
+    server may still open; those being handed over count) allows, beyond it `BEYOND_ROOM` at a time:
+    a burst would otherwise take every descriptor before the server could close any to make room.
+    Quacks as the asyncio.Server aiohttp's sites hold."""
 
-    def __init__(self, factory: Callable[[], asyncio.Protocol], sockets: list[socket.socket], per_wake: int) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], asyncio.Protocol],
+        sockets: list[socket.socket],
+        per_wake: int,
+        room: Callable[[], int] | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._factory = factory
         self.sockets = sockets
         self.per_wake = per_wake
+        self.room = room
         self._tasks: set[asyncio.Task[Any]] = set()
         self.accepted = 0  # connections taken from the kernel's queues
         self.pause = RESOURCE_PAUSE
@@ -72,7 +85,10 @@ class Acceptor:
 
     def accept_waiting(self, sock: socket.socket) -> None:
         """Every connection waiting on `sock`, up to `per_wake`, accepted (called when it is readable)."""
-        for _ in range(self.per_wake):
+        count = self.per_wake
+        if self.room is not None:
+            count = min(count, max(1, self.room() - len(self._tasks) + BEYOND_ROOM))
+        for _ in range(count):
             try:
                 conn, _peer = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -138,5 +154,6 @@ class EagerSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         sockets = bound_sockets(self._host, self._port, reuse_port=self._reuse_port, backlog=self._backlog)
-        self._server = Acceptor(server, sockets, self._backlog)  # type: ignore[assignment]
+        room = getattr(server, "room", None)  # a GuardedServer's connection bound
+        self._server = Acceptor(server, sockets, self._backlog, room)  # type: ignore[assignment]
         self._port = sockets[0].getsockname()[1]

@@ -291,6 +291,10 @@ class GuardedServer(Server):
     def __call__(self) -> RequestHandler:
         return GuardedHandler(self, limits=self.limits, loop=self._loop, **self._kwargs)
 
+    def room(self) -> int:
+        """Connections that may still open before a new one must close another (the acceptor's bound)."""
+        return self.limits.max_connections - len(self.live)
+
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
         if not isinstance(handler, GuardedHandler):
