@@ -12,8 +12,8 @@ from typing import Any
 
 from .limiter import Budget, CounterState
 from .policy import MAX_WINDOW, USER, Policy, Unit, format_quota
+from .usage import output_limit
 
-OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _SMALLEST = {Unit.REQUEST: "request", Unit.TOKEN: "token", Unit.CENTS: "millionth of a cent"}
 
 
@@ -68,8 +68,8 @@ def _advice(budget: Budget, request: Request) -> str:
     room = budget.quota - request.prompt_tokens if budget.unit is Unit.TOKEN else 0
     leaves = f" (its input leaves room for {room} tokens of output)" if room > 0 else ""
     body = request.body or {}
-    limits = [(v, f) for f in OUTPUT_FIELDS if type(v := body.get(f)) is int and v > 0]
-    named = max(limits)[1] if limits else None  # the limit the estimate counted (a 0 counts as none)
+    limit = output_limit(body)
+    named = limit[1] if limit is not None else None  # the limit the estimate counted (a 0 counts as none)
     if request.output_tokens == 0 or (budget.unit is Unit.TOKEN and room <= 0):
         return "To fit, shorten the input, or raise the quota."
     if named is not None:

@@ -395,17 +395,21 @@ class StreamUsage:
         return count_tokens(self.streamed_text())
 
 
-def requested_output(body: dict[str, Any]) -> int | None:
-    """The output tokens a request allows each of its completions, if it says: the largest of the
-    limits it names (an upstream may read any one of them: vLLM prefers `max_completion_tokens`
-    to `max_tokens`), None when it names none above 0 (a 0 that an upstream reads as unset, as
-    `max_tokens or default` does, would otherwise hold nothing for a whole reply)."""
-    limits = [
-        value
-        for value in (body.get("max_tokens"), body.get("max_completion_tokens"), body.get("max_output_tokens"))
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0
-    ]
+OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def output_limit(body: dict[str, Any]) -> tuple[int, str] | None:
+    """The largest output limit a request names above 0, and its field: an upstream may read any
+    one of them (vLLM prefers `max_completion_tokens` to `max_tokens`), and a 0 that an upstream
+    reads as unset (`max_tokens or default`) would otherwise hold nothing for a whole reply."""
+    limits = [(v, f) for f in OUTPUT_FIELDS if type(v := body.get(f)) is int and v > 0]
     return max(limits) if limits else None
+
+
+def requested_output(body: dict[str, Any]) -> int | None:
+    """The output tokens a request allows each of its completions, if it says (`output_limit`)."""
+    found = output_limit(body)
+    return found[0] if found is not None else None
 
 
 def completions_requested(body: dict[str, Any]) -> int:
