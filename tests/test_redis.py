@@ -19,7 +19,7 @@ from quotagate.server import PROXY
 from quotagate.stores import Store
 
 from .cluster import RedisServer, make_tls_files
-from .conftest import POLICY, FakeClock, Gateway, cli, concurrent_calls, httpx, with_store
+from .conftest import POLICY, FakeClock, Gateway, cli, concurrent_calls, flush_redis, httpx, with_store
 
 
 def test_three_instances_share_one_budget_exactly(
@@ -264,6 +264,22 @@ def test_learning_keys_fills_free_room_only_and_never_pushes_out_a_key_in_use(re
         await store.close()  # the store away: the key in use is still verified from the ring
         assert await ring.verify(raws[0]) is not None
 
+    flush_redis(redis_url)
+    with_store(redis_url, clock, body)
+
+
+def test_learning_keys_skips_revoked_ones(redis_url: str, clock: FakeClock) -> None:
+    """Revoked keys stay listed in the store for ever: learnt, they took the ring's room from keys
+    in use (and a revoked key presented was forgotten, then read again, every round)."""
+
+    async def body(store: Store, _key_id: str) -> None:
+        _, gone = await create_key(store, "gone", [])
+        await store.revoke_key(gone.id, clock())
+        ring = KeyRing(store, size=10)
+        assert await ring.learn() == 1  # the active key only
+        assert await ring.learn() == 0
+
+    flush_redis(redis_url)
     with_store(redis_url, clock, body)
 
 

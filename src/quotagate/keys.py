@@ -104,6 +104,7 @@ class KeyRing:
         self.answered = answered  # told each time the store answers a lookup
         self._records: OrderedDict[str, tuple[KeyRecord, GatewayKey] | None] = OrderedDict()
         self._verified: dict[str, str] = {}  # presented keys already checked against their digest -> id
+        self._passed: set[str] = set()  # ids learning read and left out (revoked, unreadable): not read again
 
     async def verify(self, raw: str) -> GatewayKey | None:
         known = self._verified.get(raw)
@@ -150,21 +151,27 @@ class KeyRing:
         revocation is still checked by every admission. Raises StoreError.
 
         Only free room is filled: a learnt record never pushes out one in use, and a full ring
-        reads nothing (more keys than it holds are learnt on first use, as before)."""
+        reads nothing (more keys than it holds are learnt on first use, as before). Revoked keys
+        (and records it cannot read) are left out, and not read again."""
         room = min(at_most, self.size - len(self._records))
         if room <= 0:
             return 0
-        ids = [i for i in await self.store.key_ids() if self._records.get(i) is None]
+        passed = self._passed
+        ids = [i for i in await self.store.key_ids() if self._records.get(i) is None and i not in passed]
         learnt = 0
         for key_id in ids[:room]:
             record = await self.store.get_key(key_id)
             try:
                 key = None if record is None else GatewayKey(record.id, record.name, parse_policies(record.policies))
             except ValueError:  # a record it cannot read: left to a request to find out, as before
+                key = None
+            if record is None or key is None or not record.active:  # revoked ones are never learnt
+                if len(passed) >= self.size:
+                    passed.clear()
+                passed.add(key_id)
                 continue
-            if record is not None and key is not None:
-                self._remember(key_id, (record, key))
-                learnt += 1
+            self._remember(key_id, (record, key))
+            learnt += 1
         return learnt
 
     def forget(self, key_id: str) -> None:
