@@ -542,3 +542,69 @@ def test_a_burst_of_connections_never_runs_the_worker_out_of_descriptors(
     finally:
         stop_process(process)
     assert "accept failed" not in log_path.read_text()
+
+
+def test_past_the_limit_a_connection_in_use_outlives_fresher_idle_ones(
+    make_gateway: Callable[..., Gateway], upstream: FakeUpstream
+) -> None:
+    """The victim is the connection whose last request began longest ago: a client's kept-alive
+    connection, opened first but used since, survives 16 idle ones opened after it; the oldest of
+    those is the one closed for a newcomer."""
+    gateway = make_gateway(max_connections=16)
+    request = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n"
+
+    def healthy(sock: socket.socket) -> bool:
+        sock.sendall(request)
+        sock.settimeout(10)
+        return sock.recv(65536).startswith(b"HTTP/1.1 200")
+
+    with connection(gateway) as kept:
+        assert healthy(kept)
+        idle = open_idle(port_of(gateway), 15)  # 16 connections: the limit
+        try:
+            assert healthy(kept)  # used last now
+            newcomer = open_idle(port_of(gateway), 1)
+            deadline = time.monotonic() + 10
+            while closed_by_gateway(idle[:1]) == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert closed_by_gateway(idle[:1]) == 1
+            assert healthy(kept)
+            assert closed_by_gateway(idle[1:]) == 0
+            newcomer[0].close()
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_serve_raises_its_soft_open_file_limit_to_the_hard_one(upstream: FakeUpstream, tmp_path: Path) -> None:
+    """Under a soft limit of 256 and a hard one of 4,096, a worker runs with 4,096, so that its
+    connection bound is not a tenth of what the machine allows: 400 idle connections stay open."""
+    port = free_port()
+    store = f"sqlite:///{tmp_path / 'soft.db'}"
+    command = quotagate_command(
+        "serve", "--port", str(port), "--store", store, "--workers", "1", "--openai-base-url", upstream.url
+    )
+
+    def soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    with (tmp_path / "soft.log").open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=soft_limit, start_new_session=True
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process)
+        limits = Path(f"/proc/{process.pid}/limits").read_text().splitlines()
+        assert [line.split()[3:5] for line in limits if line.startswith("Max open files")] == [["4096", "4096"]]
+        idle = open_idle(port, 400)
+        try:
+            assert len(idle) == 400
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            assert closed_by_gateway(idle) == 0
+        finally:
+            for sock in idle:
+                sock.close()
+    finally:
+        stop_process(process)

@@ -161,6 +161,9 @@ class GuardedHandler(RequestHandler):
             self._head_ended()
             self._body = self._messages[-1][1]
             self._uncounted = len(data)
+            manager = self._manager
+            if isinstance(manager, GuardedServer) and manager.live.pop(self, 0) is None:
+                manager.live[self] = None  # used last, closed last: connections in use outlive idle ones
         elif in_body:
             self._uncounted = len(data)
         else:
@@ -272,9 +275,10 @@ _Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 class GuardedServer(Server):
     """aiohttp's Server, making `GuardedHandler`s and checking each head and body before the app.
 
-    It keeps at most `max_connections` client connections open: a new one beyond closes the oldest
-    that has no request under way (idle, or still sending its head), else the new one itself, so
-    that connections a client holds open without using them never keep others out.
+    It keeps at most `max_connections` client connections open: a new one beyond closes, of those
+    with no request under way (idle, or still sending a head), the one whose last request began
+    longest ago (or that never sent one), else the new one itself, so that connections a client
+    holds open without using them never keep others out, nor push out a client's kept-alive ones.
     """
 
     def __init__(self, base: Server, limits: HttpLimits) -> None:
@@ -286,7 +290,7 @@ class GuardedServer(Server):
         )
         self.limits = limits
         self._app_handler: _Handler = base.request_handler
-        self.live: dict[GuardedHandler, None] = {}  # open connections, oldest first
+        self.live: dict[GuardedHandler, None] = {}  # open connections, least recently used first
 
     def __call__(self) -> RequestHandler:
         return GuardedHandler(self, limits=self.limits, loop=self._loop, **self._kwargs)
@@ -305,10 +309,10 @@ class GuardedServer(Server):
             self._make_room(handler)
 
     def _make_room(self, newcomer: GuardedHandler) -> None:
-        """Close the oldest connection without a request under way, else the newcomer."""
+        """Close the least recently used connection without a request under way, else the newcomer."""
         live, closing = self.live, []
         victim: GuardedHandler | None = newcomer
-        for handler in live:  # from the oldest; most are passed over only while calls are in flight
+        for handler in live:  # least recently used first: calls in flight started longest ago are passed over
             if handler.transport is None:  # closing already: not counted any more
                 closing.append(handler)
                 if len(live) - len(closing) <= self.limits.max_connections:

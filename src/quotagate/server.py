@@ -271,10 +271,30 @@ async def run_site(
     log.info("worker %d stopped", os.getpid())
 
 
+OPEN_FILES_WANTED = 1 << 20
+
+
+def raise_open_file_limit() -> None:
+    """The soft open-file limit raised to the hard one (at most `OPEN_FILES_WANTED`): a client
+    connection and each call's upstream connection hold a descriptor each, and the soft limit of
+    1,024 many systems start with would bound a worker to ~450 client connections
+    (`connections.connection_limit`), fewer than its default calls in flight."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, OSError, ValueError) as exc:  # not on this system: the limit stays
+        log.debug("open-file limit left as it is: %s", exc)
+
+
 def run_worker(settings: Settings, reuse_port: bool, ready: Callable[[], None] = lambda: None) -> None:
     """One worker process: its own event loop, store connection and upstream pool. Anything that
     stops it before it listens is a StartError."""
     setup_logging(settings.log_level)
+    raise_open_file_limit()
     with contextlib.suppress(ImportError):
         import uvloop
 
