@@ -123,6 +123,9 @@ class Acceptor:
             await self._loop.connect_accepted_socket(self._factory, conn)
         except OSError:  # the client left before its connection was set up
             conn.close()
+        except BaseException:  # the loop is closing, say: the socket is not left open
+            conn.close()
+            raise
 
     def close(self) -> None:
         """Stop accepting; connections already accepted go on."""
