@@ -558,12 +558,15 @@ def test_past_the_limit_a_connection_in_use_outlives_fresher_idle_ones(
         sock.settimeout(10)
         return sock.recv(65536).startswith(b"HTTP/1.1 200")
 
+    def opened(count: int) -> list[socket.socket]:
+        return [socket.create_connection(("127.0.0.1", port_of(gateway)), timeout=10) for _ in range(count)]
+
     with connection(gateway) as kept:
         assert healthy(kept)
-        idle = open_idle(port_of(gateway), 15)  # 16 connections: the limit
+        idle = opened(15)  # 16 connections: the limit
         try:
             assert healthy(kept)  # used last now
-            newcomer = open_idle(port_of(gateway), 1)
+            newcomer = opened(1)
             deadline = time.monotonic() + 10
             while closed_by_gateway(idle[:1]) == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)

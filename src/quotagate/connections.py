@@ -161,9 +161,6 @@ class GuardedHandler(RequestHandler):
             self._head_ended()
             self._body = self._messages[-1][1]
             self._uncounted = len(data)
-            manager = self._manager
-            if isinstance(manager, GuardedServer) and manager.live.pop(self, 0) is None:
-                manager.live[self] = None  # used last, closed last: connections in use outlive idle ones
         elif in_body:
             self._uncounted = len(data)
         else:
@@ -334,6 +331,9 @@ class GuardedServer(Server):
             request.content.on_eof(timer.cancel)
         try:
             protocol = request.protocol
+            live = self.live
+            if live.pop(protocol, 0) is None:  # type: ignore[call-overload]
+                live[protocol] = None  # type: ignore[index]  # used last, closed last: in use outlives idle
             if getattr(protocol, "check_heads", True) and head_size(request) > self.limits.max_head_bytes:
                 response = error_response(HeadTooLarge(f"request head over {self.limits.max_head_bytes} bytes"))
                 response.force_close()
