@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from quotagate.fake_upstream import FakeUpstream
-from quotagate.keys import KeyRing, create_key
+from quotagate.keys import PREFIX, KeyRing, create_key
 from quotagate.server import PROXY
 from quotagate.stores import Store
 
@@ -263,6 +263,28 @@ def test_learning_keys_fills_free_room_only_and_never_pushes_out_a_key_in_use(re
         assert await ring.learn() == 0  # full: nothing read, nothing replaced
         await store.close()  # the store away: the key in use is still verified from the ring
         assert await ring.verify(raws[0]) is not None
+
+    flush_redis(redis_url)
+    with_store(redis_url, clock, body)
+
+
+def test_made_up_key_ids_never_push_a_key_in_use_out_of_the_ring(redis_url: str, clock: FakeClock) -> None:
+    """A client presenting well-formed made-up keys: each unknown id was remembered in the ring of
+    verified keys, pushing out the keys in use (a store lookup for each again, and unverifiable
+    during an outage). Unknown ids are remembered apart; one presented again costs no lookup."""
+
+    async def body(store: Store, _key_id: str) -> None:
+        raw, _ = await create_key(store, "real", [])
+        lookups: list[int] = []
+        ring = KeyRing(store, size=3, answered=lambda: lookups.append(1))
+        assert await ring.verify(raw) is not None
+        made_up = [f"{PREFIX}{i:012x}_secret" for i in range(10)]
+        for fake in made_up + made_up[:1]:
+            assert await ring.verify(fake) is None
+        assert len(lookups) == 1 + 10  # the repeated one was not looked up again
+        await store.close()  # the store away: the key in use is still verified from the ring
+        assert await ring.verify(raw) is not None
+        assert len(lookups) == 11
 
     flush_redis(redis_url)
     with_store(redis_url, clock, body)

@@ -91,6 +91,10 @@ async def revoke_key(store: Store, name_or_id: str) -> KeyRecord:
     return record
 
 
+ABSENT_IDS = 1024
+"""Ids the store did not have, remembered (a client retrying a wrong key costs no store lookup)."""
+
+
 class KeyRing:
     """Verifies presented keys against the store, caching the immutable part of each record.
 
@@ -102,7 +106,9 @@ class KeyRing:
         self.store = store
         self.size = size
         self.answered = answered  # told each time the store answers a lookup
-        self._records: OrderedDict[str, tuple[KeyRecord, GatewayKey] | None] = OrderedDict()
+        self._records: OrderedDict[str, tuple[KeyRecord, GatewayKey]] = OrderedDict()
+        # ids the store did not have, apart: a client presenting made-up ids pushes out only these
+        self._absent: OrderedDict[str, None] = OrderedDict()
         self._verified: dict[str, str] = {}  # presented keys already checked against their digest -> id
         self._passed: set[str] = set()  # ids learning read and left out (revoked, unreadable): not read again
 
@@ -128,19 +134,26 @@ class KeyRing:
         return key if record.active else None
 
     async def _lookup(self, key_id: str) -> tuple[KeyRecord, GatewayKey] | None:
-        if key_id in self._records:
+        entry = self._records.get(key_id)
+        if entry is not None:
             self._records.move_to_end(key_id)
-            return self._records[key_id]
+            return entry
+        if key_id in self._absent:
+            return None
         record = await self.store.get_key(key_id)
         if self.answered is not None:
             self.answered()
-        entry = None
-        if record is not None:
-            entry = (record, GatewayKey(record.id, record.name, parse_policies(record.policies)))
+        if record is None:
+            self._absent[key_id] = None
+            if len(self._absent) > ABSENT_IDS:
+                self._absent.popitem(last=False)
+            return None
+        entry = (record, GatewayKey(record.id, record.name, parse_policies(record.policies)))
         self._remember(key_id, entry)
         return entry
 
-    def _remember(self, key_id: str, entry: tuple[KeyRecord, GatewayKey] | None) -> None:
+    def _remember(self, key_id: str, entry: tuple[KeyRecord, GatewayKey]) -> None:
+        self._absent.pop(key_id, None)
         self._records[key_id] = entry
         if len(self._records) > self.size:
             self._records.popitem(last=False)
