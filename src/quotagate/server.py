@@ -271,14 +271,16 @@ async def run_site(
     log.info("worker %d stopped", os.getpid())
 
 
-OPEN_FILES_WANTED = 1 << 20
+OPEN_FILES_WANTED = 16_384
 
 
 def raise_open_file_limit() -> None:
-    """The soft open-file limit raised to the hard one (at most `OPEN_FILES_WANTED`): a client
-    connection and each call's upstream connection hold a descriptor each, and the soft limit of
-    1,024 many systems start with would bound a worker to ~450 client connections
-    (`connections.connection_limit`), fewer than its default calls in flight."""
+    """The soft open-file limit raised toward the hard one, up to `OPEN_FILES_WANTED` (never
+    lowered): a client connection and each call's upstream connection hold a descriptor each, and
+    the soft limit of 1,024 many systems start with would bound a worker to ~450 client connections
+    (`connections.connection_limit`), fewer than its default calls in flight. Not to the hard limit
+    itself, often 1,048,576: the default connection bound follows this limit, and idle connections
+    that many would be memory a client could take."""
     try:
         import resource
 
