@@ -511,7 +511,7 @@ def test_an_unknown_model_s_log_line_says_it_cost_0_unpriced(
     with caplog.at_level(logging.INFO, logger="quotagate.access"):
         client.chat.completions.create(model="acme-llm-unlisted", messages=CHAT, max_tokens=10)
         client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=10)
-    lines = access_lines(caplog, 2)
+        lines = access_lines(caplog, 2)  # inside the block: a line written after it would not be captured
     assert [(f["model"], f["input_tokens"], f["output_tokens"]) for f in lines] == [
         ("acme-llm-unlisted", 50, 10),
         ("gpt-4o", 50, 10),
@@ -536,7 +536,7 @@ def test_a_stream_that_reports_no_usage_logs_none_rather_than_zero(
                 model="gpt-4o", messages=CHAT, max_tokens=10, stream=True, stream_options={"include_usage": True}
             )
         )
-    unknown, reported = access_lines(caplog, 2)
+        unknown, reported = access_lines(caplog, 2)  # inside the block: a later line would not be captured
     assert unknown["status"] == 200 and unknown["outcome"] == "complete"
     assert {"input_tokens", "output_tokens", "cost_cents", "unpriced"}.isdisjoint(
         k for k, v in unknown.items() if v is not None
