@@ -460,32 +460,42 @@ def test_idle_connections_past_the_limit_make_room_for_others_and_spare_calls_in
     assert upstream.count("/chat/completions") == 6
 
 
-def test_a_client_holding_more_connections_than_the_open_file_limit_does_not_shut_others_out(
-    upstream: FakeUpstream, tmp_path: Path
-) -> None:
-    """`quotagate serve` under `ulimit -n 256`: a client opens 400 connections and sends nothing.
-    Without a bound the worker runs out of file descriptors and accepts no one until they time out;
-    by default it keeps its connections below its open-file limit, closing idle ones first."""
+@contextmanager
+def serve_with_open_files(
+    upstream: FakeUpstream, tmp_path: Path, soft: int, hard: int
+) -> Iterator[tuple[Gateway, subprocess.Popen[bytes]]]:
+    """`quotagate serve` (one worker, SQLite) started under an open-file limit of `soft`/`hard`,
+    ready; stopped on leaving."""
     port = free_port()
-    store = f"sqlite:///{tmp_path / 'fd.db'}"
-    log_path = tmp_path / "fd.log"
+    store = f"sqlite:///{tmp_path / 'files.db'}"
     command = quotagate_command(
         "serve", "--port", str(port), "--store", store, "--workers", "1", "--openai-base-url", upstream.url
     )
 
     def limit_files() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
-    with log_path.open("wb") as log:
+    with (tmp_path / "files.log").open("wb") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit_files, start_new_session=True
         )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, process)
-        gateway = Gateway(url, Settings(port=port, store=store), store)
+        yield Gateway(url, Settings(port=port, store=store), store), process
+    finally:
+        stop_process(process)
+
+
+def test_a_client_holding_more_connections_than_the_open_file_limit_does_not_shut_others_out(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """`quotagate serve` under `ulimit -n 256`: a client opens 400 connections and sends nothing.
+    Without a bound the worker runs out of file descriptors and accepts no one until they time out;
+    by default it keeps its connections below its open-file limit, closing idle ones first."""
+    with serve_with_open_files(upstream, tmp_path, 256, 256) as (gateway, _process):
         key = gateway.key()
-        idle = open_idle(port, 400)
+        idle = open_idle(port_of(gateway), 400)
         try:
             assert len(idle) > 256
             client = gateway.openai(key).with_options(timeout=10)
@@ -495,8 +505,6 @@ def test_a_client_holding_more_connections_than_the_open_file_limit_does_not_shu
             for sock in idle:
                 sock.close()
         assert upstream.count("/chat/completions") == 3
-    finally:
-        stop_process(process)
 
 
 def test_a_burst_of_connections_never_runs_the_worker_out_of_descriptors(
@@ -506,28 +514,11 @@ def test_a_burst_of_connections_never_runs_the_worker_out_of_descriptors(
     once (queued while the worker is stopped). The worker took every waiting connection in one wake
     before any could make room, ran out of descriptors (upstream calls and the store with it), and
     stopped accepting anyone for a second. It takes what its connection bound leaves room for."""
-    port = free_port()
-    store = f"sqlite:///{tmp_path / 'burst.db'}"
-    log_path = tmp_path / "burst.log"
-    command = quotagate_command(
-        "serve", "--port", str(port), "--store", store, "--workers", "1", "--openai-base-url", upstream.url
-    )
-
-    def limit_files() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit_files, start_new_session=True
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, process)
-        gateway = Gateway(url, Settings(port=port, store=store), store)
+    with serve_with_open_files(upstream, tmp_path, 256, 256) as (gateway, process):
         key = gateway.key()
         os.killpg(process.pid, signal.SIGSTOP)  # the connections wait in the kernel's queue
         try:
-            idle = open_idle(port, 400)
+            idle = open_idle(port_of(gateway), 400)
         finally:
             os.killpg(process.pid, signal.SIGCONT)
         try:
@@ -539,9 +530,7 @@ def test_a_burst_of_connections_never_runs_the_worker_out_of_descriptors(
             for sock in idle:
                 sock.close()
         assert upstream.count("/chat/completions") == 3
-    finally:
-        stop_process(process)
-    assert "accept failed" not in log_path.read_text()
+    assert "accept failed" not in (tmp_path / "files.log").read_text()
 
 
 def test_past_the_limit_a_connection_in_use_outlives_fresher_idle_ones(
@@ -582,21 +571,8 @@ def test_past_the_limit_a_connection_in_use_outlives_fresher_idle_ones(
 def test_serve_raises_its_soft_open_file_limit_to_the_hard_one(upstream: FakeUpstream, tmp_path: Path) -> None:
     """Under a soft limit of 256 and a hard one of 4,096, a worker runs with 4,096, so that its
     connection bound is not a tenth of what the machine allows: 400 idle connections stay open."""
-    port = free_port()
-    store = f"sqlite:///{tmp_path / 'soft.db'}"
-    command = quotagate_command(
-        "serve", "--port", str(port), "--store", store, "--workers", "1", "--openai-base-url", upstream.url
-    )
-
-    def soft_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
-
-    with (tmp_path / "soft.log").open("wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=soft_limit, start_new_session=True
-        )
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", process)
+    with serve_with_open_files(upstream, tmp_path, 256, 4096) as (gateway, process):
+        port = port_of(gateway)
         limits = Path(f"/proc/{process.pid}/limits").read_text().splitlines()
         assert [line.split()[3:5] for line in limits if line.startswith("Max open files")] == [["4096", "4096"]]
         idle = open_idle(port, 400)
@@ -609,5 +585,3 @@ def test_serve_raises_its_soft_open_file_limit_to_the_hard_one(upstream: FakeUps
         finally:
             for sock in idle:
                 sock.close()
-    finally:
-        stop_process(process)
